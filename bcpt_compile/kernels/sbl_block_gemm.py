@@ -1,0 +1,296 @@
+"""Block-sparse GEMMs for ``y = (x W^T + b) * R`` over BCAT tiles, forward and backward.
+
+R = where(keep, s, 0) with keep = mask, or s > threshold (NaN kept, as relu keeps it).
+
+* forward, ``_sddmm_forward_kernel``: one program per output tile; an inactive tile is
+  written as zeros without touching x or W, an active one is a K-loop GEMM with the
+  gate applied in the epilogue.
+* backward, ``_sddmm_backward_kernel``: per active tile, G' = dy * R (kept in a scratch
+  buffer in tile space) and, when s needs a gradient, ds = dy * (x W^T + b) on keep
+  (a recomputed SDDMM, so no dense product is saved).
+* ``_dx_kernel`` walks each row tile's active column tiles (dx = G' W),
+  ``_dw_kernel`` each column tile's active row tiles (dW = G'^T x, db = colsum G').
+When the BCAT's device-side dense flag is set, every tile counts as active: the same
+kernels then run as plain fused dense GEMMs, with eager's semantics (inf * 0 = NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .bcat_cluster import BCAT
+
+
+def _dot_precision(t: torch.Tensor) -> str:
+    """"ieee" for float32 unless the user allowed TF32; "upcast" under the interpreter for
+    16-bit inputs (its bf16 dot is wrong, triton 3.6)."""
+    if not t.is_cuda and t.dtype != torch.float32:
+        return "upcast"
+    if t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile_rows(perm_ptr, offs_m, M, HAS_PERM: tl.constexpr):
+    if HAS_PERM:
+        return tl.load(perm_ptr + offs_m, mask=offs_m < M, other=0).to(tl.int64)
+    return offs_m.to(tl.int64)
+
+
+@triton.jit
+def _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK: tl.constexpr, KEEP_NAN: tl.constexpr):
+    if HAS_MASK:
+        keep = tl.load(m_ptrs, mask=inside, other=0) != 0
+    elif KEEP_NAN:
+        keep = (s > threshold) | (s != s)
+    else:
+        keep = s > threshold
+    return keep & inside
+
+
+@triton.jit
+def _xwt_tile(x_ptr, w_ptr, b_ptr, rows, offs_m, offs_n, M, N, K,
+              stride_xm, stride_xk, stride_wn, stride_wk,
+              HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """(x W^T + b)[rows, offs_n] in float32."""
+    offs_k = tl.arange(0, BK)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BK)):
+        k_left = K - k * BK
+        a = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(w_ptrs, mask=(offs_n[:, None] < N) & (offs_k[None, :] < k_left), other=0.0)
+        acc = _mma(a, tl.trans(b), acc, PRECISION)
+        x_ptrs += BK * stride_xk
+        w_ptrs += BK * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _grouped_tile(pid, Mt, Nt, GROUP_M: tl.constexpr):
+    """Row tiles in groups of GROUP_M so that neighbouring programs share W tiles in L2."""
+    width = GROUP_M * Nt
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(Mt - first_m, GROUP_M)
+    tile_m = first_m + (pid % width) % size_m
+    tile_n = (pid % width) // size_m
+    return tile_m, tile_n
+
+
+@triton.jit
+def _sddmm_forward_kernel(
+    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, perm_ptr, active_ptr, dense_ptr,
+    M, N, K, Mt, Nt, threshold,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
+    stride_mm, stride_mn, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
+    offs_m = tile_m * BM + tl.arange(0, BM)
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    rows = _tile_rows(perm_ptr, offs_m, M, HAS_PERM)
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    active = (tl.load(active_ptr + tile_m * Nt + tile_n) != 0) | (tl.load(dense_ptr) != 0)
+    if active:
+        z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, offs_m, offs_n, M, N, K,
+                      stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION)
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=inside, other=0.0)
+        keep = _gate_keep(s, m_ptr + rows[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+                          inside, threshold, HAS_MASK, True)
+        r = tl.where(keep, s.to(tl.float32), 0.0)
+        tl.store(y_ptrs, (z * r).to(y_ptr.dtype.element_ty), mask=inside)
+    else:
+        tl.store(y_ptrs, tl.zeros((BM, BN), dtype=y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _sddmm_backward_kernel(
+    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, dy_ptr, g_ptr, ds_ptr, perm_ptr, active_ptr, dense_ptr,
+    M, N, K, Mt, Nt, threshold,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
+    stride_mm, stride_mn, stride_dym, stride_dyn, stride_dsm, stride_dsn,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, NEED_DS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
+    offs_m = tile_m * BM + tl.arange(0, BM)
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    rows = _tile_rows(perm_ptr, offs_m, M, HAS_PERM)
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + offs_n[None, :] * stride_dsn
+    active = (tl.load(active_ptr + tile_m * Nt + tile_n) != 0) | (tl.load(dense_ptr) != 0)
+    if active:
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=inside, other=0.0)
+        m_ptrs = m_ptr + rows[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=inside, other=0.0)
+        dy = dy.to(tl.float32)
+        keep = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, True)
+        g = dy * tl.where(keep, s.to(tl.float32), 0.0)
+        # G' lives in tile space (row offs_m), contiguous (M, N)
+        tl.store(g_ptr + offs_m[:, None] * N + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=inside)
+        if NEED_DS:
+            z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, offs_m, offs_n, M, N, K,
+                          stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION)
+            strict = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, False)
+            tl.store(ds_ptrs, tl.where(strict, dy * z, 0.0).to(ds_ptr.dtype.element_ty), mask=inside)
+    elif NEED_DS:
+        tl.store(ds_ptrs, tl.zeros((BM, BN), dtype=ds_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _dx_kernel(
+    g_ptr, w_ptr, dx_ptr, perm_ptr, counts_ptr, cols_ptr, dense_ptr,
+    M, N, K, Nt,
+    stride_wn, stride_wk, stride_dxm, stride_dxk,
+    HAS_PERM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile_m = tl.program_id(0)
+    offs_m = tile_m * BM + tl.arange(0, BM)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    n_blocks = tl.where(tl.load(dense_ptr) != 0, Nt, tl.load(counts_ptr + tile_m))
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for i in range(0, n_blocks):
+        tile_n = tl.load(cols_ptr + tile_m * Nt + i)
+        offs_n = tile_n * BN + tl.arange(0, BN)
+        g = tl.load(g_ptr + offs_m[:, None] * N + offs_n[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+        acc = _mma(g, w, acc, PRECISION)
+    rows = _tile_rows(perm_ptr, offs_m, M, HAS_PERM)
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@triton.jit
+def _dw_kernel(
+    g_ptr, x_ptr, dw_ptr, db_ptr, perm_ptr, counts_ptr, rows_ptr, dense_ptr,
+    M, N, K, Mt,
+    stride_xm, stride_xk, stride_dwn, stride_dwk,
+    HAS_PERM: tl.constexpr, NEED_DB: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    n_blocks = tl.where(tl.load(dense_ptr) != 0, Mt, tl.load(counts_ptr + tile_n))
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    db = tl.zeros((BN,), dtype=tl.float32)
+    for i in range(0, n_blocks):
+        tile_m = tl.load(rows_ptr + tile_n * Mt + i)
+        offs_m = tile_m * BM + tl.arange(0, BM)
+        g = tl.load(g_ptr + offs_m[:, None] * N + offs_n[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        rows = _tile_rows(perm_ptr, offs_m, M, HAS_PERM)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        acc = _mma(tl.trans(g), x, acc, PRECISION)
+        if NEED_DB:
+            db += tl.sum(g.to(tl.float32), axis=0)
+    tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+             acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+    if NEED_DB:
+        tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=(offs_n < N) & (pid_k == 0))
+
+
+def _launch_config(block: int, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"BK": 16, "num_warps": 4, "num_stages": 1}
+    return {"BK": 64, "num_warps": 8 if block >= 128 else 4, "num_stages": 3}
+
+
+def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out_dtype) -> torch.Tensor:
+    """y = (x W^T + b) * R on BCAT's active tiles, zeros elsewhere. x: (M, K), W: (N, K), gate: (M, N)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    BM, BN = bcat.block_m, bcat.block_n
+    Mt, Nt = bcat.grid
+    cfg = _launch_config(BM, x.device)
+    m = mask if mask is not None else gate
+    _sddmm_forward_kernel[(Mt * Nt,)](
+        x, weight, bias if bias is not None else x, gate, m, y,
+        bcat.perm if bcat.perm is not None else x, bcat.tile_active, bcat.dense,
+        M, N, K, Mt, Nt, float(threshold),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
+        m.stride(0), m.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None,
+        BM=BM, BN=BN, GROUP_M=8, PRECISION=_dot_precision(x), **cfg,
+    )
+    return y
+
+
+def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BCAT,
+                   need_dx: bool, need_dw: bool, need_db: bool, need_ds: bool):
+    """(dx, dW, db, ds) of y = (x W^T + b) * R, each None when not needed."""
+    M, K = x.shape
+    N = weight.shape[0]
+    BM, BN = bcat.block_m, bcat.block_n
+    Mt, Nt = bcat.grid
+    cfg = _launch_config(BM, x.device)
+    prec = _dot_precision(x)
+    has_perm = bcat.perm is not None
+    perm = bcat.perm if has_perm else x
+    m = mask if mask is not None else gate
+    g = torch.empty((M, N), dtype=x.dtype, device=x.device)  # G' = dy * R, tile space
+    ds = torch.empty_like(gate, memory_format=torch.contiguous_format) if need_ds else None
+    if M and N:
+        dsp = ds if ds is not None else g
+        _sddmm_backward_kernel[(Mt * Nt,)](
+            x, weight, bias if bias is not None else x, gate, m, grad, g, dsp, perm, bcat.tile_active, bcat.dense,
+            M, N, K, Mt, Nt, float(threshold),
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
+            m.stride(0), m.stride(1), grad.stride(0), grad.stride(1), dsp.stride(0), dsp.stride(1),
+            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=has_perm, NEED_DS=need_ds,
+            BM=BM, BN=BN, GROUP_M=8, PRECISION=prec, **cfg,
+        )
+    dx = dw = db = None
+    BK = cfg["BK"] if x.device.type != "cuda" else 128
+    launch = {k: v for k, v in cfg.items() if k != "BK"}
+    if need_dx:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if M and K:
+            _dx_kernel[(Mt, triton.cdiv(K, BK))](
+                g, weight, dx, perm, bcat.row_counts, bcat.row_cols, bcat.dense,
+                M, N, K, Nt, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
+                HAS_PERM=has_perm, BM=BM, BN=BN, BK=BK, PRECISION=prec, **launch,
+            )
+    if need_dw or need_db:
+        dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        db = torch.empty((N,), dtype=bias.dtype if bias is not None else x.dtype, device=x.device) if need_db else None
+        if N and K:
+            _dw_kernel[(Nt, triton.cdiv(K, BK))](
+                g, x, dw, db if db is not None else dw, perm, bcat.col_counts, bcat.col_rows, bcat.dense,
+                M, N, K, Mt, x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
+                HAS_PERM=has_perm, NEED_DB=need_db, BM=BM, BN=BN, BK=BK, PRECISION=prec, **launch,
+            )
+        elif db is not None:
+            db.zero_()
+        if not need_dw:
+            dw = None
+    return dx, dw, db, ds

@@ -1,0 +1,168 @@
+"""``bcpt::sbl_masked_linear``: y = (x W^T + b) * R, R = where(keep, gate, 0).
+
+keep is ``mask`` when given, else ``gate > threshold``. Only R's support is computed
+(BCAT tiles, Triton block GEMMs) on CUDA, and on CPU under ``TRITON_INTERPRET=1``;
+plain CPU runs a dense PyTorch reference of the same math.
+
+The backward is ``bcpt::sbl_masked_linear_backward``: dx, dW, db from G' = dy * R and
+d(gate) = dy * (x W^T + b) on keep, all confined to the active blocks. The clustering is
+recomputed there (it is deterministic), so the forward saves no dense product.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels import triton_runs_on
+
+
+def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, mask: Optional[Tensor]) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"bcpt.sbl_masked_linear: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"bcpt.sbl_masked_linear: x's last dim {x.shape[-1]} does not match weight's in-features {weight.shape[1]}"
+        )
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    if tuple(gate.shape) != out_shape:
+        raise ValueError(f"bcpt.sbl_masked_linear: gate shape {tuple(gate.shape)} must equal the output shape {out_shape}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bcpt.sbl_masked_linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError(f"bcpt.sbl_masked_linear: mask must be bool, got {mask.dtype}")
+
+
+def _flat(x: Tensor, gate: Tensor, mask: Optional[Tensor]):
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = gate.reshape(-1, gate.shape[-1])
+    m2 = mask.expand(gate.shape).reshape(g2.shape) if mask is not None else None
+    return x2, g2, m2
+
+
+def _keep(gate: Tensor, mask: Optional[Tensor], threshold: float, keep_nan: bool) -> Tensor:
+    if mask is not None:
+        return mask.expand(gate.shape)
+    keep = gate > threshold
+    return keep | torch.isnan(gate) if keep_nan else keep
+
+
+def _use_kernels(x: Tensor) -> bool:
+    return triton_runs_on(x) and x.shape[-1] > 0
+
+
+@torch.library.custom_op("bcpt::sbl_masked_linear", mutates_args=())
+def sbl_masked_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    gate: Tensor,
+    mask: Optional[Tensor],
+    threshold: float,
+    block_size: int,
+    density_crossover: float,
+    reorder: bool,
+) -> Tensor:
+    _check_inputs(x, weight, bias, gate, mask)
+    out_dtype = torch.promote_types(x.dtype, gate.dtype)
+    if not _use_kernels(x):
+        r = torch.where(_keep(gate, mask, threshold, keep_nan=True), gate, 0)
+        return F.linear(x, weight, bias).to(out_dtype) * r
+    from ..kernels.bcat_cluster import bcat_cluster
+    from ..kernels.sbl_block_gemm import sddmm_forward
+
+    x2, g2, m2 = _flat(x, gate, mask)
+    with torch.profiler.record_function("bcpt::bcat_cluster"):
+        bcat = bcat_cluster(g2, m2, threshold, block_size, reorder, density_crossover)
+    y = sddmm_forward(x2, weight, bias, g2, m2, threshold, bcat, out_dtype)
+    return y.view(gate.shape)
+
+
+@sbl_masked_linear.register_fake
+def _(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder):
+    _check_inputs(x, weight, bias, gate, mask)
+    return gate.new_empty(gate.shape, dtype=torch.promote_types(x.dtype, gate.dtype))
+
+
+@torch.library.custom_op("bcpt::sbl_masked_linear_backward", mutates_args=())
+def sbl_masked_linear_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    gate: Tensor,
+    mask: Optional[Tensor],
+    threshold: float,
+    block_size: int,
+    density_crossover: float,
+    reorder: bool,
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    need_dx, need_dw, need_db, need_ds = (bool(n) for n in needs)
+    need_db = need_db and bias is not None
+    if not _use_kernels(x):
+        grads = _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds)
+    else:
+        from ..kernels.bcat_cluster import bcat_cluster
+        from ..kernels.sbl_block_gemm import sddmm_backward
+
+        x2, g2, m2 = _flat(x, gate, mask)
+        dy2 = grad.reshape(g2.shape)
+        with torch.profiler.record_function("bcpt::bcat_cluster"):
+            bcat = bcat_cluster(g2, m2, threshold, block_size, reorder, density_crossover)
+        dx, dw, db, ds = sddmm_backward(dy2, x2, weight, bias, g2, m2, threshold, bcat,
+                                        need_dx, need_dw, need_db, need_ds)
+        grads = (dx.view(x.shape) if dx is not None else None, dw, db, ds.view(gate.shape) if ds is not None else None)
+    wanted = (need_dx, need_dw, need_db, need_ds)
+    return tuple(g if w and g is not None else grad.new_empty(0) for g, w in zip(grads, wanted))  # type: ignore[return-value]
+
+
+def _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds):
+    g = (grad * torch.where(_keep(gate, mask, threshold, keep_nan=True), gate, 0)).to(x.dtype)
+    g2 = g.reshape(-1, g.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    dx = (g2 @ weight).view(x.shape)
+    dw = g2.t() @ x2
+    db = g2.sum(0).to(bias.dtype) if bias is not None else None
+    ds = None
+    if need_ds:
+        z = F.linear(x, weight, bias).to(grad.dtype)
+        ds = torch.where(_keep(gate, mask, threshold, keep_nan=False), grad * z, 0).to(gate.dtype)
+    return dx, dw, db, ds
+
+
+@sbl_masked_linear_backward.register_fake
+def _(grad, x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder, needs):
+    need_dx, need_dw, need_db, need_ds = (bool(n) for n in needs)
+    need_db = need_db and bias is not None
+    empty = grad.new_empty(0)
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else empty,
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else empty,
+        torch.empty_like(bias) if need_db else empty,
+        torch.empty_like(gate, memory_format=torch.contiguous_format) if need_ds else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder = inputs
+    ctx.save_for_backward(x, weight, bias, gate, mask)
+    ctx.config = (threshold, block_size, density_crossover, reorder)
+
+
+def _backward(ctx, grad):
+    x, weight, bias, gate, mask = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+    dx, dw, db, ds = torch.ops.bcpt.sbl_masked_linear_backward(
+        grad.contiguous(), x, weight, bias, gate, mask, *ctx.config, needs
+    )
+    out = [g if n else None for g, n in zip((dx, dw, db, ds), needs)]
+    if out[2] is not None and bias is None:
+        out[2] = None
+    return out[0], out[1], out[2], out[3], None, None, None, None, None
+
+
+sbl_masked_linear.register_autograd(_backward, setup_context=_setup_context)

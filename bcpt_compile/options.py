@@ -1,0 +1,65 @@
+"""Options accepted through ``torch.compile(..., backend="bcpt", options={...})``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+FAMILIES = ("sbl", "deepembed", "attention", "prefetch")
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class BcptOptions:
+    #: BCAT tile edge (rows and columns of R per block). 128 fills an H100's tensor cores;
+    #: tests on the Triton interpreter use 16.
+    block_size: int = 128
+    #: Active-tile fraction above which the block kernels run their dense loop instead
+    #: of walking the block list (decided on the device, no host sync).
+    density_crossover: float = 0.85
+    #: Families to rewrite; the others are left to the inner compiler.
+    families: tuple[str, ...] = FAMILIES
+    #: Raise instead of logging a warning and compiling the graph unmodified.
+    strict: bool = False
+    #: What compiles the rewritten graph: "inductor", "aot_eager" or "eager" (debugging).
+    inner_compiler: str = "inductor"
+    #: Reorder rows (tokens) by their active column tiles before tiling (BCAT defragmentation).
+    sbl_reorder: bool = False
+    #: Extra options handed to Inductor (``torch.compile``'s own ``options``).
+    inductor_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_user(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> "BcptOptions":
+        options = dict(options or {})
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ValueError(
+                f"bcpt: unknown option(s) {unknown}; valid options are {sorted(valid)}"
+            )
+        if "families" in options:
+            fams = options["families"]
+            fams = (fams,) if isinstance(fams, str) else tuple(fams)
+            bad = [f for f in fams if f not in FAMILIES]
+            if bad:
+                raise ValueError(f"bcpt: unknown families {bad}; valid families are {list(FAMILIES)}")
+            options["families"] = fams
+        opts = cls(**options)
+        if opts.inner_compiler not in INNER_COMPILERS:
+            raise ValueError(
+                f"bcpt: inner_compiler must be one of {list(INNER_COMPILERS)}, got {opts.inner_compiler!r}"
+            )
+        if not (isinstance(opts.block_size, int) and opts.block_size >= 16 and opts.block_size & (opts.block_size - 1) == 0):
+            raise ValueError(f"bcpt: block_size must be a power of two >= 16, got {opts.block_size!r}")
+        if not 0.0 <= float(opts.density_crossover) <= 1.0:
+            raise ValueError(f"bcpt: density_crossover must lie in [0, 1], got {opts.density_crossover!r}")
+        if mode not in (None, "default") and opts.inner_compiler == "inductor":
+            import torch._inductor
+
+            merged = dict(torch._inductor.list_mode_options(mode))
+            merged.update(opts.inductor_options)
+            opts = dataclasses.replace(opts, inductor_options=merged)
+        return opts
+
+    def enabled(self, family: str) -> bool:
+        return family in self.families

@@ -1,0 +1,217 @@
+"""Spelling-independent views of Dynamo graph nodes.
+
+Dynamo records the user's own spelling (``F.linear``, ``x @ W.T``, ``torch.einsum``,
+``Tensor.relu``, ``torch.clamp(min=0)``, ...). The matchers here answer semantic
+questions (is this a linear map of x by a 2-D weight? is this zero wherever a mask
+is false?) so that each family pass is written once against the math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+Node = torch.fx.Node
+
+
+def example_value(node: Any) -> Optional[torch.Tensor]:
+    if not isinstance(node, Node):
+        return None
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _module(node: Node) -> Optional[torch.nn.Module]:
+    if node.op != "call_module":
+        return None
+    gm = node.graph.owning_module
+    try:
+        return gm.get_submodule(node.target) if gm is not None else None
+    except AttributeError:
+        return None
+
+
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def is_function(node: Any, *targets: Any) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def is_method(node: Any, *names: str) -> bool:
+    return isinstance(node, Node) and node.op == "call_method" and node.target in names
+
+
+# ---------------------------------------------------------------- elementwise ops
+
+MUL_TARGETS = (operator.mul, torch.mul, torch.Tensor.mul)
+ADD_TARGETS = (operator.add, torch.add, torch.Tensor.add)
+
+
+def mul_operands(node: Any) -> Optional[tuple[Any, Any]]:
+    if is_function(node, *MUL_TARGETS) or is_method(node, "mul"):
+        if len(node.args) == 2 and not node.kwargs:
+            return node.args[0], node.args[1]
+    return None
+
+
+def add_operands(node: Any) -> Optional[tuple[Any, Any]]:
+    if is_function(node, *ADD_TARGETS) or is_method(node, "add"):
+        if len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+            return node.args[0], node.args[1]
+    return None
+
+
+def strip_casts(node: Any) -> Any:
+    """Follow dtype casts of a boolean mask (``.float()``, ``.to(x.dtype)``, ``.type_as(x)``)."""
+    while isinstance(node, Node):
+        if is_method(node, "float", "half", "bfloat16", "to", "type_as", "type") or is_function(
+            node, torch.Tensor.to, torch.Tensor.float
+        ):
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+# ---------------------------------------------------------------- relu-like gates
+
+RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu, torch.nn.functional.relu, torch.Tensor.relu)
+
+
+def relu_input(node: Any) -> Optional[Node]:
+    """The input s of ``relu(s)`` in any of its spellings, else None."""
+    if is_function(node, *RELU_FUNCTIONS) or is_method(node, "relu", "relu_"):
+        return node.args[0]
+    mod = _module(node) if isinstance(node, Node) else None
+    if isinstance(mod, torch.nn.ReLU):
+        return node.args[0]
+    if is_function(node, torch.clamp, torch.clip, torch.clamp_min) or is_method(node, "clamp", "clip", "clamp_min"):
+        lo = arg(node, 1, "min")
+        hi = arg(node, 2, "max")
+        if lo == 0 and hi is None:
+            return node.args[0]
+    return None
+
+
+# ---------------------------------------------------------------- linear maps
+
+@dataclasses.dataclass
+class LinearMatch:
+    """``y = x @ weight.T (+ bias)`` where ``weight`` is (N, K) (a node, possibly a view we add)."""
+
+    x: Node
+    weight: Node  # (N, K), or (K, N) when weight_is_kn
+    bias: Optional[Node]
+    weight_is_kn: bool = False
+
+
+def _transpose_of_2d(node: Any) -> Optional[Node]:
+    """W if node is W^T for a 2-D W (``.T``, ``.mT``, ``.t()``, ``transpose(0, 1)``, ``permute(1, 0)``)."""
+    if not isinstance(node, Node):
+        return None
+    src = None
+    if is_function(node, getattr) and node.args[1] in ("T", "mT", "H"):
+        src = node.args[0]
+    elif is_method(node, "t") or is_function(node, torch.t):
+        src = node.args[0]
+    elif is_method(node, "transpose", "swapaxes", "swapdims") or is_function(node, torch.transpose):
+        dims = {d % 2 for d in node.args[1:3]} if len(node.args) >= 3 else set()
+        src = node.args[0] if dims == {0, 1} else None
+    elif is_method(node, "permute"):
+        dims = node.args[1:] if len(node.args) > 2 else node.args[1]
+        src = node.args[0] if tuple(dims) in ((1, 0), (-1, -2), (-1, 0), (1, -2)) else None
+    val = example_value(src)
+    return src if val is not None and val.dim() == 2 else None
+
+
+def _einsum_linear(node: Node) -> Optional[LinearMatch]:
+    if not (is_function(node, torch.einsum, torch.functional.einsum)):
+        return None
+    eq, *ops = node.args
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    if not isinstance(eq, str) or len(ops) != 2 or "->" not in eq:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    a, b = lhs.split(",")
+    if len(b) != 2 or "." in b:
+        return None
+    contracted = a[-1]
+    if contracted not in b or contracted in out:
+        return None
+    other = b.replace(contracted, "", 1)
+    if out != a[:-1] + other or other in a:
+        return None
+    w = ops[1]
+    return LinearMatch(ops[0], w, None, weight_is_kn=(b[0] == contracted))
+
+
+def linear_of(node: Any) -> Optional[LinearMatch]:
+    """Recognise ``x W^T (+ b)`` for a 2-D W in the spellings users write."""
+    if not isinstance(node, Node):
+        return None
+    mod = _module(node)
+    if isinstance(mod, torch.nn.Linear):  # only when Dynamo did not inline the module
+        return None
+    if is_function(node, torch._C._nn.linear, F.linear):
+        return LinearMatch(node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias"))
+    if is_function(node, operator.matmul, torch.matmul, torch.mm, torch.Tensor.matmul) or is_method(
+        node, "matmul", "mm"
+    ):
+        x, b = node.args[0], node.args[1]
+        w = _transpose_of_2d(b)
+        if w is not None:
+            return LinearMatch(x, w, None)
+        bval = example_value(b)
+        if bval is not None and bval.dim() == 2:
+            return LinearMatch(x, b, None, weight_is_kn=True)
+        return None
+    if is_function(node, torch.addmm) or is_method(node, "addmm"):
+        bias, x, b = node.args[0], node.args[1], node.args[2]
+        if node.kwargs:
+            return None
+        bval = example_value(bias)
+        if bval is None or bval.dim() != 1:
+            return None
+        w = _transpose_of_2d(b)
+        return LinearMatch(x, w, bias) if w is not None else LinearMatch(x, b, bias, weight_is_kn=True)
+    einsum = _einsum_linear(node) if node.op == "call_function" else None
+    if einsum is not None:
+        wval = example_value(einsum.weight)
+        return einsum if wval is not None and wval.dim() == 2 else None
+    ops = add_operands(node)
+    if ops is not None:  # (x @ W^T) + b with a 1-D bias
+        for lin, bias in (ops, ops[::-1]):
+            inner = linear_of(lin)
+            bval = example_value(bias)
+            if inner is not None and inner.bias is None and bval is not None and bval.dim() == 1 and len(lin.users) == 1:
+                return dataclasses.replace(inner, bias=bias)
+    return None
+
+
+def erase_unused(*nodes: Any) -> None:
+    """Erase the given nodes, and then their inputs, where nothing uses them any more.
+
+    Only nodes this pass replaced are passed in, so no side-effecting op is dropped.
+    """
+    stack = [n for n in nodes if isinstance(n, Node)]
+    erased: set[Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in erased or node.users or node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.op == "call_method" and str(node.target).endswith("_"):
+            continue  # in-place: keep its effect
+        inputs = list(node.all_input_nodes)
+        node.graph.erase_node(node)
+        erased.add(node)
+        stack += inputs

@@ -1,0 +1,144 @@
+"""SBL masked matmuls: ``linear(x, W[, b]) * R`` with R exactly zero off a gate.
+
+The product is only needed where R is nonzero, so it is rewritten into
+``torch.ops.bcpt.sbl_masked_linear``, which clusters R's support into blocks (BCAT)
+and computes only those blocks, forward and backward. R enters the op as its
+pre-gate value ``s`` plus the gate (``s > threshold`` or an explicit boolean mask),
+so that the gradient with respect to ``s`` is also confined to the blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import operator
+from typing import Optional, Union
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from ..options import BcptOptions
+from ..report import Report
+from .canonical import (
+    Node,
+    arg,
+    erase_unused,
+    example_value,
+    is_function,
+    is_method,
+    linear_of,
+    mul_operands,
+    relu_input,
+    strip_casts,
+)
+
+FAMILY = "sbl"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass
+class Gate:
+    """R = s where ``mask`` (or ``s > threshold`` when mask is None), else exactly 0."""
+
+    value: Node
+    mask: Optional[Node] = None
+    threshold: float = 0.0
+    negate_mask: bool = False
+
+
+def _is_bool(node: object) -> bool:
+    val = example_value(node)
+    return val is not None and val.dtype == torch.bool
+
+
+def gate_of(node: object) -> Union[Gate, str]:
+    """The gate that makes ``node`` exactly zero off a mask, or why it is not provably so."""
+    if not isinstance(node, Node):
+        return "the mask operand is a constant, not a gated tensor"
+    s = relu_input(node)
+    if s is not None:
+        return Gate(s)
+    if is_function(node, F.threshold, torch.threshold) and arg(node, 2, "value") == 0:
+        th = arg(node, 1, "threshold")
+        if isinstance(th, numbers.Real):
+            return Gate(node.args[0], threshold=float(th))
+    ops = mul_operands(node)
+    if ops is not None:  # s * (s > t), s * mask.float(), ...
+        for value, m in (ops, ops[::-1]):
+            m = strip_casts(m)
+            if _is_bool(m) and not _is_bool(value) and isinstance(value, Node):
+                if is_function(m, operator.gt, torch.gt) and m.args[0] is value and isinstance(m.args[1], numbers.Real):
+                    return Gate(value, threshold=float(m.args[1]))
+                return Gate(value, mask=m)
+    if is_function(node, torch.where) and len(node.args) == 3:
+        m, a, b = node.args
+        if _is_bool(m) and isinstance(a, Node) and b == 0:
+            return Gate(a, mask=m)
+        if _is_bool(m) and isinstance(b, Node) and a == 0:
+            return Gate(b, mask=m, negate_mask=True)
+    if is_method(node, "masked_fill") and len(node.args) == 3 and node.args[2] == 0 and _is_bool(node.args[1]):
+        return Gate(node.args[0], mask=node.args[1], negate_mask=True)
+    what = node.target if node.op != "call_function" else getattr(node.target, "__name__", str(node.target))
+    return f"gate is not provably zero off the mask ({node.op} {what})"
+
+
+def _refusal(mul: Node, lin_node: Node, gate: Union[Gate, str]) -> Optional[str]:
+    if isinstance(gate, str):
+        return gate
+    out, s = example_value(lin_node), example_value(gate.value)
+    if out is None or s is None:
+        return "shapes unknown (no example values)"
+    if tuple(s.shape) != tuple(out.shape):
+        return f"gate shape {tuple(s.shape)} is not the linear output's {tuple(out.shape)} (a broadcast gate is not block-sparse)"
+    for name, val in (("input", out), ("gate", s)):
+        if val.dtype not in SUPPORTED_DTYPES:
+            return f"{name} dtype {val.dtype} is not supported (float32, bfloat16, float16)"
+        if val.device.type not in ("cpu", "cuda"):
+            return f"device {val.device.type} is not supported"
+    if len(lin_node.users) != 1:
+        return "the dense product linear(x, W) has other users, so it is computed anyway"
+    if gate.mask is not None:
+        m = example_value(gate.mask)
+        try:
+            torch.broadcast_shapes(tuple(m.shape), tuple(s.shape))
+        except RuntimeError:
+            return f"mask shape {tuple(m.shape)} does not broadcast to {tuple(s.shape)}"
+    return None
+
+
+def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, report: Report) -> None:
+    graph = gm.graph
+    for mul in list(graph.nodes):
+        ops = mul_operands(mul)
+        if ops is None:
+            continue
+        for lin_node, r_node in (ops, ops[::-1]):
+            lin = linear_of(lin_node)
+            if lin is not None:
+                break
+        else:
+            continue
+        if _is_bool(strip_casts(r_node)):
+            continue  # linear * mask: a plain masked product (often the gate's own s * (s > t))
+        gate = gate_of(r_node)
+        reason = _refusal(mul, lin_node, gate)
+        if reason is not None:
+            report.add_miss(FAMILY, mul, reason)
+            continue
+        assert isinstance(gate, Gate)
+        with graph.inserting_before(mul):
+            weight = graph.call_function(torch.t, (lin.weight,)) if lin.weight_is_kn else lin.weight
+            mask = gate.mask
+            if mask is not None and gate.negate_mask:
+                mask = graph.call_function(torch.logical_not, (mask,))
+            call = graph.call_function(
+                torch.ops.bcpt.sbl_masked_linear.default,
+                (lin.x, weight, lin.bias, gate.value, mask, gate.threshold,
+                 opts.block_size, float(opts.density_crossover), bool(opts.sbl_reorder)),
+            )
+            out = call
+        out.meta.update({k: v for k, v in mul.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
+        report.add_site(FAMILY, mul, "bcpt.sbl_masked_linear", [lin.x, lin.weight, gate.value])
+        mul.replace_all_uses_with(out)
+        erase_unused(mul, r_node, lin_node)
