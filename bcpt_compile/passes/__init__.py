@@ -26,9 +26,13 @@ PASSES: list[tuple[str, PassFn]] = [
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     copy = torch.fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
-    out = copy.graph_copy(graph, {})
+    val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = copy.graph_copy(graph, val_map)
     copy.output(out)
     copy._codegen = graph._codegen
+    for old, new in val_map.items():  # Dynamo keeps e.g. _dynamo_source on placeholder nodes
+        for key, value in old.__dict__.items():
+            new.__dict__.setdefault(key, value)
     return copy
 
 

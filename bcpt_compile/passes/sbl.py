@@ -83,7 +83,18 @@ def gate_of(node: object) -> Union[Gate, str]:
     return f"gate is not provably zero off the mask ({node.op} {what})"
 
 
-def _refusal(mul: Node, lin_node: Node, gate: Union[Gate, str]) -> Optional[str]:
+def _peel_view(node: object) -> Optional[Node]:
+    """The linear under ``view``/``reshape``/``flatten`` that keep the feature (last) dim."""
+    if not (is_method(node, "view", "reshape", "flatten") or is_function(node, torch.reshape, torch.flatten)):
+        return None
+    src = node.args[0]
+    before, after = example_value(src), example_value(node)
+    if before is None or after is None or before.dim() == 0 or after.dim() == 0:
+        return None
+    return src if before.shape[-1] == after.shape[-1] and linear_of(src) is not None and len(src.users) == 1 else None
+
+
+def _refusal(mul: Node, lin_node: Node, lin_inputs: list, gate: Union[Gate, str]) -> Optional[str]:
     if isinstance(gate, str):
         return gate
     out, s = example_value(lin_node), example_value(gate.value)
@@ -98,6 +109,9 @@ def _refusal(mul: Node, lin_node: Node, gate: Union[Gate, str]) -> Optional[str]
             return f"device {val.device.type} is not supported"
     if len(lin_node.users) != 1:
         return "the dense product linear(x, W) has other users, so it is computed anyway"
+    dtypes = {example_value(n).dtype for n in lin_inputs if example_value(n) is not None}
+    if len(dtypes) > 1:
+        return f"x, weight and bias have mixed dtypes {sorted(str(d) for d in dtypes)}"
     if gate.mask is not None:
         m = example_value(gate.mask)
         try:
@@ -114,7 +128,8 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
         if ops is None:
             continue
         for lin_node, r_node in (ops, ops[::-1]):
-            lin = linear_of(lin_node)
+            inner = _peel_view(lin_node)
+            lin = linear_of(inner if inner is not None else lin_node)
             if lin is not None:
                 break
         else:
@@ -122,22 +137,31 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
         if _is_bool(strip_casts(r_node)):
             continue  # linear * mask: a plain masked product (often the gate's own s * (s > t))
         gate = gate_of(r_node)
-        reason = _refusal(mul, lin_node, gate)
+        reason = _refusal(mul, lin_node, [lin.x, lin.weight, lin.bias], gate)
         if reason is not None:
             report.add_miss(FAMILY, mul, reason)
             continue
         assert isinstance(gate, Gate)
+        reshaped = lin_node is not None and linear_of(lin_node) is None  # a view sits between
         with graph.inserting_before(mul):
             weight = graph.call_function(torch.t, (lin.weight,)) if lin.weight_is_kn else lin.weight
-            mask = gate.mask
+            x, value, mask = lin.x, gate.value, gate.mask
             if mask is not None and gate.negate_mask:
                 mask = graph.call_function(torch.logical_not, (mask,))
+            if reshaped:  # run on 2-D (tokens, features) and view the result back
+                n_out, n_in = example_value(lin_node).shape[-1], example_value(x).shape[-1]
+                if mask is not None:
+                    mask = graph.call_method("expand_as", (mask, value))
+                    mask = graph.call_method("reshape", (mask, -1, n_out))
+                x = graph.call_method("reshape", (x, -1, n_in))
+                shape = graph.call_method("size", (value,))
+                value = graph.call_method("reshape", (value, -1, n_out))
             call = graph.call_function(
                 torch.ops.bcpt.sbl_masked_linear.default,
-                (lin.x, weight, lin.bias, gate.value, mask, gate.threshold,
+                (x, weight, lin.bias, value, mask, gate.threshold,
                  opts.block_size, float(opts.density_crossover), bool(opts.sbl_reorder)),
             )
-            out = call
+            out = graph.call_method("view", (call, shape)) if reshaped else call
         out.meta.update({k: v for k, v in mul.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
         report.add_site(FAMILY, mul, "bcpt.sbl_masked_linear", [lin.x, lin.weight, gate.value])
         mul.replace_all_uses_with(out)

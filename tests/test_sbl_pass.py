@@ -1,0 +1,309 @@
+"""SBL pass: every matched spelling rewrites to bcpt.sbl_masked_linear and matches eager."""
+
+import copy
+
+import pytest
+import torch
+from expecttest import TestCase
+
+import bcpt_compile
+from bcpt_compile.testing import rewritten_graph
+
+from . import sbl_models as sm
+
+AOT = {"inner_compiler": "aot_eager", "block_size": 16}
+B, T, K, N = 2, 9, 24, 40  # 18 tokens: neither dim is a multiple of the 16-wide tiles
+
+
+def _args(name, dtype=torch.float32):
+    g = torch.Generator().manual_seed(hash(name) % 2**31)
+    x = torch.randn(B, T, K, generator=g, dtype=dtype)
+    w = torch.randn(N, K, generator=g, dtype=dtype) / K**0.5
+    b = torch.randn(N, generator=g, dtype=dtype)
+    s = torch.randn(B, T, N, generator=g, dtype=dtype) - 0.4
+    return {
+        "matmul_bias_before": (x, w, b, s),
+        "gate_first": (x, w, b, s),
+        "einsum_clamp": (x, w, s),
+        "weight_in_out": (x, w.t().contiguous(), s),
+        "threshold_mul": (x, w, s),
+        "where_tensor_threshold": (x, w, s, torch.randn(N, generator=g, dtype=dtype) * 0.3),
+        "masked_fill_gate": (x, w, s, torch.rand(B, T, N, generator=g) < 0.3),
+        "functional_threshold": (x, w, s),
+        "viewed_linear": (x, w, s),
+        "bias_after_mask": (x, w, b, s),
+    }[name]
+
+
+FUNCTION_SPELLINGS = [
+    "matmul_bias_before", "gate_first", "einsum_clamp", "weight_in_out", "threshold_mul",
+    "where_tensor_threshold", "masked_fill_gate", "functional_threshold", "viewed_linear", "bias_after_mask",
+]
+MODULE_SPELLINGS = [sm.TinyOnnSBL, sm.SparseProtoLinear, sm.ModuleLinearGate]
+
+
+def _grads_of(fn, args, compiled_options=None):
+    args = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+    params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
+    run = torch.compile(fn, backend="bcpt", options=compiled_options) if compiled_options else fn
+    out = run(*args)
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+    gen = torch.Generator().manual_seed(7)
+    cots = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    leaves = [a for a in args if a.requires_grad] + params
+    grads = torch.autograd.grad(outs, leaves, cots, allow_unused=True)
+    return [o.detach() for o in outs], list(grads)
+
+
+def assert_compiled_matches_eager(fn, args, options=AOT, rtol=1e-4, atol=1e-5):
+    eager_fn = copy.deepcopy(fn) if isinstance(fn, torch.nn.Module) else fn
+    (eo, eg), (co, cg) = _grads_of(eager_fn, args), _grads_of(fn, args, options)
+    assert len(eo) == len(co) and len(eg) == len(cg)
+    for e, c in zip(eo + eg, co + cg):
+        if e is None:
+            assert c is None or not c.any()
+            continue
+        assert torch.isfinite(c).all()
+        torch.testing.assert_close(c, e, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", FUNCTION_SPELLINGS)
+def test_function_spelling_matches_eager(name):
+    fn = getattr(sm, name)
+    report = bcpt_compile.explain(fn, *_args(name), options=AOT)
+    assert report.counts["sbl"] == 1, report
+    assert_compiled_matches_eager(fn, _args(name))
+
+
+@pytest.mark.parametrize("cls", MODULE_SPELLINGS, ids=lambda c: c.__name__)
+def test_module_spelling_matches_eager(cls):
+    torch.manual_seed(0)
+    model = cls()
+    x = torch.randn(B, T, K)
+    assert bcpt_compile.explain(model, x, options=AOT).counts["sbl"] == 1
+    assert_compiled_matches_eager(model, (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_against_float64(dtype):
+    """16-bit results are judged against float64 (norm-wise), as eager's own 16-bit result is."""
+    torch.manual_seed(0)
+    model = sm.TinyOnnSBL()
+    x = torch.randn(B, T, K)
+    ref_out, ref_grads = _grads_of(copy.deepcopy(model).double(), (x.double(),))
+    eager_out, eager_grads = _grads_of(copy.deepcopy(model).to(dtype), (x.to(dtype),))
+    out, grads = _grads_of(model.to(dtype), (x.to(dtype),), AOT)
+    for r, e, c in zip(ref_out + ref_grads, eager_out + eager_grads, out + grads):
+        err = ((c.double() - r).norm() / r.norm()).item()
+        eager_err = ((e.double() - r).norm() / r.norm()).item()
+        assert err <= max(1e-2, 2 * eager_err), (err, eager_err)
+
+
+@pytest.mark.parametrize("reorder", [False, True])
+@pytest.mark.parametrize("shift", [-100.0, 100.0, 0.5], ids=["empty", "full", "partial"])
+def test_empty_full_and_reordered_masks(shift, reorder):
+    x, w, b, s = _args("matmul_bias_before")
+    s = s + shift
+    assert_compiled_matches_eager(sm.matmul_bias_before, (x, w, b, s), options={**AOT, "sbl_reorder": reorder})
+
+
+def test_rows_with_no_active_output():
+    x, w, b, s = _args("matmul_bias_before")
+    s[:, ::2] = -1.0  # every other token routes nowhere
+    assert_compiled_matches_eager(sm.matmul_bias_before, (x, w, b, s))
+
+
+@pytest.mark.parametrize(
+    "name, args, reason",
+    [
+        ("gelu_gate", lambda: (torch.randn(8, 24), torch.randn(40, 24), torch.randn(8, 40)),
+         "gate is not provably zero off the mask (call_function gelu)"),
+        ("broadcast_gate", lambda: (torch.randn(8, 24), torch.randn(40, 24), torch.randn(8, 1)),
+         "gate shape (8, 1) is not the linear output's (8, 40) (a broadcast gate is not block-sparse)"),
+        ("product_reused", lambda: (torch.randn(8, 24), torch.randn(40, 24), torch.randn(8, 40)),
+         "the dense product linear(x, W) has other users, so it is computed anyway"),
+        ("threshold_mul", lambda: (torch.randn(8, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64),
+                                   torch.randn(8, 40, dtype=torch.float64)),
+         "input dtype torch.float64 is not supported (float32, bfloat16, float16)"),
+    ],
+)
+def test_near_misses_are_reported_and_left_alone(name, args, reason):
+    fn = getattr(sm, name)
+    report = bcpt_compile.explain(fn, *args())
+    assert report.counts["sbl"] == 0
+    assert [m.reason for m in report.misses] == [reason]
+    out = torch.compile(fn, backend="bcpt", options=AOT)(*args())
+    assert out is not None
+
+
+class SnapshotTest(TestCase):
+    def snap(self, name):
+        return rewritten_graph(getattr(sm, name), *_args(name))
+
+    def test_matmul_bias_before(self):
+        self.assertExpectedInline(self.snap("matmul_bias_before"), """\
+def forward(self, L_w_, L_x_, L_b_, L_s_):
+    l_w_ = L_w_
+    l_x_ = L_x_
+    l_b_ = L_b_
+    l_s_ = L_s_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, l_b_, l_s_, None, 0.0, 128, 0.85, False)
+    return (sbl_masked_linear_default,)
+""")
+
+    def test_gate_first(self):
+        self.assertExpectedInline(self.snap("gate_first"), """\
+def forward(self, L_s_, L_x_, L_w_, L_b_):
+    l_s_ = L_s_
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_b_ = L_b_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, l_b_, l_s_, None, 0.0, 128, 0.85, False)
+    return (sbl_masked_linear_default,)
+""")
+
+    def test_einsum_clamp(self):
+        self.assertExpectedInline(self.snap("einsum_clamp"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.0, 128, 0.85, False)
+    return (sbl_masked_linear_default,)
+""")
+
+    def test_weight_in_out(self):
+        self.assertExpectedInline(self.snap("weight_in_out"), """\
+def forward(self, L_x_, L_w_in_out_, L_s_):
+    l_x_ = L_x_
+    l_w_in_out_ = L_w_in_out_
+    l_s_ = L_s_
+    t = torch.t(l_w_in_out_)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, t, None, l_s_, None, 0.0, 128, 0.85, False)
+    return (sbl_masked_linear_default,)
+""")
+
+    def test_threshold_mul(self):
+        self.assertExpectedInline(self.snap("threshold_mul"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.1, 128, 0.85, False)
+    return (sbl_masked_linear_default,)
+""")
+
+    def test_where_tensor_threshold(self):
+        self.assertExpectedInline(self.snap("where_tensor_threshold"), """\
+def forward(self, L_x_, L_w_, L_s_, L_t_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    l_t_ = L_t_
+    gt = l_s_ > l_t_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, gt, 0.0, 128, 0.85, False)
+    return (sbl_masked_linear_default,)
+""")
+
+    def test_masked_fill_gate(self):
+        self.assertExpectedInline(self.snap("masked_fill_gate"), """\
+def forward(self, L_x_, L_w_, L_s_, L_m_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    l_m_ = L_m_
+    invert = ~l_m_
+    logical_not = torch.logical_not(invert)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, logical_not, 0.0, 128, 0.85, False)
+    return (sbl_masked_linear_default,)
+""")
+
+    def test_functional_threshold(self):
+        self.assertExpectedInline(self.snap("functional_threshold"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.2, 128, 0.85, False)
+    return (sbl_masked_linear_default,)
+""")
+
+    def test_viewed_linear(self):
+        self.assertExpectedInline(self.snap("viewed_linear"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    reshape = l_x_.reshape(18, -1)
+    reshape_1 = reshape.reshape(-1, 24)
+    size = l_s_.size()
+    reshape_2 = l_s_.reshape(-1, 40)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(reshape_1, l_w_, None, reshape_2, None, 0.0, 128, 0.85, False)
+    view_1 = sbl_masked_linear_default.view(size)
+    return (view_1,)
+""")
+
+    def test_bias_after_mask(self):
+        self.assertExpectedInline(self.snap("bias_after_mask"), """\
+def forward(self, L_x_, L_w_, L_s_, L_b_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    l_b_ = L_b_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.0, 128, 0.85, False)
+    add = sbl_masked_linear_default + l_b_
+    return (add,)
+""")
+
+    def test_tiny_onn(self):
+        torch.manual_seed(0)
+        self.assertExpectedInline(rewritten_graph(sm.TinyOnnSBL(), torch.randn(B, T, K)), """\
+def forward(self, L_self_parameters_mu_weight_, L_self_parameters_sigma_weight_, L_x_, L_self_parameters_gate_param_):
+    l_self_parameters_mu_weight_ = L_self_parameters_mu_weight_
+    l_self_parameters_sigma_weight_ = L_self_parameters_sigma_weight_
+    l_x_ = L_x_
+    l_self_parameters_gate_param_ = L_self_parameters_gate_param_
+    softplus = torch._C._nn.softplus(l_self_parameters_sigma_weight_)
+    keys = l_self_parameters_mu_weight_ * softplus
+    t = keys.t()
+    matmul = torch.matmul(l_x_, t)
+    scores = matmul / 4.898979485566356
+    sub = scores - l_self_parameters_gate_param_
+    raw = torch.nn.functional.relu(sub)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_self_parameters_mu_weight_, None, sub, None, 0.0, 128, 0.85, False)
+    return (sbl_masked_linear_default, raw)
+""")
+
+    def test_sparse_proto_linear(self):
+        torch.manual_seed(0)
+        self.assertExpectedInline(rewritten_graph(sm.SparseProtoLinear(), torch.randn(B, T, K)), """\
+def forward(self, L_x_, L_self_parameters_weight_, L_self_parameters_bias_, L_self_parameters_proto_):
+    l_x_ = L_x_
+    l_self_parameters_weight_ = L_self_parameters_weight_
+    l_self_parameters_bias_ = L_self_parameters_bias_
+    l_self_parameters_proto_ = L_self_parameters_proto_
+    silu = torch.nn.functional.silu(l_x_)
+    getattr_1 = l_self_parameters_proto_.T
+    logits = l_x_ @ getattr_1
+    abs_1 = logits.abs()
+    amax = abs_1.amax(-1, keepdim = True)
+    add = amax + 1e-06
+    truediv = logits / add
+    sub = truediv - 0.3
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(silu, l_self_parameters_weight_, l_self_parameters_bias_, sub, None, 0.0, 128, 0.85, False)
+    return (sbl_masked_linear_default,)
+""")
+
+    def test_module_linear_gate(self):
+        torch.manual_seed(0)
+        self.assertExpectedInline(rewritten_graph(sm.ModuleLinearGate(), torch.randn(B, T, K)), """\
+def forward(self, L_self_modules_value_parameters_weight_, L_self_modules_value_parameters_bias_, L_x_, L_self_modules_score_parameters_weight_, L_self_modules_score_parameters_bias_):
+    l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
+    l_self_modules_value_parameters_bias_ = L_self_modules_value_parameters_bias_
+    l_x_ = L_x_
+    l_self_modules_score_parameters_weight_ = L_self_modules_score_parameters_weight_
+    l_self_modules_score_parameters_bias_ = L_self_modules_score_parameters_bias_
+    linear_1 = torch._C._nn.linear(l_x_, l_self_modules_score_parameters_weight_, l_self_modules_score_parameters_bias_)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_self_modules_value_parameters_weight_, l_self_modules_value_parameters_bias_, linear_1, None, 0.0, 128, 0.85, False)
+    return (sbl_masked_linear_default,)
+""")

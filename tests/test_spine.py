@@ -1,0 +1,165 @@
+"""The backend's spine: registration, options, explain, logging, fail-safe, snapshots."""
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from expecttest import TestCase
+
+import bcpt_compile
+from bcpt_compile import passes
+from bcpt_compile.testing import rewritten_graph
+
+AOT = {"inner_compiler": "aot_eager", "block_size": 16}
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def sigmoid_gated(x, w, k):
+    return F.linear(x, w) * torch.sigmoid(x @ k.T)
+
+
+def test_backend_resolves_without_import():
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        assert "bcpt_compile" not in sys.modules
+        f = torch.compile(lambda x: torch.sin(x) * 2, backend="bcpt", options={"inner_compiler": "eager"})
+        x = torch.randn(5)
+        torch.testing.assert_close(f(x), torch.sin(x) * 2)
+        assert "bcpt" in torch._dynamo.list_backends()
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_unknown_option_lists_valid_ones():
+    f = torch.compile(lambda x: x + 1, backend="bcpt", options={"blocksize": 64})
+    with pytest.raises(Exception, match=r"unknown option\(s\) \['blocksize'\].*block_size.*density_crossover"):
+        f(torch.randn(3))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"inner_compiler": "tvm"}, "inner_compiler must be one of"),
+        ({"families": ["sbl", "moe"]}, r"unknown families \['moe'\]"),
+        ({"block_size": 48}, "block_size must be a power of two"),
+        ({"density_crossover": 1.5}, r"density_crossover must lie in \[0, 1\]"),
+    ],
+)
+def test_bad_option_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        bcpt_compile.BcptOptions.from_user(options)
+
+
+def test_plain_mlp_explain_counts_zero():
+    report = bcpt_compile.explain(MLP(), torch.randn(4, 16))
+    assert report.counts == {"sbl": 0, "deepembed": 0, "attention": 0, "prefetch": 0}
+    assert report.misses == [] and report.failures == []
+    assert "rewritten sites: sbl=0, deepembed=0, attention=0, prefetch=0" in str(report)
+
+
+def test_near_miss_has_reason_and_source_line():
+    x, w, k = torch.randn(8, 16), torch.randn(32, 16), torch.randn(32, 16)
+    report = bcpt_compile.explain(sigmoid_gated, x, w, k)
+    assert report.counts["sbl"] == 0
+    [miss] = report.misses
+    assert miss.family == "sbl"
+    assert "gate is not provably zero off the mask" in miss.reason and "sigmoid" in miss.reason
+    assert "test_spine.py" in miss.source and "torch.sigmoid" in miss.source
+    assert "near-misses: 1" in str(report)
+
+
+def test_plain_mlp_matches_inductor_and_trains():
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(4, 16)
+    ref = torch.compile(model, backend="inductor")(x)
+    out = torch.compile(model, backend="bcpt")(x)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert model.fc1.weight.grad is not None and torch.isfinite(model.fc1.weight.grad).all()
+
+
+def _tiny_sbl(x, w, k, g):
+    return F.linear(x, w) * F.relu(x @ k.T - g)
+
+
+def _sbl_args():
+    return torch.randn(8, 16), torch.randn(32, 16), torch.randn(32, 16), torch.randn(32)
+
+
+def test_failing_pass_is_logged_and_graph_left_unmodified(monkeypatch, caplog):
+    def broken(gm, opts, report):
+        next(iter(gm.graph.nodes)).name = "corrupted"
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(passes, "PASSES", [("sbl", broken)])
+    args = _sbl_args()
+    with caplog.at_level(logging.WARNING, logger="bcpt_compile"):
+        report = bcpt_compile.explain(_tiny_sbl, *args)
+    assert report.failures == ["sbl: RuntimeError: boom"]
+    assert any("the sbl pass failed" in r.getMessage() for r in caplog.records)
+    out = torch.compile(_tiny_sbl, backend="bcpt", options=AOT)(*args)
+    torch.testing.assert_close(out, _tiny_sbl(*args))
+
+
+def test_strict_raises(monkeypatch):
+    def broken(gm, opts, report):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(passes, "PASSES", [("sbl", broken)])
+    with pytest.raises(Exception, match="boom"):
+        torch.compile(_tiny_sbl, backend="bcpt", options={**AOT, "strict": True})(*_sbl_args())
+
+
+def test_families_option_turns_a_family_off():
+    report = bcpt_compile.explain(_tiny_sbl, *_sbl_args(), options={"families": ["attention"]})
+    assert report.counts["sbl"] == 0
+
+
+def test_logging_switch(caplog):
+    bcpt_compile.set_logging(True)
+    try:
+        with caplog.at_level(logging.INFO, logger="bcpt_compile"):
+            bcpt_compile.explain(sigmoid_gated, torch.randn(8, 16), torch.randn(32, 16), torch.randn(32, 16))
+        assert any("near-miss [sbl]" in r.getMessage() for r in caplog.records)
+    finally:
+        bcpt_compile.set_logging(False)
+    assert bcpt_compile._logging.log.level == logging.WARNING
+
+
+class SnapshotTest(TestCase):
+    def test_unmatched_graph_is_unchanged(self):
+        self.assertExpectedInline(
+            rewritten_graph(sigmoid_gated, torch.randn(8, 16), torch.randn(32, 16), torch.randn(32, 16)),
+            """\
+def forward(self, L_x_, L_w_, L_k_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_k_ = L_k_
+    linear = torch._C._nn.linear(l_x_, l_w_)
+    getattr_1 = l_k_.T
+    matmul = l_x_ @ getattr_1
+    sigmoid = torch.sigmoid(matmul)
+    mul = linear * sigmoid
+    return (mul,)
+""",
+        )
