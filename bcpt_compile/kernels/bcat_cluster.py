@@ -3,9 +3,11 @@
 1. ``_row_tile_bits_kernel`` reads R's gate once and sets, for every row, one bit per
    column tile that holds a nonzero of that row. Bits live in int32 words and are set
    with atomic OR, since several programs own bits of one word.
-2. Optionally rows (tokens) are reordered by those bit patterns (a stable lexicographic
-   sort), so tokens that use the same column tiles share row tiles: the online
-   defragmentation that raises the fill ratio over a fixed grid.
+2. With ``reorder`` (the online defragmentation), features and tokens are permuted first
+   so that nonzeros gather into fewer tiles: columns are sorted by a min-hash of the rows
+   that use them (``_column_keys_kernel``: co-used and dead features end up adjacent),
+   then rows by their first active permuted column and their permuted tile bits (a
+   stable lexicographic sort). Two passes over the gate instead of one.
 3. Tile activity, per-row-tile and per-column-tile block lists (padded, with device-side
    counts) are derived with a handful of small torch ops on the (tiles x tiles) grid.
 Everything is deterministic, so a recomputation (backward, checkpointing) sees the same blocks.
@@ -21,17 +23,12 @@ import triton
 import triton.language as tl
 
 
+_NO_KEY = 2**31 - 1
+
+
 @triton.jit
-def _row_tile_bits_kernel(
-    s_ptr, m_ptr, bits_ptr,
-    M, N, n_words, threshold,
-    stride_sm, stride_sn, stride_mm, stride_mn,
-    HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    tile_n = tl.program_id(1)
-    rows = pid_m * ROWS + tl.arange(0, ROWS)
-    cols = tile_n * BN + tl.arange(0, BN)
+def _load_keep(s_ptr, m_ptr, rows, cols, M, N, threshold,
+               stride_sm, stride_sn, stride_mm, stride_mn, HAS_MASK: tl.constexpr):
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     if HAS_MASK:
         m = tl.load(m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn, mask=inside, other=0)
@@ -40,29 +37,93 @@ def _row_tile_bits_kernel(
         s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
         s = s.to(tl.float32)
         keep = (s > threshold) | (s != s)  # NaN stays NaN through relu: keep it visible
-    keep = keep & inside
-    row_any = tl.max(keep.to(tl.int32), axis=1)
-    bit = row_any << (tile_n % 32)
-    tl.atomic_or(bits_ptr + rows * n_words + tile_n // 32, bit, mask=(rows < M) & (row_any != 0))
+    return keep & inside
 
 
-def row_tile_bits(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: float, block_n: int) -> torch.Tensor:
-    """int32 (M, ceil(N_tiles / 32)): bit c of row i is set iff row i has a nonzero in column tile c."""
+@triton.jit
+def _bitwise_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _row_tile_bits_kernel(
+    s_ptr, m_ptr, bits_ptr, inv_col_ptr, row_key_ptr,
+    M, N, n_words, threshold,
+    stride_sm, stride_sn, stride_mm, stride_mn,
+    HAS_MASK: tl.constexpr, HAS_COL_PERM: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    keep = _load_keep(s_ptr, m_ptr, rows, cols, M, N, threshold,
+                      stride_sm, stride_sn, stride_mm, stride_mn, HAS_MASK)
+    if HAS_COL_PERM:
+        # columns land in permuted tiles: OR their bits word by word
+        slot = tl.load(inv_col_ptr + cols, mask=cols < N, other=0)
+        tile = slot // BN
+        first = tl.min(tl.where(keep, slot[None, :], _NO_KEY), axis=1)
+        tl.atomic_min(row_key_ptr + rows, first, mask=(rows < M) & (first != _NO_KEY))
+        for w in range(0, n_words):
+            bits = tl.where(keep & ((tile // 32) == w)[None, :], (1 << (tile % 32))[None, :], 0)
+            word = tl.reduce(bits, 1, _bitwise_or)
+            tl.atomic_or(bits_ptr + rows * n_words + w, word, mask=(rows < M) & (word != 0))
+    else:
+        tile_n = tl.program_id(1)
+        row_any = tl.max(keep.to(tl.int32), axis=1)
+        bit = row_any << (tile_n % 32)
+        tl.atomic_or(bits_ptr + rows * n_words + tile_n // 32, bit, mask=(rows < M) & (row_any != 0))
+
+
+@triton.jit
+def _column_keys_kernel(
+    s_ptr, m_ptr, col_key_ptr, M, N, threshold,
+    stride_sm, stride_sn, stride_mm, stride_mn,
+    HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr,
+):
+    """Min-hash of each column's active rows: columns used by the same rows share keys."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    keep = _load_keep(s_ptr, m_ptr, rows, cols, M, N, threshold,
+                      stride_sm, stride_sn, stride_mm, stride_mn, HAS_MASK)
+    row_hash = ((rows.to(tl.int64) * 2654435761) % 2147483647).to(tl.int32)
+    key = tl.min(tl.where(keep, row_hash[:, None], _NO_KEY), axis=0)
+    tl.atomic_min(col_key_ptr + cols, key, mask=(cols < N) & (key != _NO_KEY))
+
+
+_ROWS = 32
+
+
+def row_tile_bits(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: float, block_n: int,
+                  inv_col_perm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: int32 words with bit c set iff the row has a nonzero in column tile c, and
+    (with ``inv_col_perm``, tiles of permuted columns) the row's first active permuted column."""
     M, N = gate.shape
-    n_tiles = triton.cdiv(N, block_n)
-    n_words = triton.cdiv(n_tiles, 32)
+    n_words = triton.cdiv(triton.cdiv(N, block_n), 32)
     bits = torch.zeros((M, n_words), dtype=torch.int32, device=gate.device)
+    row_key = torch.full((M,), _NO_KEY, dtype=torch.int32, device=gate.device)
     if M == 0 or N == 0:
-        return bits
-    rows = 32
+        return bits, row_key
     src = mask if mask is not None else gate
-    grid = (triton.cdiv(M, rows), n_tiles)
-    _row_tile_bits_kernel[grid](
-        gate, src, bits, M, N, n_words, float(threshold),
+    _row_tile_bits_kernel[(triton.cdiv(M, _ROWS), triton.cdiv(N, block_n))](
+        gate, src, bits, inv_col_perm if inv_col_perm is not None else bits, row_key,
+        M, N, n_words, float(threshold),
         gate.stride(0), gate.stride(1), src.stride(0), src.stride(1),
-        HAS_MASK=mask is not None, ROWS=rows, BN=block_n,
+        HAS_MASK=mask is not None, HAS_COL_PERM=inv_col_perm is not None, ROWS=_ROWS, BN=block_n,
     )
-    return bits
+    return bits, row_key
+
+
+def column_order(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: float, block_n: int) -> torch.Tensor:
+    """A stable order of columns (features) by the min-hash of the rows that use them."""
+    M, N = gate.shape
+    key = torch.full((N,), _NO_KEY, dtype=torch.int32, device=gate.device)
+    if M and N:
+        src = mask if mask is not None else gate
+        _column_keys_kernel[(triton.cdiv(M, _ROWS), triton.cdiv(N, block_n))](
+            gate, src, key, M, N, float(threshold),
+            gate.stride(0), gate.stride(1), src.stride(0), src.stride(1),
+            HAS_MASK=mask is not None, ROWS=_ROWS, BN=block_n,
+        )
+    return torch.sort(key, stable=True).indices
 
 
 def unpack_bits(bits: torch.Tensor, n_tiles: int) -> torch.Tensor:
@@ -72,12 +133,14 @@ def unpack_bits(bits: torch.Tensor, n_tiles: int) -> torch.Tensor:
     return ((words >> (tiles % 32).to(torch.int32)) & 1).bool()
 
 
-def lexicographic_row_order(bits: torch.Tensor) -> torch.Tensor:
-    """A stable order of rows that puts equal bit patterns next to each other."""
+def lexicographic_row_order(bits: torch.Tensor, first_key: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A stable order of rows by (first_key, bit words): equal patterns end up adjacent."""
     M, n_words = bits.shape
     order = torch.arange(M, device=bits.device)
     for w in range(n_words):  # least significant word first: a stable radix sort over words
         order = order[torch.sort(bits[order, w], stable=True).indices]
+    if first_key is not None:
+        order = order[torch.sort(first_key[order], stable=True).indices]
     return order
 
 
@@ -85,8 +148,8 @@ def lexicographic_row_order(bits: torch.Tensor) -> torch.Tensor:
 class BCAT:
     """Block-Clustered Activation Tensor: where R's nonzeros are, as dense tiles.
 
-    Rows are indexed in *tile space*: tile row r covers rows ``perm[r*BM:(r+1)*BM]`` of R
-    (``perm`` None: the identity). Block lists are padded to the grid size; counts and
+    Rows and columns are indexed in *tile space*: tile (r, c) covers rows
+    ``perm[r*BM:(r+1)*BM]`` and columns ``col_perm[c*BN:(c+1)*BN]`` of R (None: the identity). Block lists are padded to the grid size; counts and
     the dense flag are device tensors, so consumers never sync.
     """
 
@@ -95,6 +158,7 @@ class BCAT:
     block_n: int
     row_bits: torch.Tensor  # int32 (M, words)
     perm: Optional[torch.Tensor]  # int32 (M,) or None
+    col_perm: Optional[torch.Tensor]  # int32 (N,) or None
     row_active: torch.Tensor  # bool (M, Nt), rows in tile space
     tile_active: torch.Tensor  # bool (Mt, Nt)
     row_counts: torch.Tensor  # int32 (Mt,) active column tiles per row tile
@@ -147,8 +211,9 @@ class BCAT:
         (M, N), BM, BN = self.shape, self.block_m, self.block_n
         Mt, Nt = self.grid
         rows = self.perm.long() if self.perm is not None else torch.arange(M, device=r.device)
+        cols = self.col_perm.long() if self.col_perm is not None else torch.arange(N, device=r.device)
         padded = r.new_zeros((Mt * BM, Nt * BN))
-        padded[:M, :N] = r[rows]
+        padded[:M, :N] = r[rows][:, cols]
         tiles = padded.view(Mt, BM, Nt, BN).permute(0, 2, 1, 3).reshape(Mt * Nt, BM, BN)
         flat = self.tile_active.reshape(-1)
         slot = torch.where(flat, torch.cumsum(flat, 0) - 1, Mt * Nt)
@@ -179,11 +244,16 @@ def bcat_cluster(
     M, N = gate.shape
     BM = BN = block_size
     Mt, Nt = triton.cdiv(M, BM), triton.cdiv(N, BN)
-    bits = row_tile_bits(gate, mask, threshold, BN)
-    row_active = unpack_bits(bits, Nt)
-    perm = None
+    perm = col_perm = inv_col = None
     if reorder:
-        order = lexicographic_row_order(bits)
+        col_order = column_order(gate, mask, threshold, BN)
+        col_perm = col_order.to(torch.int32)
+        inv_col = torch.empty_like(col_perm)
+        inv_col[col_order] = torch.arange(N, dtype=torch.int32, device=gate.device)
+    bits, first_col = row_tile_bits(gate, mask, threshold, BN, inv_col)
+    row_active = unpack_bits(bits, Nt)
+    if reorder:
+        order = lexicographic_row_order(bits, first_col)
         row_active = row_active[order]
         perm = order.to(torch.int32)
     padded = torch.zeros((Mt * BM, Nt), dtype=torch.bool, device=gate.device)
@@ -196,5 +266,5 @@ def bcat_cluster(
     col_counts = tile_active.sum(0, dtype=torch.int32)
     total = max(Mt * Nt, 1)
     dense = (row_counts.sum() > density_crossover * total).to(torch.int32)
-    return BCAT((M, N), BM, BN, bits, perm, row_active, tile_active, row_counts, row_cols,
+    return BCAT((M, N), BM, BN, bits, perm, col_perm, row_active, tile_active, row_counts, row_cols,
                 col_counts, col_rows.contiguous(), dense)

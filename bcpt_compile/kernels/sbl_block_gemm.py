@@ -43,10 +43,11 @@ def _mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(perm_ptr, offs_m, M, HAS_PERM: tl.constexpr):
+def _original_index(perm_ptr, offs, limit, HAS_PERM: tl.constexpr):
+    """Tile-space offsets -> row (or column) indices of the user's tensors."""
     if HAS_PERM:
-        return tl.load(perm_ptr + offs_m, mask=offs_m < M, other=0).to(tl.int64)
-    return offs_m.to(tl.int64)
+        return tl.load(perm_ptr + offs, mask=offs < limit, other=0).to(tl.int64)
+    return offs.to(tl.int64)
 
 
 @triton.jit
@@ -61,14 +62,14 @@ def _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK: tl.constexpr, KEEP_NAN: t
 
 
 @triton.jit
-def _xwt_tile(x_ptr, w_ptr, b_ptr, rows, offs_m, offs_n, M, N, K,
+def _xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
               stride_xm, stride_xk, stride_wn, stride_wk,
               HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               PRECISION: tl.constexpr):
     """(x W^T + b)[rows, offs_n] in float32."""
     offs_k = tl.arange(0, BK)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BK)):
         k_left = K - k * BK
@@ -78,7 +79,7 @@ def _xwt_tile(x_ptr, w_ptr, b_ptr, rows, offs_m, offs_n, M, N, K,
         x_ptrs += BK * stride_xk
         w_ptrs += BK * stride_wk
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + cols, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
@@ -96,26 +97,27 @@ def _grouped_tile(pid, Mt, Nt, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _sddmm_forward_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, perm_ptr, active_ptr, dense_ptr,
+    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, perm_ptr, col_perm_ptr, active_ptr, dense_ptr,
     M, N, K, Mt, Nt, threshold,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
     stride_mm, stride_mn, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
-    rows = _tile_rows(perm_ptr, offs_m, M, HAS_PERM)
+    rows = _original_index(perm_ptr, offs_m, M, HAS_PERM)
+    cols = _original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
     active = (tl.load(active_ptr + tile_m * Nt + tile_n) != 0) | (tl.load(dense_ptr) != 0)
     if active:
-        z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, offs_m, offs_n, M, N, K,
+        z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION)
-        s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=inside, other=0.0)
-        keep = _gate_keep(s, m_ptr + rows[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
+        keep = _gate_keep(s, m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
                           inside, threshold, HAS_MASK, True)
         r = tl.where(keep, s.to(tl.float32), 0.0)
         tl.store(y_ptrs, (z * r).to(y_ptr.dtype.element_ty), mask=inside)
@@ -125,32 +127,34 @@ def _sddmm_forward_kernel(
 
 @triton.jit
 def _sddmm_backward_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, dy_ptr, g_ptr, ds_ptr, perm_ptr, active_ptr, dense_ptr,
+    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, dy_ptr, g_ptr, ds_ptr, perm_ptr, col_perm_ptr, active_ptr, dense_ptr,
     M, N, K, Mt, Nt, threshold,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
     stride_mm, stride_mn, stride_dym, stride_dyn, stride_dsm, stride_dsn,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, NEED_DS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
+    NEED_DS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
-    rows = _tile_rows(perm_ptr, offs_m, M, HAS_PERM)
+    rows = _original_index(perm_ptr, offs_m, M, HAS_PERM)
+    cols = _original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + offs_n[None, :] * stride_dsn
+    ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + cols[None, :] * stride_dsn
     active = (tl.load(active_ptr + tile_m * Nt + tile_n) != 0) | (tl.load(dense_ptr) != 0)
     if active:
-        s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=inside, other=0.0)
-        m_ptrs = m_ptr + rows[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=inside, other=0.0)
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
+        m_ptrs = m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=inside, other=0.0)
         dy = dy.to(tl.float32)
         keep = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, True)
         g = dy * tl.where(keep, s.to(tl.float32), 0.0)
         # G' lives in tile space (row offs_m), contiguous (M, N)
         tl.store(g_ptr + offs_m[:, None] * N + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=inside)
         if NEED_DS:
-            z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, offs_m, offs_n, M, N, K,
+            z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
                           stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION)
             strict = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, False)
             tl.store(ds_ptrs, tl.where(strict, dy * z, 0.0).to(ds_ptr.dtype.element_ty), mask=inside)
@@ -160,10 +164,10 @@ def _sddmm_backward_kernel(
 
 @triton.jit
 def _dx_kernel(
-    g_ptr, w_ptr, dx_ptr, perm_ptr, counts_ptr, cols_ptr, dense_ptr,
+    g_ptr, w_ptr, dx_ptr, perm_ptr, col_perm_ptr, counts_ptr, cols_ptr, dense_ptr,
     M, N, K, Nt,
     stride_wn, stride_wk, stride_dxm, stride_dxk,
-    HAS_PERM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     tile_m = tl.program_id(0)
@@ -176,20 +180,21 @@ def _dx_kernel(
         offs_n = tile_n * BN + tl.arange(0, BN)
         g = tl.load(g_ptr + offs_m[:, None] * N + offs_n[None, :],
                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+        w_rows = _original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
+        w = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
         acc = _mma(g, w, acc, PRECISION)
-    rows = _tile_rows(perm_ptr, offs_m, M, HAS_PERM)
+    rows = _original_index(perm_ptr, offs_m, M, HAS_PERM)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 @triton.jit
 def _dw_kernel(
-    g_ptr, x_ptr, dw_ptr, db_ptr, perm_ptr, counts_ptr, rows_ptr, dense_ptr,
+    g_ptr, x_ptr, dw_ptr, db_ptr, perm_ptr, col_perm_ptr, counts_ptr, rows_ptr, dense_ptr,
     M, N, K, Mt,
     stride_xm, stride_xk, stride_dwn, stride_dwk,
-    HAS_PERM: tl.constexpr, NEED_DB: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, NEED_DB: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile_n = tl.program_id(0)
@@ -204,16 +209,22 @@ def _dw_kernel(
         offs_m = tile_m * BM + tl.arange(0, BM)
         g = tl.load(g_ptr + offs_m[:, None] * N + offs_n[None, :],
                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        rows = _tile_rows(perm_ptr, offs_m, M, HAS_PERM)
+        rows = _original_index(perm_ptr, offs_m, M, HAS_PERM)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         acc = _mma(tl.trans(g), x, acc, PRECISION)
         if NEED_DB:
             db += tl.sum(g.to(tl.float32), axis=0)
-    tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+    cols = _original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
+    tl.store(dw_ptr + cols[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
              acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
     if NEED_DB:
-        tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=(offs_n < N) & (pid_k == 0))
+        tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=(offs_n < N) & (pid_k == 0))
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output (and G') comes from here: the kernels must write all of it (tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _launch_config(block: int, device: torch.device) -> dict:
@@ -226,7 +237,7 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
     """y = (x W^T + b) * R on BCAT's active tiles, zeros elsewhere. x: (M, K), W: (N, K), gate: (M, N)."""
     M, K = x.shape
     N = weight.shape[0]
-    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    y = _empty((M, N), out_dtype, x.device)
     if M == 0 or N == 0:
         return y
     BM, BN = bcat.block_m, bcat.block_n
@@ -235,11 +246,13 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
     m = mask if mask is not None else gate
     _sddmm_forward_kernel[(Mt * Nt,)](
         x, weight, bias if bias is not None else x, gate, m, y,
-        bcat.perm if bcat.perm is not None else x, bcat.tile_active, bcat.dense,
+        bcat.perm if bcat.perm is not None else x, bcat.col_perm if bcat.col_perm is not None else x,
+        bcat.tile_active, bcat.dense,
         M, N, K, Mt, Nt, float(threshold),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
         m.stride(0), m.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None,
+        HAS_COL_PERM=bcat.col_perm is not None,
         BM=BM, BN=BN, GROUP_M=8, PRECISION=_dot_precision(x), **cfg,
     )
     return y
@@ -254,40 +267,43 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
     Mt, Nt = bcat.grid
     cfg = _launch_config(BM, x.device)
     prec = _dot_precision(x)
-    has_perm = bcat.perm is not None
+    has_perm, has_col_perm = bcat.perm is not None, bcat.col_perm is not None
     perm = bcat.perm if has_perm else x
+    col_perm = bcat.col_perm if has_col_perm else x
     m = mask if mask is not None else gate
-    g = torch.empty((M, N), dtype=x.dtype, device=x.device)  # G' = dy * R, tile space
-    ds = torch.empty_like(gate, memory_format=torch.contiguous_format) if need_ds else None
+    g = _empty((M, N), x.dtype, x.device)  # G' = dy * R, tile space
+    ds = _empty(gate.shape, gate.dtype, x.device) if need_ds else None
     if M and N:
         dsp = ds if ds is not None else g
         _sddmm_backward_kernel[(Mt * Nt,)](
-            x, weight, bias if bias is not None else x, gate, m, grad, g, dsp, perm, bcat.tile_active, bcat.dense,
+            x, weight, bias if bias is not None else x, gate, m, grad, g, dsp, perm, col_perm,
+            bcat.tile_active, bcat.dense,
             M, N, K, Mt, Nt, float(threshold),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
             m.stride(0), m.stride(1), grad.stride(0), grad.stride(1), dsp.stride(0), dsp.stride(1),
-            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=has_perm, NEED_DS=need_ds,
+            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=has_perm,
+            HAS_COL_PERM=has_col_perm, NEED_DS=need_ds,
             BM=BM, BN=BN, GROUP_M=8, PRECISION=prec, **cfg,
         )
     dx = dw = db = None
     BK = cfg["BK"] if x.device.type != "cuda" else 128
     launch = {k: v for k, v in cfg.items() if k != "BK"}
     if need_dx:
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dx = _empty(x.shape, x.dtype, x.device)
         if M and K:
             _dx_kernel[(Mt, triton.cdiv(K, BK))](
-                g, weight, dx, perm, bcat.row_counts, bcat.row_cols, bcat.dense,
+                g, weight, dx, perm, col_perm, bcat.row_counts, bcat.row_cols, bcat.dense,
                 M, N, K, Nt, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
-                HAS_PERM=has_perm, BM=BM, BN=BN, BK=BK, PRECISION=prec, **launch,
+                HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, BM=BM, BN=BN, BK=BK, PRECISION=prec, **launch,
             )
     if need_dw or need_db:
-        dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        db = torch.empty((N,), dtype=bias.dtype if bias is not None else x.dtype, device=x.device) if need_db else None
+        dw = _empty(weight.shape, weight.dtype, x.device)
+        db = _empty((N,), bias.dtype if bias is not None else x.dtype, x.device) if need_db else None
         if N and K:
             _dw_kernel[(Nt, triton.cdiv(K, BK))](
-                g, x, dw, db if db is not None else dw, perm, bcat.col_counts, bcat.col_rows, bcat.dense,
+                g, x, dw, db if db is not None else dw, perm, col_perm, bcat.col_counts, bcat.col_rows, bcat.dense,
                 M, N, K, Mt, x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
-                HAS_PERM=has_perm, NEED_DB=need_db, BM=BM, BN=BN, BK=BK, PRECISION=prec, **launch,
+                HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, NEED_DB=need_db, BM=BM, BN=BN, BK=BK, PRECISION=prec, **launch,
             )
         elif db is not None:
             db.zero_()
