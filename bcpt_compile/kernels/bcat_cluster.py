@@ -265,6 +265,6 @@ def bcat_cluster(
     row_counts = tile_active.sum(1, dtype=torch.int32)
     col_counts = tile_active.sum(0, dtype=torch.int32)
     total = max(Mt * Nt, 1)
-    dense = (row_counts.sum() > density_crossover * total).to(torch.int32)
+    dense = (row_counts.sum() >= density_crossover * total).to(torch.int32)
     return BCAT((M, N), BM, BN, bits, perm, col_perm, row_active, tile_active, row_counts, row_cols,
                 col_counts, col_rows.contiguous(), dense)

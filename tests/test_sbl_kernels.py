@@ -1,0 +1,167 @@
+"""BCAT clustering and the SBL block-GEMM Triton kernels (interpreter), against float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bcpt_compile.kernels import bcat_cluster as bc
+from bcpt_compile.kernels import sbl_block_gemm as bg
+from bcpt_compile.lowering import sbl as sbl_op  # noqa: F401  registers the ops
+
+op = torch.ops.bcpt.sbl_masked_linear
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every kernel output (and G') starts as NaN: unwritten elements cannot hide."""
+    monkeypatch.setattr(bg, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+def _inputs(M, N, K, dtype, seed, density_shift=0.3, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    s = (torch.randn(M, N, generator=g) - density_shift).to(dtype)
+    return x, w, b, s
+
+
+def _rel(a, ref):
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _check(x, w, b, s, mask=None, threshold=0.0, block=16, crossover=1.0, reorder=False, tol=1e-5):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, s)] + ([b.detach().clone().requires_grad_()] if b is not None else [])
+    xl, wl, sl = leaves[:3]
+    bl = leaves[3] if b is not None else None
+    y = op(xl, wl, bl, sl, mask, threshold, block, crossover, reorder)
+    assert torch.isfinite(y).all()
+    d = [t.detach().double().requires_grad_() for t in leaves]
+    keep = mask if mask is not None else d[2] > threshold
+    ref = F.linear(d[0], d[1], d[3] if b is not None else None) * torch.where(keep, d[2], 0)
+    assert _rel(y, ref) < tol
+    cot = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    grads = torch.autograd.grad(y, leaves, cot)
+    ref_grads = torch.autograd.grad(ref, d, cot.double())
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        assert _rel(got, want) < tol
+
+
+@pytest.mark.parametrize("reorder", [False, True], ids=["fixed", "reordered"])
+@pytest.mark.parametrize("M, N, K", [(37, 50, 24), (64, 32, 40), (5, 70, 16)])
+def test_fp32_matches_float64(poisoned, M, N, K, reorder):
+    _check(*_inputs(M, N, K, torch.float32, seed=M * N), reorder=reorder)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_matches_float64(poisoned, dtype):
+    _check(*_inputs(40, 48, 32, dtype, seed=3), tol=1e-2, reorder=True)
+
+
+def test_explicit_mask_threshold_and_no_bias(poisoned):
+    x, w, _, s = _inputs(33, 40, 24, torch.float32, seed=5, bias=False)
+    mask = torch.rand(33, 40, generator=torch.Generator().manual_seed(2)) < 0.2
+    _check(x, w, None, s, mask=mask)
+    _check(x, w, None, s, threshold=0.7)
+
+
+@pytest.mark.parametrize("shift", [50.0, -50.0], ids=["empty", "full"])
+def test_empty_and_full_masks(poisoned, shift):
+    _check(*_inputs(30, 40, 24, torch.float32, seed=9, density_shift=shift))
+
+
+def test_dense_path_above_crossover_matches(poisoned):
+    # crossover 0: every tile counts as active (the device-side dense flag)
+    _check(*_inputs(30, 40, 24, torch.float32, seed=11, density_shift=1.5), crossover=0.0)
+
+
+def test_block_diagonal_mask_runs_at_block_diagonal_cost(poisoned):
+    M = N = 64
+    x, w, b, s = _inputs(M, N, 24, torch.float32, seed=4, density_shift=-0.5)
+    diag = torch.block_diag(*[torch.ones(16, 16, dtype=torch.bool)] * 4)
+    s = torch.where(diag, s.abs() + 0.1, -1.0)
+    bcat = bc.bcat_cluster(s, None, 0.0, 16)
+    assert bcat.tile_active.equal(torch.eye(4, dtype=torch.bool))
+    assert int(bcat.num_blocks) == 4
+    _check(x, w, b, s)
+
+
+def test_block_meta_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(45, 70, generator=g) - 2.0  # sparse: some tiles empty
+    bcat = bc.bcat_cluster(s, None, 0.0, 16)
+    meta = bcat.block_meta(trim=False)
+    n = int(bcat.num_blocks)
+    expected = []
+    for r in range(0, 45, 16):
+        for c in range(0, 70, 16):
+            if (s[r:r + 16, c:c + 16] > 0).any():
+                expected.append([r, c, min(16, 45 - r), min(16, 70 - c)])
+    assert meta[:n].tolist() == expected
+    assert not meta[n:].any()
+    trimmed = bcat.block_meta(trim=True)[:n]
+    for (r0, c0, rl, cl), (r, c, _, _) in zip(trimmed.tolist(), expected):
+        rows = (s[r:r + 16, c:c + 16] > 0).any(1).nonzero().flatten()
+        assert (r0, rl) == (r + rows.min().item(), (rows.max() - rows.min()).item() + 1) and c0 == c
+    values = bcat.block_values(torch.relu(s))
+    for k, (r, c, rl, cl) in enumerate(expected):
+        assert values[k, :rl, :cl].equal(torch.relu(s)[r:r + rl, c:c + cl])
+
+
+def test_clustering_is_deterministic():
+    s = torch.randn(200, 130, generator=torch.Generator().manual_seed(1)) - 1.0
+    a, b = bc.bcat_cluster(s, None, 0.0, 16, reorder=True), bc.bcat_cluster(s, None, 0.0, 16, reorder=True)
+    for field in ("row_bits", "perm", "col_perm", "tile_active", "row_cols", "col_rows"):
+        assert getattr(a, field).equal(getattr(b, field)), field
+
+
+def test_reordering_raises_fill_on_recorded_tiny_onn_masks():
+    """Masks recorded from a briefly trained Tiny-ONN-style model (benchmarks/record_sbl_masks.py)."""
+    import pathlib
+
+    masks = torch.load(pathlib.Path(__file__).parent / "fixtures" / "sbl_masks.pt")
+    r = masks["layer1"].float()
+    fixed = bc.bcat_cluster(r, None, 0.0, 16).fill_ratio(r, trim=False)
+    defrag = bc.bcat_cluster(r, None, 0.0, 16, reorder=True)
+    assert defrag.fill_ratio(r) > 1.8 * fixed, (defrag.fill_ratio(r), fixed)
+    # the permutation is a permutation, and R is recovered from the blocks
+    assert sorted(defrag.perm.tolist()) == list(range(r.shape[0]))
+    assert sorted(defrag.col_perm.tolist()) == list(range(r.shape[1]))
+
+
+def test_nan_gate_propagates_like_relu():
+    x, w, b, s = _inputs(20, 20, 16, torch.float32, seed=2)
+    s[3, 4] = float("nan")
+    y = op(x, w, b, s, None, 0.0, 16, 1.0, False)
+    ref = F.linear(x, w, b) * torch.relu(s)
+    assert torch.isnan(y[3, 4]) and torch.isnan(ref[3, 4])
+    keep = ~torch.isnan(ref)
+    torch.testing.assert_close(y[keep], ref[keep])
+
+
+def test_inf_product_off_the_mask_is_zero_on_the_sparse_path_and_nan_on_the_dense_path():
+    """Documented divergence: eager computes inf * 0 = NaN where R is 0; the block path never
+    computes that product (0), the dense path (above the crossover) does (NaN), like eager."""
+    x, w, b, s = _inputs(20, 20, 16, torch.float32, seed=3, density_shift=3.0)
+    s[0:16, 0:16] = -1.0  # tile (0, 0) inactive
+    x[2, :] = float("inf")
+    sparse = op(x, w, b, s, None, 0.0, 16, 1.0, False)
+    dense = op(x, w, b, s, None, 0.0, 16, 0.0, False)
+    eager = F.linear(x, w, b) * torch.relu(s)
+    assert (sparse[2, :16] == 0).all() and torch.isnan(eager[2, :16]).all() and torch.isnan(dense[2, :16]).all()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (lambda x, w, b, s: (x, w[0], b, s, None), "weight must be 2-D"),
+        (lambda x, w, b, s: (x[:, :-1], w, b, s, None), "does not match weight's in-features"),
+        (lambda x, w, b, s: (x, w, b, s[:, :-1], None), "gate shape .* must equal the output shape"),
+        (lambda x, w, b, s: (x, w, b[:-1], s, None), "bias must have shape"),
+        (lambda x, w, b, s: (x, w, b, s, s.float()), "mask must be bool"),
+    ],
+)
+def test_bad_input_is_a_clear_error(args, message):
+    with pytest.raises(ValueError, match=message):
+        op(*args(*_inputs(8, 8, 8, torch.float32, seed=0)), 0.0, 16, 1.0, False)
