@@ -227,10 +227,22 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch_config(block: int, device: torch.device) -> dict:
+#: Per-kernel launch settings on CUDA, keyed by kernel family ("sddmm", "dx", "dw");
+#: benchmarks/bench_sbl.py sweeps them on the H100 and the defaults below are its picks.
+CUDA_CONFIGS = {
+    "sddmm": {"BK": 64, "num_warps": 8, "num_stages": 3},
+    "dx": {"BK": 128, "num_warps": 8, "num_stages": 3},
+    "dw": {"BK": 128, "num_warps": 8, "num_stages": 3},
+}
+
+
+def _launch_config(kind: str, block: int, device: torch.device) -> dict:
     if device.type != "cuda":
         return {"BK": 16, "num_warps": 4, "num_stages": 1}
-    return {"BK": 64, "num_warps": 8 if block >= 128 else 4, "num_stages": 3}
+    cfg = dict(CUDA_CONFIGS[kind])
+    if block < 128:
+        cfg["num_warps"] = min(cfg["num_warps"], 4)
+    return cfg
 
 
 def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out_dtype) -> torch.Tensor:
@@ -242,7 +254,7 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
         return y
     BM, BN = bcat.block_m, bcat.block_n
     Mt, Nt = bcat.grid
-    cfg = _launch_config(BM, x.device)
+    cfg = _launch_config("sddmm", BM, x.device)
     m = mask if mask is not None else gate
     _sddmm_forward_kernel[(Mt * Nt,)](
         x, weight, bias if bias is not None else x, gate, m, y,
@@ -265,7 +277,7 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
     N = weight.shape[0]
     BM, BN = bcat.block_m, bcat.block_n
     Mt, Nt = bcat.grid
-    cfg = _launch_config(BM, x.device)
+    cfg = _launch_config("sddmm", BM, x.device)
     prec = _dot_precision(x)
     has_perm, has_col_perm = bcat.perm is not None, bcat.col_perm is not None
     perm = bcat.perm if has_perm else x
@@ -286,24 +298,24 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
             BM=BM, BN=BN, GROUP_M=8, PRECISION=prec, **cfg,
         )
     dx = dw = db = None
-    BK = cfg["BK"] if x.device.type != "cuda" else 128
-    launch = {k: v for k, v in cfg.items() if k != "BK"}
     if need_dx:
         dx = _empty(x.shape, x.dtype, x.device)
         if M and K:
-            _dx_kernel[(Mt, triton.cdiv(K, BK))](
+            cfg = _launch_config("dx", BM, x.device)
+            _dx_kernel[(Mt, triton.cdiv(K, cfg["BK"]))](
                 g, weight, dx, perm, col_perm, bcat.row_counts, bcat.row_cols, bcat.dense,
                 M, N, K, Nt, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
-                HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, BM=BM, BN=BN, BK=BK, PRECISION=prec, **launch,
+                HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, BM=BM, BN=BN, PRECISION=prec, **cfg,
             )
     if need_dw or need_db:
         dw = _empty(weight.shape, weight.dtype, x.device)
         db = _empty((N,), bias.dtype if bias is not None else x.dtype, x.device) if need_db else None
         if N and K:
-            _dw_kernel[(Nt, triton.cdiv(K, BK))](
+            cfg = _launch_config("dw", BM, x.device)
+            _dw_kernel[(Nt, triton.cdiv(K, cfg["BK"]))](
                 g, x, dw, db if db is not None else dw, perm, col_perm, bcat.col_counts, bcat.col_rows, bcat.dense,
                 M, N, K, Mt, x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
-                HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, NEED_DB=need_db, BM=BM, BN=BN, BK=BK, PRECISION=prec, **launch,
+                HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, NEED_DB=need_db, BM=BM, BN=BN, PRECISION=prec, **cfg,
             )
         elif db is not None:
             db.zero_()
