@@ -4,6 +4,7 @@
 block-sparse Triton kernels and hands everything else to Inductor unchanged.
 """
 
+from . import lowering  # noqa: F401  registers torch.ops.bcpt.*
 from ._logging import set_logging
 from .backend import bcpt_backend
 from .explain import explain
