@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 
-_NO_KEY = 2**31 - 1
+_NO_KEY_INT = 2**31 - 1
+_NO_KEY = tl.constexpr(_NO_KEY_INT)  # 'no active column/row yet' for atomic min
 
 
 @triton.jit
@@ -99,7 +100,7 @@ def row_tile_bits(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: f
     M, N = gate.shape
     n_words = triton.cdiv(triton.cdiv(N, block_n), 32)
     bits = torch.zeros((M, n_words), dtype=torch.int32, device=gate.device)
-    row_key = torch.full((M,), _NO_KEY, dtype=torch.int32, device=gate.device)
+    row_key = torch.full((M,), _NO_KEY_INT, dtype=torch.int32, device=gate.device)
     if M == 0 or N == 0:
         return bits, row_key
     src = mask if mask is not None else gate
@@ -115,7 +116,7 @@ def row_tile_bits(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: f
 def column_order(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: float, block_n: int) -> torch.Tensor:
     """A stable order of columns (features) by the min-hash of the rows that use them."""
     M, N = gate.shape
-    key = torch.full((N,), _NO_KEY, dtype=torch.int32, device=gate.device)
+    key = torch.full((N,), _NO_KEY_INT, dtype=torch.int32, device=gate.device)
     if M and N:
         src = mask if mask is not None else gate
         _column_keys_kernel[(triton.cdiv(M, _ROWS), triton.cdiv(N, block_n))](

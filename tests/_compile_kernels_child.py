@@ -1,0 +1,62 @@
+"""Child process of test_kernels_compile.py: compile each kernel for sm_90 (no interpreter)."""
+
+import inspect
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from bcpt_compile.kernels import bcat_cluster as bc
+from bcpt_compile.kernels import sbl_block_gemm as bg
+
+INT_POINTERS = {"perm_ptr", "col_perm_ptr", "dense_ptr", "counts_ptr", "cols_ptr", "rows_ptr", "bits_ptr",
+                "inv_col_ptr", "row_key_ptr", "col_key_ptr"}
+BOOL_POINTERS = {"active_ptr", "m_ptr"}
+
+
+def _signature(kernel, constexprs, float_ptr):
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*i32" if name in INT_POINTERS else "*i1" if name in BOOL_POINTERS else float_ptr
+        else:
+            sig[name] = "fp32" if name == "threshold" else "i32"
+    return sig
+
+
+TILE = dict(BM=128, BN=128, PRECISION="tf32")
+CASES = [
+    (bc._column_keys_kernel, dict(HAS_MASK=False, ROWS=32, BN=128)),
+    (bc._row_tile_bits_kernel, dict(HAS_MASK=True, HAS_COL_PERM=True, ROWS=32, BN=128)),
+    (bc._row_tile_bits_kernel, dict(HAS_MASK=False, HAS_COL_PERM=False, ROWS=32, BN=128)),
+    (bg._sddmm_forward_kernel, dict(TILE, BK=64, HAS_BIAS=True, HAS_MASK=False, HAS_PERM=True, HAS_COL_PERM=True, GROUP_M=8)),
+    (bg._sddmm_backward_kernel, dict(TILE, BK=64, HAS_BIAS=True, HAS_MASK=True, HAS_PERM=False, HAS_COL_PERM=False,
+                                     NEED_DS=True, GROUP_M=8)),
+    (bg._dx_kernel, dict(TILE, BK=128, HAS_PERM=True, HAS_COL_PERM=True)),
+    (bg._dw_kernel, dict(TILE, BK=128, HAS_PERM=True, HAS_COL_PERM=False, NEED_DB=True)),
+]
+
+
+def compile_for_hopper(kernel, constexprs, float_ptr):
+    if float_ptr == "*fp32" and "PRECISION" in constexprs:
+        constexprs = dict(constexprs, PRECISION="ieee")
+    src = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, float_ptr), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+    assert compiled.asm["cubin"]
+
+
+if __name__ == "__main__":
+    failures = []
+    for kernel, constexprs in CASES:
+        for float_ptr in ("*bf16", "*fp32"):
+            try:
+                compile_for_hopper(kernel, constexprs, float_ptr)
+            except Exception as exc:  # report them all
+                failures.append(f"{kernel.fn.__name__} {float_ptr}: {type(exc).__name__}: {exc}")
+    print("\n".join(failures) or f"compiled {2 * len(CASES)} kernels")
+    sys.exit(1 if failures else 0)
