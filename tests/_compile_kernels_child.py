@@ -12,9 +12,8 @@ from triton.compiler import ASTSource
 from bcpt_compile.kernels import bcat_cluster as bc
 from bcpt_compile.kernels import sbl_block_gemm as bg
 
-INT_POINTERS = {"perm_ptr", "col_perm_ptr", "dense_ptr", "counts_ptr", "cols_ptr", "rows_ptr", "bits_ptr",
-                "inv_col_ptr", "row_key_ptr", "col_key_ptr"}
-BOOL_POINTERS = {"active_ptr", "m_ptr"}
+FLOAT_POINTERS = {"x_ptr", "w_ptr", "b_ptr", "s_ptr", "y_ptr", "dy_ptr", "g_ptr", "ds_ptr", "dx_ptr", "dw_ptr", "db_ptr"}
+BOOL_POINTERS = {"m_ptr"}
 
 
 def _signature(kernel, constexprs, float_ptr):
@@ -23,7 +22,7 @@ def _signature(kernel, constexprs, float_ptr):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*i32" if name in INT_POINTERS else "*i1" if name in BOOL_POINTERS else float_ptr
+            sig[name] = float_ptr if name in FLOAT_POINTERS else "*i1" if name in BOOL_POINTERS else "*i32"
         else:
             sig[name] = "fp32" if name == "threshold" else "i32"
     return sig
@@ -34,6 +33,9 @@ CASES = [
     (bc._column_keys_kernel, dict(HAS_MASK=False, ROWS=32, BN=128)),
     (bc._row_tile_bits_kernel, dict(HAS_MASK=True, HAS_COL_PERM=True, ROWS=32, BN=128)),
     (bc._row_tile_bits_kernel, dict(HAS_MASK=False, HAS_COL_PERM=False, ROWS=32, BN=128)),
+    (bc._tile_bits_kernel, dict(HAS_MASK=False, BM=128, BN=128, CHUNK=32)),
+    (bc._tile_bits_from_rows_kernel, dict(BM=128, WORDS=2)),
+    (bc._compact_kernel, dict(TILES=64)),
     (bg._sddmm_forward_kernel, dict(TILE, BK=64, HAS_BIAS=True, HAS_MASK=False, HAS_PERM=True, HAS_COL_PERM=True, GROUP_M=8)),
     (bg._sddmm_backward_kernel, dict(TILE, BK=64, HAS_BIAS=True, HAS_MASK=True, HAS_PERM=False, HAS_COL_PERM=False,
                                      NEED_DS=True, GROUP_M=8)),

@@ -84,6 +84,9 @@ def test_block_diagonal_mask_runs_at_block_diagonal_cost(poisoned):
     bcat = bc.bcat_cluster(s, None, 0.0, 16)
     assert bcat.tile_active.equal(torch.eye(4, dtype=torch.bool))
     assert int(bcat.num_blocks) == 4
+    row_counts, row_cols, col_counts, col_rows = bcat.block_lists()
+    assert row_counts.tolist() == [1] * 4 and col_counts.tolist() == [1] * 4
+    assert row_cols[:, 0].tolist() == [0, 1, 2, 3] and col_rows[:, 0].tolist() == [0, 1, 2, 3]
     _check(x, w, b, s)
 
 
@@ -100,6 +103,14 @@ def test_block_meta_matches_brute_force():
                 expected.append([r, c, min(16, 45 - r), min(16, 70 - c)])
     assert meta[:n].tolist() == expected
     assert not meta[n:].any()
+    row_counts, row_cols, col_counts, col_rows = bcat.block_lists()
+    active = bcat.tile_active
+    for r in range(active.shape[0]):
+        cols = active[r].nonzero().flatten().tolist()
+        assert row_counts[r] == len(cols) and row_cols[r].tolist() == cols + sorted(set(range(active.shape[1])) - set(cols))
+    for c in range(active.shape[1]):
+        rows = active[:, c].nonzero().flatten().tolist()
+        assert col_counts[c] == len(rows) and col_rows[c, :len(rows)].tolist() == rows
     trimmed = bcat.block_meta(trim=True)[:n]
     for (r0, c0, rl, cl), (r, c, _, _) in zip(trimmed.tolist(), expected):
         rows = (s[r:r + 16, c:c + 16] > 0).any(1).nonzero().flatten()
@@ -112,8 +123,10 @@ def test_block_meta_matches_brute_force():
 def test_clustering_is_deterministic():
     s = torch.randn(200, 130, generator=torch.Generator().manual_seed(1)) - 1.0
     a, b = bc.bcat_cluster(s, None, 0.0, 16, reorder=True), bc.bcat_cluster(s, None, 0.0, 16, reorder=True)
-    for field in ("row_bits", "perm", "col_perm", "tile_active", "row_cols", "col_rows"):
+    for field in ("tile_bits", "count", "perm", "col_perm"):
         assert getattr(a, field).equal(getattr(b, field)), field
+    for la, lb in zip(a.block_lists(), b.block_lists()):
+        assert la.equal(lb)
 
 
 def test_reordering_raises_fill_on_recorded_tiny_onn_masks():

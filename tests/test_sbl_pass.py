@@ -64,7 +64,8 @@ def assert_compiled_matches_eager(fn, args, options=AOT, rtol=1e-4, atol=1e-5):
             assert c is None or not c.any()
             continue
         assert torch.isfinite(c).all()
-        torch.testing.assert_close(c, e, rtol=rtol, atol=atol)
+        # atol scales with the tensor: sums of large products cancel to small elements
+        torch.testing.assert_close(c, e, rtol=rtol, atol=atol * max(1.0, e.abs().max().item()))
 
 
 @pytest.mark.parametrize("name", FUNCTION_SPELLINGS)

@@ -1,21 +1,28 @@
 """BCAT clustering: R's support -> active tiles, on the device and without host syncs.
 
-1. ``_row_tile_bits_kernel`` reads R's gate once and sets, for every row, one bit per
-   column tile that holds a nonzero of that row. Bits live in int32 words and are set
-   with atomic OR, since several programs own bits of one word.
+1. ``_tile_bits_kernel``: one program per tile reads the gate until it meets a nonzero
+   and then sets the tile's bit in int32 words with atomic OR (several programs own
+   bits of one word) and counts it; inactive tiles are read whole, active ones mostly
+   only in their first rows.
 2. With ``reorder`` (the online defragmentation), features and tokens are permuted first
    so that nonzeros gather into fewer tiles: columns are sorted by a min-hash of the rows
    that use them (``_column_keys_kernel``: co-used and dead features end up adjacent),
    then rows by their first active permuted column and their permuted tile bits (a
    stable lexicographic sort). Two passes over the gate instead of one.
-3. Tile activity, per-row-tile and per-column-tile block lists (padded, with device-side
-   counts) are derived with a handful of small torch ops on the (tiles x tiles) grid.
-Everything is deterministic, so a recomputation (backward, checkpointing) sees the same blocks.
+   ``_row_tile_bits_kernel`` then sets per-row bits of permuted column tiles and
+   ``_tile_bits_from_rows_kernel`` ORs them over each permuted row tile.
+3. ``_compact_kernel`` (backward only) lists each row tile's active column tiles and each
+   column tile's active row tiles, active first, with counts: the block lists the sparse
+   dx and dW kernels walk. The forward needs only the bits.
+Nothing leaves the device and every grid is sized by shapes alone, so the ops are
+CUDA-graph capturable; everything is deterministic, so a recomputation (backward,
+activation checkpointing) sees the same blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -127,22 +134,86 @@ def column_order(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: fl
     return torch.sort(key, stable=True).indices
 
 
-def unpack_bits(bits: torch.Tensor, n_tiles: int) -> torch.Tensor:
-    """bool (M, n_tiles) from the packed words."""
-    tiles = torch.arange(n_tiles, device=bits.device)
-    words = bits[:, tiles // 32]
-    return ((words >> (tiles % 32).to(torch.int32)) & 1).bool()
+@triton.jit
+def _popcount(x):
+    x = x.to(tl.uint32, bitcast=True)
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
 
 
-def lexicographic_row_order(bits: torch.Tensor, first_key: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A stable order of rows by (first_key, bit words): equal patterns end up adjacent."""
-    M, n_words = bits.shape
-    order = torch.arange(M, device=bits.device)
-    for w in range(n_words):  # least significant word first: a stable radix sort over words
-        order = order[torch.sort(bits[order, w], stable=True).indices]
-    if first_key is not None:
-        order = order[torch.sort(first_key[order], stable=True).indices]
-    return order
+@triton.jit
+def _tile_bits_kernel(
+    s_ptr, m_ptr, tile_bits_ptr, count_ptr,
+    M, N, n_words, threshold,
+    stride_sm, stride_sn, stride_mm, stride_mn,
+    HAS_MASK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
+):
+    tile_m = tl.program_id(0)
+    tile_n = tl.program_id(1)
+    cols = tile_n * BN + tl.arange(0, BN)
+    row0 = tile_m * BM
+    found = 0
+    i = 0
+    while (i < BM) & (found == 0):  # stop at the first nonzero
+        rows = row0 + i + tl.arange(0, CHUNK)
+        keep = _load_keep(s_ptr, m_ptr, rows, cols, M, N, threshold,
+                          stride_sm, stride_sn, stride_mm, stride_mn, HAS_MASK)
+        found = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0)
+        i += CHUNK
+    if found != 0:
+        tl.atomic_or(tile_bits_ptr + tile_m * n_words + tile_n // 32, 1 << (tile_n % 32))
+        tl.atomic_add(count_ptr, 1)
+
+
+@triton.jit
+def _tile_bits_from_rows_kernel(
+    row_bits_ptr, perm_ptr, tile_bits_ptr, count_ptr, M, n_words,
+    BM: tl.constexpr, WORDS: tl.constexpr,
+):
+    """OR the (permuted) rows' bits over each row tile."""
+    tile_m = tl.program_id(0)
+    offs = tile_m * BM + tl.arange(0, BM)
+    rows = tl.load(perm_ptr + offs, mask=offs < M, other=0)
+    w = tl.arange(0, WORDS)
+    bits = tl.load(row_bits_ptr + rows[:, None] * n_words + w[None, :],
+                   mask=(offs[:, None] < M) & (w[None, :] < n_words), other=0)
+    words = tl.reduce(bits, 0, _bitwise_or)
+    tl.store(tile_bits_ptr + tile_m * n_words + w, words, mask=w < n_words)
+    tl.atomic_add(count_ptr, tl.sum(_popcount(words), axis=0))
+
+
+@triton.jit
+def _compact_kernel(
+    tile_bits_ptr, row_counts_ptr, row_cols_ptr, col_counts_ptr, col_rows_ptr,
+    Mt, Nt, n_words, TILES: tl.constexpr,
+):
+    """Program p < Mt lists row tile p's column tiles, p >= Mt column tile p - Mt's row tiles:
+    active ones first in ascending order, then the inactive ones (the dense loop walks all)."""
+    p = tl.program_id(0)
+    t = tl.arange(0, TILES)
+    if p < Mt:
+        n_other = Nt
+        word = tl.load(tile_bits_ptr + p * n_words + t // 32, mask=t < Nt, other=0)
+        bit = t % 32
+        out_ptr = row_cols_ptr + p * Nt
+        count_ptr = row_counts_ptr + p
+    else:
+        c = p - Mt
+        n_other = Mt
+        word = tl.load(tile_bits_ptr + t * n_words + c // 32, mask=t < Mt, other=0)
+        bit = t * 0 + c % 32
+        out_ptr = col_rows_ptr + c * Mt
+        count_ptr = col_counts_ptr + c
+    valid = t < n_other
+    active = (((word >> bit) & 1) != 0) & valid
+    inactive = (~active) & valid
+    n_active = tl.sum(active.to(tl.int32), axis=0)
+    pos = tl.where(active, tl.cumsum(active.to(tl.int32), 0) - 1,
+                   n_active + tl.cumsum(inactive.to(tl.int32), 0) - 1)
+    tl.store(out_ptr + pos, t, mask=valid)
+    tl.store(count_ptr, n_active)
 
 
 @dataclasses.dataclass
@@ -150,47 +221,79 @@ class BCAT:
     """Block-Clustered Activation Tensor: where R's nonzeros are, as dense tiles.
 
     Rows and columns are indexed in *tile space*: tile (r, c) covers rows
-    ``perm[r*BM:(r+1)*BM]`` and columns ``col_perm[c*BN:(c+1)*BN]`` of R (None: the identity). Block lists are padded to the grid size; counts and
-    the dense flag are device tensors, so consumers never sync.
+    ``perm[r*BM:(r+1)*BM]`` and columns ``col_perm[c*BN:(c+1)*BN]`` of R (None: the
+    identity). ``tile_bits`` holds bit c of word c // 32 of row r for an active tile (r, c);
+    ``count`` is the number of active tiles, on the device. Kernels run their dense loop
+    when ``count >= dense_min`` (the density crossover), also decided on the device.
     """
 
     shape: tuple[int, int]
     block_m: int
     block_n: int
-    row_bits: torch.Tensor  # int32 (M, words)
-    perm: Optional[torch.Tensor]  # int32 (M,) or None
-    col_perm: Optional[torch.Tensor]  # int32 (N,) or None
-    row_active: torch.Tensor  # bool (M, Nt), rows in tile space
-    tile_active: torch.Tensor  # bool (Mt, Nt)
-    row_counts: torch.Tensor  # int32 (Mt,) active column tiles per row tile
-    row_cols: torch.Tensor  # int32 (Mt, Nt): active column tiles first, ascending
-    col_counts: torch.Tensor  # int32 (Nt,)
-    col_rows: torch.Tensor  # int32 (Nt, Mt)
-    dense: torch.Tensor  # int32 scalar: 1 when the dense loop runs
+    tile_bits: torch.Tensor  # int32 (Mt, words)
+    count: torch.Tensor  # int32 (1,)
+    dense_min: int
+    perm: Optional[torch.Tensor] = None  # int32 (M,)
+    col_perm: Optional[torch.Tensor] = None  # int32 (N,)
+    gate: Optional[torch.Tensor] = None  # kept for the lazy reports (block_meta, fill)
+    mask: Optional[torch.Tensor] = None
+    threshold: float = 0.0
+    lists: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     @property
     def grid(self) -> tuple[int, int]:
-        return tuple(self.tile_active.shape)  # type: ignore[return-value]
+        return triton.cdiv(self.shape[0], self.block_m), triton.cdiv(self.shape[1], self.block_n)
 
     @property
     def num_blocks(self) -> torch.Tensor:
         """Device scalar: the number of active blocks."""
-        return self.row_counts.sum()
+        return self.count[0]
+
+    @property
+    def tile_active(self) -> torch.Tensor:
+        """bool (Mt, Nt), unpacked from the bits (reports and tests)."""
+        return unpack_bits(self.tile_bits, self.grid[1])
+
+    def block_lists(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row_counts (Mt,), row_cols (Mt, Nt), col_counts (Nt,), col_rows (Nt, Mt)), int32."""
+        if self.lists is None:
+            Mt, Nt = self.grid
+            dev = self.tile_bits.device
+            row_counts = torch.empty(Mt, dtype=torch.int32, device=dev)
+            col_counts = torch.empty(Nt, dtype=torch.int32, device=dev)
+            row_cols = torch.empty((Mt, Nt), dtype=torch.int32, device=dev)
+            col_rows = torch.empty((Nt, Mt), dtype=torch.int32, device=dev)
+            _compact_kernel[(Mt + Nt,)](
+                self.tile_bits, row_counts, row_cols, col_counts, col_rows, Mt, Nt, self.tile_bits.shape[1],
+                TILES=triton.next_power_of_2(max(Mt, Nt)),
+            )
+            self.lists = (row_counts, row_cols, col_counts, col_rows)
+        return self.lists
+
+    def row_active(self) -> torch.Tensor:
+        """bool (M, Nt): row i (tile space) has a nonzero in column tile c. One more pass."""
+        inv_col = None
+        if self.col_perm is not None:
+            inv_col = torch.empty_like(self.col_perm)
+            inv_col[self.col_perm.long()] = torch.arange(self.shape[1], dtype=torch.int32, device=inv_col.device)
+        bits, _ = row_tile_bits(self.gate, self.mask, self.threshold, self.block_n, inv_col)
+        active = unpack_bits(bits, self.grid[1])
+        return active[self.perm.long()] if self.perm is not None else active
 
     def block_meta(self, trim: bool = True) -> torch.Tensor:
         """int32 (Mt*Nt, 4) rows (row_start, col_start, row_len, col_len), active blocks first.
 
-        Rows past ``num_blocks`` are zero. ``trim`` shrinks each block to the rows that
-        have a nonzero in it (row_start is in tile space, see ``perm``).
+        Rows past ``num_blocks`` are zero. Starts are in tile space (see ``perm``,
+        ``col_perm``). ``trim`` shrinks each block to the rows that have a nonzero in it.
         """
         (M, N), BM, BN = self.shape, self.block_m, self.block_n
         Mt, Nt = self.grid
-        dev = self.tile_active.device
-        ra = torch.zeros((Mt * BM, Nt), dtype=torch.bool, device=dev)
-        ra[:M] = self.row_active
-        ra = ra.view(Mt, BM, Nt)
-        idx = torch.arange(BM, device=dev).view(1, BM, 1)
+        dev = self.tile_bits.device
         if trim:
+            ra = torch.zeros((Mt * BM, Nt), dtype=torch.bool, device=dev)
+            ra[:M] = self.row_active()
+            ra = ra.view(Mt, BM, Nt)
+            idx = torch.arange(BM, device=dev).view(1, BM, 1)
             first = torch.where(ra, idx, BM).amin(1)
             last = torch.where(ra, idx, -1).amax(1)
         else:
@@ -229,6 +332,24 @@ class BCAT:
         return float((r != 0).sum()) / max(float(area), 1.0)
 
 
+def unpack_bits(bits: torch.Tensor, n_tiles: int) -> torch.Tensor:
+    """bool (rows, n_tiles) from packed int32 words."""
+    tiles = torch.arange(n_tiles, device=bits.device)
+    words = bits[:, tiles // 32]
+    return ((words >> (tiles % 32).to(torch.int32)) & 1).bool()
+
+
+def lexicographic_row_order(bits: torch.Tensor, first_key: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A stable order of rows by (first_key, bit words): equal patterns end up adjacent."""
+    M, n_words = bits.shape
+    order = torch.arange(M, device=bits.device)
+    for w in range(n_words):  # least significant word first: a stable radix sort over words
+        order = order[torch.sort(bits[order, w], stable=True).indices]
+    if first_key is not None:
+        order = order[torch.sort(first_key[order], stable=True).indices]
+    return order
+
+
 def bcat_cluster(
     gate: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
@@ -245,27 +366,31 @@ def bcat_cluster(
     M, N = gate.shape
     BM = BN = block_size
     Mt, Nt = triton.cdiv(M, BM), triton.cdiv(N, BN)
-    perm = col_perm = inv_col = None
-    if reorder:
-        col_order = column_order(gate, mask, threshold, BN)
-        col_perm = col_order.to(torch.int32)
-        inv_col = torch.empty_like(col_perm)
-        inv_col[col_order] = torch.arange(N, dtype=torch.int32, device=gate.device)
+    n_words = triton.cdiv(Nt, 32)
+    # one allocation (one memset) for the bits and the counter
+    state = torch.zeros(Mt * n_words + 1, dtype=torch.int32, device=gate.device)
+    tile_bits, count = state[:-1].view(Mt, n_words), state[-1:]
+    dense_min = max(1, math.ceil(density_crossover * Mt * Nt - 1e-9)) if density_crossover > 0 else 0
+    bcat = BCAT((M, N), BM, BN, tile_bits, count, dense_min, gate=gate, mask=mask, threshold=threshold)
+    if M == 0 or N == 0:
+        return bcat
+    src = mask if mask is not None else gate
+    if not reorder:
+        _tile_bits_kernel[(Mt, Nt)](
+            gate, src, tile_bits, count, M, N, n_words, float(threshold),
+            gate.stride(0), gate.stride(1), src.stride(0), src.stride(1),
+            HAS_MASK=mask is not None, BM=BM, BN=BN, CHUNK=min(32, BM),
+        )
+        return bcat
+    col_order = column_order(gate, mask, threshold, BN)
+    col_perm = col_order.to(torch.int32)
+    inv_col = torch.empty_like(col_perm)
+    inv_col[col_order] = torch.arange(N, dtype=torch.int32, device=gate.device)
     bits, first_col = row_tile_bits(gate, mask, threshold, BN, inv_col)
-    row_active = unpack_bits(bits, Nt)
-    if reorder:
-        order = lexicographic_row_order(bits, first_col)
-        row_active = row_active[order]
-        perm = order.to(torch.int32)
-    padded = torch.zeros((Mt * BM, Nt), dtype=torch.bool, device=gate.device)
-    padded[:M] = row_active
-    tile_active = padded.view(Mt, BM, Nt).any(1)
-    inactive = (~tile_active).to(torch.int8)
-    row_cols = torch.sort(inactive, dim=1, stable=True).indices.to(torch.int32)
-    col_rows = torch.sort(inactive.t().contiguous(), dim=1, stable=True).indices.to(torch.int32)
-    row_counts = tile_active.sum(1, dtype=torch.int32)
-    col_counts = tile_active.sum(0, dtype=torch.int32)
-    total = max(Mt * Nt, 1)
-    dense = (row_counts.sum() >= density_crossover * total).to(torch.int32)
-    return BCAT((M, N), BM, BN, bits, perm, col_perm, row_active, tile_active, row_counts, row_cols,
-                col_counts, col_rows.contiguous(), dense)
+    perm = lexicographic_row_order(bits, first_col).to(torch.int32)
+    _tile_bits_from_rows_kernel[(Mt,)](
+        bits, perm, tile_bits, count, M, n_words,
+        BM=BM, WORDS=triton.next_power_of_2(n_words),
+    )
+    bcat.perm, bcat.col_perm = perm, col_perm
+    return bcat
