@@ -73,7 +73,7 @@ def correctness(x, w, s):
     ref_g = torch.autograd.grad(ref, (xr, wr, sr), dy)
     for name, reorder in (("fixed", False), ("reordered", True)):
         xs, ws, ss = (t.detach().clone().requires_grad_() for t in (x, w, s))
-        y = torch.ops.bcpt.sbl_masked_linear(xs, ws, None, ss, None, 0.0, 128, 0.85, reorder)
+        y = torch.ops.bcpt.sbl_masked_linear(xs, ws, None, ss, None, 0.0, 128, 0.85, reorder)[0]
         g = torch.autograd.grad(y, (xs, ws, ss), dy.to(y.dtype))
         eager = sbl(*(t.detach() for t in (x, w, s)))
         out[name] = {"y": rel(y, ref), "dx": rel(g[0], ref_g[0]), "dW": rel(g[1], ref_g[1]), "ds": rel(g[2], ref_g[2]),
@@ -116,7 +116,9 @@ def sweep_configs(x, w, s):
     xs, ws, ss = (t.detach().clone().requires_grad_() for t in (x, w, s))
     dy = torch.randn(s.shape, device=DEV, dtype=torch.bfloat16)
     fn = lambda: torch.ops.bcpt.sbl_masked_linear(x, w, None, s, None, 0.0, 128, 0.85, False)  # noqa: E731
-    bwd = lambda: torch.ops.bcpt.sbl_masked_linear_backward(dy, xs, ws, None, ss, None, 0.0, 128, 0.85, False, [True, True, False, True])  # noqa: E731
+    _, state, rp, cp = fn()
+    bwd = lambda: torch.ops.bcpt.sbl_masked_linear_backward(  # noqa: E731
+        dy, xs, ws, None, ss, None, state, rp, cp, 0.0, 128, 0.85, [True, True, False, True])
     picks = {}
     for kind, bench in (("sddmm", fn), ("dx", bwd), ("dw", bwd)):
         best = None

@@ -149,7 +149,8 @@ def forward(self, L_w_, L_x_, L_b_, L_s_):
     l_b_ = L_b_
     l_s_ = L_s_
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, l_b_, l_s_, None, 0.0, 128, 0.85, False)
-    return (sbl_masked_linear_default,)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
 """)
 
     def test_gate_first(self):
@@ -160,7 +161,8 @@ def forward(self, L_s_, L_x_, L_w_, L_b_):
     l_w_ = L_w_
     l_b_ = L_b_
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, l_b_, l_s_, None, 0.0, 128, 0.85, False)
-    return (sbl_masked_linear_default,)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
 """)
 
     def test_einsum_clamp(self):
@@ -170,7 +172,8 @@ def forward(self, L_x_, L_w_, L_s_):
     l_w_ = L_w_
     l_s_ = L_s_
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.0, 128, 0.85, False)
-    return (sbl_masked_linear_default,)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
 """)
 
     def test_weight_in_out(self):
@@ -181,7 +184,8 @@ def forward(self, L_x_, L_w_in_out_, L_s_):
     l_s_ = L_s_
     t = torch.t(l_w_in_out_)
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, t, None, l_s_, None, 0.0, 128, 0.85, False)
-    return (sbl_masked_linear_default,)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
 """)
 
     def test_threshold_mul(self):
@@ -191,7 +195,8 @@ def forward(self, L_x_, L_w_, L_s_):
     l_w_ = L_w_
     l_s_ = L_s_
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.1, 128, 0.85, False)
-    return (sbl_masked_linear_default,)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
 """)
 
     def test_where_tensor_threshold(self):
@@ -203,7 +208,8 @@ def forward(self, L_x_, L_w_, L_s_, L_t_):
     l_t_ = L_t_
     gt = l_s_ > l_t_
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, gt, 0.0, 128, 0.85, False)
-    return (sbl_masked_linear_default,)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
 """)
 
     def test_masked_fill_gate(self):
@@ -216,7 +222,8 @@ def forward(self, L_x_, L_w_, L_s_, L_m_):
     invert = ~l_m_
     logical_not = torch.logical_not(invert)
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, logical_not, 0.0, 128, 0.85, False)
-    return (sbl_masked_linear_default,)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
 """)
 
     def test_functional_threshold(self):
@@ -226,7 +233,8 @@ def forward(self, L_x_, L_w_, L_s_):
     l_w_ = L_w_
     l_s_ = L_s_
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.2, 128, 0.85, False)
-    return (sbl_masked_linear_default,)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
 """)
 
     def test_viewed_linear(self):
@@ -240,7 +248,8 @@ def forward(self, L_x_, L_w_, L_s_):
     size = l_s_.size()
     reshape_2 = l_s_.reshape(-1, 40)
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(reshape_1, l_w_, None, reshape_2, None, 0.0, 128, 0.85, False)
-    view_1 = sbl_masked_linear_default.view(size)
+    getitem = sbl_masked_linear_default[0]
+    view_1 = getitem.view(size)
     return (view_1,)
 """)
 
@@ -252,7 +261,8 @@ def forward(self, L_x_, L_w_, L_s_, L_b_):
     l_s_ = L_s_
     l_b_ = L_b_
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.0, 128, 0.85, False)
-    add = sbl_masked_linear_default + l_b_
+    getitem = sbl_masked_linear_default[0]
+    add = getitem + l_b_
     return (add,)
 """)
 
@@ -272,7 +282,8 @@ def forward(self, L_self_parameters_mu_weight_, L_self_parameters_sigma_weight_,
     sub = scores - l_self_parameters_gate_param_
     raw = torch.nn.functional.relu(sub)
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_self_parameters_mu_weight_, None, sub, None, 0.0, 128, 0.85, False)
-    return (sbl_masked_linear_default, raw)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem, raw)
 """)
 
     def test_sparse_proto_linear(self):
@@ -292,7 +303,8 @@ def forward(self, L_x_, L_self_parameters_weight_, L_self_parameters_bias_, L_se
     truediv = logits / add
     sub = truediv - 0.3
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(silu, l_self_parameters_weight_, l_self_parameters_bias_, sub, None, 0.0, 128, 0.85, False)
-    return (sbl_masked_linear_default,)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
 """)
 
     def test_module_linear_gate(self):
@@ -306,5 +318,6 @@ def forward(self, L_self_modules_value_parameters_weight_, L_self_modules_value_
     l_self_modules_score_parameters_bias_ = L_self_modules_score_parameters_bias_
     linear_1 = torch._C._nn.linear(l_x_, l_self_modules_score_parameters_weight_, l_self_modules_score_parameters_bias_)
     sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_self_modules_value_parameters_weight_, l_self_modules_value_parameters_bias_, linear_1, None, 0.0, 128, 0.85, False)
-    return (sbl_masked_linear_default,)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
 """)

@@ -239,6 +239,7 @@ class BCAT:
     mask: Optional[torch.Tensor] = None
     threshold: float = 0.0
     lists: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    state: Optional[torch.Tensor] = None  # the buffer tile_bits and count view
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -350,6 +351,39 @@ def lexicographic_row_order(bits: torch.Tensor, first_key: Optional[torch.Tensor
     return order
 
 
+def defrag_permutations(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: float,
+                        block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row perm, column perm, per-row bits of permuted column tiles), int32, on the device."""
+    M, N = gate.shape
+    col_order = column_order(gate, mask, threshold, block_size)
+    col_perm = col_order.to(torch.int32)
+    inv_col = torch.empty_like(col_perm)
+    inv_col[col_order] = torch.arange(N, dtype=torch.int32, device=gate.device)
+    bits, first_col = row_tile_bits(gate, mask, threshold, block_size, inv_col)
+    perm = lexicographic_row_order(bits, first_col).to(torch.int32)
+    return perm, col_perm, bits
+
+
+def empty_bcat(gate: torch.Tensor, block_size: int, density_crossover: float = 1.0,
+               state: Optional[torch.Tensor] = None, perm: Optional[torch.Tensor] = None,
+               col_perm: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+               threshold: float = 0.0) -> BCAT:
+    """A BCAT over ``state`` (int32 (Mt * words + 1,): bits then count; zeros when None)."""
+    M, N = gate.shape
+    Mt, Nt = triton.cdiv(M, block_size), triton.cdiv(N, block_size)
+    n_words = triton.cdiv(Nt, 32)
+    if state is None:  # one allocation (one memset) for the bits and the counter
+        state = torch.zeros(tile_state_size(M, N, block_size), dtype=torch.int32, device=gate.device)
+    dense_min = max(1, math.ceil(density_crossover * Mt * Nt - 1e-9)) if density_crossover > 0 else 0
+    return BCAT((M, N), block_size, block_size, state[:-1].view(Mt, n_words), state[-1:], dense_min,
+                perm=perm, col_perm=col_perm, gate=gate, mask=mask, threshold=threshold, state=state)
+
+
+def tile_state_size(M, N, block_size: int):
+    """Length of the int32 state (tile bits, then the count) for an (M, N) gate."""
+    return ((M + block_size - 1) // block_size) * ((((N + block_size - 1) // block_size) + 31) // 32) + 1
+
+
 def bcat_cluster(
     gate: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
@@ -358,7 +392,11 @@ def bcat_cluster(
     reorder: bool = False,
     density_crossover: float = 1.0,
 ) -> BCAT:
-    """Cluster the support of R (= gate where mask, or where gate > threshold) into BCAT tiles."""
+    """Cluster the support of R (= gate where mask, or where gate > threshold) into BCAT tiles.
+
+    The SBL forward kernel does this on the fly; this standalone form serves reports,
+    tests and other consumers.
+    """
     if gate.dim() != 2:
         raise ValueError(f"bcat_cluster: gate must be 2-D (tokens, features), got shape {tuple(gate.shape)}")
     if mask is not None and mask.shape != gate.shape:
@@ -366,30 +404,21 @@ def bcat_cluster(
     M, N = gate.shape
     BM = BN = block_size
     Mt, Nt = triton.cdiv(M, BM), triton.cdiv(N, BN)
-    n_words = triton.cdiv(Nt, 32)
-    # one allocation (one memset) for the bits and the counter
-    state = torch.zeros(Mt * n_words + 1, dtype=torch.int32, device=gate.device)
-    tile_bits, count = state[:-1].view(Mt, n_words), state[-1:]
-    dense_min = max(1, math.ceil(density_crossover * Mt * Nt - 1e-9)) if density_crossover > 0 else 0
-    bcat = BCAT((M, N), BM, BN, tile_bits, count, dense_min, gate=gate, mask=mask, threshold=threshold)
+    bcat = empty_bcat(gate, block_size, density_crossover, mask=mask, threshold=threshold)
+    n_words = bcat.tile_bits.shape[1]
     if M == 0 or N == 0:
         return bcat
     src = mask if mask is not None else gate
     if not reorder:
         _tile_bits_kernel[(Mt, Nt)](
-            gate, src, tile_bits, count, M, N, n_words, float(threshold),
+            gate, src, bcat.tile_bits, bcat.count, M, N, n_words, float(threshold),
             gate.stride(0), gate.stride(1), src.stride(0), src.stride(1),
             HAS_MASK=mask is not None, BM=BM, BN=BN, CHUNK=min(32, BM),
         )
         return bcat
-    col_order = column_order(gate, mask, threshold, BN)
-    col_perm = col_order.to(torch.int32)
-    inv_col = torch.empty_like(col_perm)
-    inv_col[col_order] = torch.arange(N, dtype=torch.int32, device=gate.device)
-    bits, first_col = row_tile_bits(gate, mask, threshold, BN, inv_col)
-    perm = lexicographic_row_order(bits, first_col).to(torch.int32)
+    perm, col_perm, bits = defrag_permutations(gate, mask, threshold, block_size)
     _tile_bits_from_rows_kernel[(Mt,)](
-        bits, perm, tile_bits, count, M, n_words,
+        bits, perm, bcat.tile_bits, bcat.count, M, n_words,
         BM=BM, WORDS=triton.next_power_of_2(n_words),
     )
     bcat.perm, bcat.col_perm = perm, col_perm

@@ -10,8 +10,8 @@ R = where(keep, s, 0) with keep = mask, or s > threshold (NaN kept, as relu keep
   (a recomputed SDDMM, so no dense product is saved).
 * ``_dx_kernel`` walks each row tile's active column tiles (dx = G' W),
   ``_dw_kernel`` each column tile's active row tiles (dW = G'^T x, db = colsum G').
-When the BCAT's device-side dense flag is set, every tile counts as active: the same
-kernels then run as plain fused dense GEMMs, with eager's semantics (inf * 0 = NaN).
+In the backward, once the active count reaches the density crossover (a device-side
+test), every tile counts as active and the same kernels run as fused dense GEMMs.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _grouped_tile(pid, Mt, Nt, GROUP_M: tl.constexpr):
 @triton.jit
 def _sddmm_forward_kernel(
     x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, perm_ptr, col_perm_ptr, tile_bits_ptr, count_ptr,
-    M, N, K, Mt, Nt, n_words, dense_min, threshold,
+    M, N, K, Mt, Nt, n_words, threshold,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
     stride_mm, stride_mn, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
@@ -119,15 +119,21 @@ def _sddmm_forward_kernel(
     cols = _original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
-    active = _tile_is_computed(tile_bits_ptr, count_ptr, tile_m, tile_n, n_words, dense_min)
+    s_ptrs = s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn
+    m_ptrs = m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn
+    # The tile's own gate decides: the forward needs no clustering pass before it.
+    keep = _gate_keep(tl.load(s_ptrs, mask=inside, other=0.0), m_ptrs, inside, threshold, HAS_MASK, True)
+    active = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) != 0
     if active:
         z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION)
-        s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
-        keep = _gate_keep(s, m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
-                          inside, threshold, HAS_MASK, True)
+        s = tl.load(s_ptrs, mask=inside, other=0.0)  # again, from L2: not held across the K loop
+        keep = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, True)
         r = tl.where(keep, s.to(tl.float32), 0.0)
         tl.store(y_ptrs, (z * r).to(y_ptr.dtype.element_ty), mask=inside)
+        # record the tile for the backward (bits of one word belong to several programs)
+        tl.atomic_or(tile_bits_ptr + tile_m * n_words + tile_n // 32, 1 << (tile_n % 32))
+        tl.atomic_add(count_ptr, 1)
     else:
         tl.store(y_ptrs, tl.zeros((BM, BN), dtype=y_ptr.dtype.element_ty), mask=inside)
 
@@ -253,7 +259,12 @@ def _launch_config(kind: str, block: int, device: torch.device) -> dict:
 
 
 def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out_dtype) -> torch.Tensor:
-    """y = (x W^T + b) * R on BCAT's active tiles, zeros elsewhere. x: (M, K), W: (N, K), gate: (M, N)."""
+    """y = (x W^T + b) * R on the tiles where R has a nonzero, zeros elsewhere.
+
+    x: (M, K), W: (N, K), gate: (M, N). The kernel finds the active tiles itself and
+    records them in ``bcat.tile_bits`` / ``bcat.count`` (zeroed by the caller), in the
+    tile space of ``bcat``'s permutations, for the backward.
+    """
     M, K = x.shape
     N = weight.shape[0]
     y = _empty((M, N), out_dtype, x.device)
@@ -267,7 +278,7 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
         x, weight, bias if bias is not None else x, gate, m, y,
         bcat.perm if bcat.perm is not None else x, bcat.col_perm if bcat.col_perm is not None else x,
         bcat.tile_bits, bcat.count,
-        M, N, K, Mt, Nt, bcat.tile_bits.shape[1], bcat.dense_min, float(threshold),
+        M, N, K, Mt, Nt, bcat.tile_bits.shape[1], float(threshold),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
         m.stride(0), m.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None,

@@ -4,9 +4,10 @@ keep is ``mask`` when given, else ``gate > threshold``. Only R's support is comp
 (BCAT tiles, Triton block GEMMs) on CUDA, and on CPU under ``TRITON_INTERPRET=1``;
 plain CPU runs a dense PyTorch reference of the same math.
 
-The backward is ``bcpt::sbl_masked_linear_backward``: dx, dW, db from G' = dy * R and
-d(gate) = dy * (x W^T + b) on keep, all confined to the active blocks. The clustering is
-recomputed there (it is deterministic), so the forward saves no dense product.
+The forward kernel finds R's active tiles itself and returns them (``tile_state``: BCAT
+tile bits and count) with the row/column permutations of the defragmentation (empty when
+off). The backward, ``bcpt::sbl_masked_linear_backward``, walks those blocks: dx, dW, db
+from G' = dy * R and d(gate) = dy * (x W^T + b) on keep. No dense product is saved.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def _use_kernels(x: Tensor) -> bool:
     return triton_runs_on(x) and x.shape[-1] > 0
 
 
+def _tokens_features(gate: Tensor) -> tuple:
+    tokens = 1
+    for d in gate.shape[:-1]:
+        tokens = tokens * d
+    return tokens, gate.shape[-1]
+
+
 @torch.library.custom_op("bcpt::sbl_masked_linear", mutates_args=())
 def sbl_masked_linear(
     x: Tensor,
@@ -65,26 +73,44 @@ def sbl_masked_linear(
     block_size: int,
     density_crossover: float,
     reorder: bool,
-) -> Tensor:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, tile_state, row_perm, col_perm); only y is the user's value."""
     _check_inputs(x, weight, bias, gate, mask)
     out_dtype = torch.promote_types(x.dtype, gate.dtype)
+    from ..kernels.bcat_cluster import tile_state_size
+
+    M, N = _tokens_features(gate)
+
+    def no_perm():
+        return gate.new_empty(0, dtype=torch.int32)
+
     if not _use_kernels(x):
         r = torch.where(_keep(gate, mask, threshold, keep_nan=True), gate, 0)
-        return F.linear(x, weight, bias).to(out_dtype) * r
-    from ..kernels.bcat_cluster import bcat_cluster
+        state = gate.new_zeros(tile_state_size(M, N, block_size), dtype=torch.int32)
+        return F.linear(x, weight, bias).to(out_dtype) * r, state, no_perm(), no_perm()
+    from ..kernels.bcat_cluster import defrag_permutations, empty_bcat
     from ..kernels.sbl_block_gemm import sddmm_forward
 
     x2, g2, m2 = _flat(x, gate, mask)
-    with torch.profiler.record_function("bcpt::bcat_cluster"):
-        bcat = bcat_cluster(g2, m2, threshold, block_size, reorder, density_crossover)
+    perm = col_perm = None
+    if reorder and M and N:
+        with torch.profiler.record_function("bcpt::bcat_defrag"):
+            perm, col_perm, _ = defrag_permutations(g2, m2, threshold, block_size)
+    bcat = empty_bcat(g2, block_size, density_crossover, perm=perm, col_perm=col_perm)
     y = sddmm_forward(x2, weight, bias, g2, m2, threshold, bcat, out_dtype)
-    return y.view(gate.shape)
+    return (y.view(gate.shape), bcat.state,
+            perm if perm is not None else no_perm(), col_perm if col_perm is not None else no_perm())
 
 
 @sbl_masked_linear.register_fake
 def _(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder):
+    from ..kernels.bcat_cluster import tile_state_size
+
     _check_inputs(x, weight, bias, gate, mask)
-    return gate.new_empty(gate.shape, dtype=torch.promote_types(x.dtype, gate.dtype))
+    M, N = _tokens_features(gate)
+    y = gate.new_empty(gate.shape, dtype=torch.promote_types(x.dtype, gate.dtype))
+    state = gate.new_empty(tile_state_size(M, N, block_size), dtype=torch.int32)
+    return y, state, gate.new_empty(M if reorder else 0, dtype=torch.int32), gate.new_empty(N if reorder else 0, dtype=torch.int32)
 
 
 @torch.library.custom_op("bcpt::sbl_masked_linear_backward", mutates_args=())
@@ -95,10 +121,12 @@ def sbl_masked_linear_backward(
     bias: Optional[Tensor],
     gate: Tensor,
     mask: Optional[Tensor],
+    tile_state: Tensor,
+    row_perm: Tensor,
+    col_perm: Tensor,
     threshold: float,
     block_size: int,
     density_crossover: float,
-    reorder: bool,
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     need_dx, need_dw, need_db, need_ds = (bool(n) for n in needs)
@@ -106,13 +134,13 @@ def sbl_masked_linear_backward(
     if not _use_kernels(x):
         grads = _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds)
     else:
-        from ..kernels.bcat_cluster import bcat_cluster
+        from ..kernels.bcat_cluster import empty_bcat
         from ..kernels.sbl_block_gemm import sddmm_backward
 
         x2, g2, m2 = _flat(x, gate, mask)
         dy2 = grad.reshape(g2.shape)
-        with torch.profiler.record_function("bcpt::bcat_cluster"):
-            bcat = bcat_cluster(g2, m2, threshold, block_size, reorder, density_crossover)
+        bcat = empty_bcat(g2, block_size, density_crossover, state=tile_state,
+                          perm=row_perm if row_perm.numel() else None, col_perm=col_perm if col_perm.numel() else None)
         dx, dw, db, ds = sddmm_backward(dy2, x2, weight, bias, g2, m2, threshold, bcat,
                                         need_dx, need_dw, need_db, need_ds)
         grads = (dx.view(x.shape) if dx is not None else None, dw, db, ds.view(gate.shape) if ds is not None else None)
@@ -135,7 +163,7 @@ def _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds):
 
 
 @sbl_masked_linear_backward.register_fake
-def _(grad, x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder, needs):
+def _(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, threshold, block_size, density_crossover, needs):
     need_dx, need_dw, need_db, need_ds = (bool(n) for n in needs)
     need_db = need_db and bias is not None
     empty = grad.new_empty(0)
@@ -149,15 +177,17 @@ def _(grad, x, weight, bias, gate, mask, threshold, block_size, density_crossove
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder = inputs
-    ctx.save_for_backward(x, weight, bias, gate, mask)
-    ctx.config = (threshold, block_size, density_crossover, reorder)
+    _, tile_state, row_perm, col_perm = output
+    ctx.save_for_backward(x, weight, bias, gate, mask, tile_state, row_perm, col_perm)
+    ctx.config = (threshold, block_size, density_crossover)
+    ctx.mark_non_differentiable(tile_state, row_perm, col_perm)
 
 
-def _backward(ctx, grad):
-    x, weight, bias, gate, mask = ctx.saved_tensors
+def _backward(ctx, grad, *_aux_grads):
+    x, weight, bias, gate, mask, tile_state, row_perm, col_perm = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
     dx, dw, db, ds = torch.ops.bcpt.sbl_masked_linear_backward(
-        grad.contiguous(), x, weight, bias, gate, mask, *ctx.config, needs
+        grad.contiguous(), x, weight, bias, gate, mask, tile_state, row_perm, col_perm, *ctx.config, needs
     )
     out = [g if n else None for g, n in zip((dx, dw, db, ds), needs)]
     if out[2] is not None and bias is None:

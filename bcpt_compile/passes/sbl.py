@@ -161,7 +161,9 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
                 (x, weight, lin.bias, value, mask, gate.threshold,
                  opts.block_size, float(opts.density_crossover), bool(opts.sbl_reorder)),
             )
-            out = graph.call_method("view", (call, shape)) if reshaped else call
+            out = graph.call_function(operator.getitem, (call, 0))  # y; the rest feeds the backward
+            if reshaped:
+                out = graph.call_method("view", (out, shape))
         out.meta.update({k: v for k, v in mul.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
         report.add_site(FAMILY, mul, "bcpt.sbl_masked_linear", [lin.x, lin.weight, gate.value])
         mul.replace_all_uses_with(out)
