@@ -33,3 +33,42 @@ for frac in (0.1, 1.0):
     print(f"=== block fraction {frac}")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+# Calibration: a plain Triton GEMM with the same 128x128 tiles, and cuBLAS, on x W^T.
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+
+@triton.jit
+def _plain_mm(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pm = first_m + (pid % width) % size_m
+    pn = (pid % width) // size_m
+    offs_m = pm * BM + tl.arange(0, BM)
+    offs_n = pn * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[:, None] * K + offs_k[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K // BK):
+        acc = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)), acc)
+        a_ptrs += BK
+        b_ptrs += BK
+    tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.bfloat16))
+
+
+xa = x.detach()
+wa = w.detach()
+c = torch.empty(M, N, device=DEV, dtype=torch.bfloat16)
+flops = 2 * M * N * K
+print(f"cuBLAS x@W^T: {do_bench(lambda: F.linear(xa, wa), return_mode='median'):.3f} ms")
+for bm, bn, bk, warps, stages in ((128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3)):
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    t = do_bench(lambda: _plain_mm[grid](xa, wa, c, M, N, K, BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages), return_mode="median")
+    print(f"plain triton {bm}x{bn}x{bk} w{warps} s{stages}: {t:.3f} ms = {flops / t / 1e9:.0f} TFLOP/s")

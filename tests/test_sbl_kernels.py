@@ -52,7 +52,7 @@ def _check(x, w, b, s, mask=None, threshold=0.0, block=16, crossover=1.0, reorde
 
 
 @pytest.mark.parametrize("reorder", [False, True], ids=["fixed", "reordered"])
-@pytest.mark.parametrize("M, N, K", [(37, 50, 24), (64, 32, 40), (5, 70, 16)])
+@pytest.mark.parametrize("M, N, K", [(37, 50, 24), (64, 32, 40), (5, 70, 16), (32, 48, 32)])
 def test_fp32_matches_float64(poisoned, M, N, K, reorder):
     _check(*_inputs(M, N, K, torch.float32, seed=M * N), reorder=reorder)
 

@@ -65,16 +65,27 @@ def _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK: tl.constexpr, KEEP_NAN: t
 def _xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
               stride_xm, stride_xk, stride_wn, stride_wk,
               HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """(x W^T + b)[rows, offs_n] in float32."""
+              PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
+    """(x W^T + b)[rows, cols] in float32.
+
+    Rows and columns past the edge read row/column 0 instead of being masked (their
+    results are never stored), so only K, the contracted dim, needs a mask, and none when
+    BK divides K: unmasked loads pipeline best.
+    """
     offs_k = tl.arange(0, BK)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    safe_rows = tl.where(offs_m < M, rows, 0)
+    safe_cols = tl.where(offs_n < N, cols, 0)
+    x_ptrs = x_ptr + safe_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + safe_cols[:, None] * stride_wn + offs_k[None, :] * stride_wk
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BK)):
-        k_left = K - k * BK
-        a = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(w_ptrs, mask=(offs_n[:, None] < N) & (offs_k[None, :] < k_left), other=0.0)
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BK
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         acc = _mma(a, tl.trans(b), acc, PRECISION)
         x_ptrs += BK * stride_xk
         w_ptrs += BK * stride_wk
@@ -110,7 +121,7 @@ def _sddmm_forward_kernel(
     stride_mm, stride_mn, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
@@ -126,7 +137,7 @@ def _sddmm_forward_kernel(
     active = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) != 0
     if active:
         z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
-                      stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION)
+                      stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
         s = tl.load(s_ptrs, mask=inside, other=0.0)  # again, from L2: not held across the K loop
         keep = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, True)
         r = tl.where(keep, s.to(tl.float32), 0.0)
@@ -147,7 +158,7 @@ def _sddmm_backward_kernel(
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
     NEED_DS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
@@ -168,7 +179,7 @@ def _sddmm_backward_kernel(
         tl.store(g_ptr + offs_m[:, None] * N + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=inside)
         if NEED_DS:
             z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
-                          stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION)
+                          stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
             strict = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, False)
             tl.store(ds_ptrs, tl.where(strict, dy * z, 0.0).to(ds_ptr.dtype.element_ty), mask=inside)
     elif NEED_DS:
@@ -181,21 +192,28 @@ def _dx_kernel(
     M, N, K, Nt, dense_min,
     stride_wn, stride_wk, stride_dxm, stride_dxk,
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_N: tl.constexpr,
 ):
+    """Only the contracted dim (n) is masked; edge rows/columns read index 0, never stored."""
     tile_m = tl.program_id(0)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    safe_m = tl.where(offs_m < M, offs_m, 0)
+    safe_k = tl.where(offs_k < K, offs_k, 0)
     n_blocks = tl.where(tl.load(count_ptr) >= dense_min, Nt, tl.load(counts_ptr + tile_m))
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for i in range(0, n_blocks):
         tile_n = tl.load(cols_ptr + tile_m * Nt + i)
         offs_n = tile_n * BN + tl.arange(0, BN)
-        g = tl.load(g_ptr + offs_m[:, None] * N + offs_n[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
         w_rows = _original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
-        w = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+        g_ptrs = g_ptr + safe_m[:, None] * N + offs_n[None, :]
+        w_ptrs = w_ptr + w_rows[:, None] * stride_wn + safe_k[None, :] * stride_wk
+        if EVEN_N:
+            g = tl.load(g_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            g = tl.load(g_ptrs, mask=offs_n[None, :] < N, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_n[:, None] < N, other=0.0)
         acc = _mma(g, w, acc, PRECISION)
     rows = _original_index(perm_ptr, offs_m, M, HAS_PERM)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
@@ -208,23 +226,30 @@ def _dw_kernel(
     M, N, K, Mt, dense_min,
     stride_xm, stride_xk, stride_dwn, stride_dwk,
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, NEED_DB: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, EVEN_M: tl.constexpr,
 ):
+    """Only the contracted dim (m) is masked; edge rows/columns read index 0, never stored."""
     tile_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = tile_n * BN + tl.arange(0, BN)
     offs_k = pid_k * BK + tl.arange(0, BK)
+    safe_n = tl.where(offs_n < N, offs_n, 0)
+    safe_k = tl.where(offs_k < K, offs_k, 0)
     n_blocks = tl.where(tl.load(count_ptr) >= dense_min, Mt, tl.load(counts_ptr + tile_n))
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     db = tl.zeros((BN,), dtype=tl.float32)
     for i in range(0, n_blocks):
         tile_m = tl.load(rows_ptr + tile_n * Mt + i)
         offs_m = tile_m * BM + tl.arange(0, BM)
-        g = tl.load(g_ptr + offs_m[:, None] * N + offs_n[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
         rows = _original_index(perm_ptr, offs_m, M, HAS_PERM)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        g_ptrs = g_ptr + offs_m[:, None] * N + safe_n[None, :]
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + safe_k[None, :] * stride_xk
+        if EVEN_M:
+            g = tl.load(g_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            g = tl.load(g_ptrs, mask=offs_m[:, None] < M, other=0.0)
+            x = tl.load(x_ptrs, mask=offs_m[:, None] < M, other=0.0)
         acc = _mma(tl.trans(g), x, acc, PRECISION)
         if NEED_DB:
             db += tl.sum(g.to(tl.float32), axis=0)
@@ -283,7 +308,7 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
         m.stride(0), m.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None,
         HAS_COL_PERM=bcat.col_perm is not None,
-        BM=BM, BN=BN, GROUP_M=8, PRECISION=_dot_precision(x), **cfg,
+        BM=BM, BN=BN, GROUP_M=8, PRECISION=_dot_precision(x), EVEN_K=K % cfg["BK"] == 0, **cfg,
     )
     return y
 
@@ -313,7 +338,7 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
             m.stride(0), m.stride(1), grad.stride(0), grad.stride(1), dsp.stride(0), dsp.stride(1),
             HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=has_perm,
             HAS_COL_PERM=has_col_perm, NEED_DS=need_ds,
-            BM=BM, BN=BN, GROUP_M=8, PRECISION=prec, **cfg,
+            BM=BM, BN=BN, GROUP_M=8, PRECISION=prec, EVEN_K=K % cfg["BK"] == 0, **cfg,
         )
     dx = dw = db = None
     row_counts, row_cols, col_counts, col_rows = bcat.block_lists() if (M and N) else (None,) * 4
@@ -324,7 +349,8 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
             _dx_kernel[(Mt, triton.cdiv(K, cfg["BK"]))](
                 g, weight, dx, perm, col_perm, row_counts, row_cols, bcat.count,
                 M, N, K, Nt, bcat.dense_min, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
-                HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, BM=BM, BN=BN, PRECISION=prec, **cfg,
+                HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, BM=BM, BN=BN, PRECISION=prec,
+                EVEN_N=N % BN == 0, **cfg,
             )
     if need_dw or need_db:
         dw = _empty(weight.shape, weight.dtype, x.device)
@@ -334,7 +360,8 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
             _dw_kernel[(Nt, triton.cdiv(K, cfg["BK"]))](
                 g, x, dw, db if db is not None else dw, perm, col_perm, col_counts, col_rows, bcat.count,
                 M, N, K, Mt, bcat.dense_min, x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
-                HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, NEED_DB=need_db, BM=BM, BN=BN, PRECISION=prec, **cfg,
+                HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, NEED_DB=need_db, BM=BM, BN=BN, PRECISION=prec,
+                EVEN_M=M % BM == 0, **cfg,
             )
         elif db is not None:
             db.zero_()
