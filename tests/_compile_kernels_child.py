@@ -33,7 +33,8 @@ CASES = [
     (bc._column_keys_kernel, dict(HAS_MASK=False, ROWS=32, BN=128)),
     (bc._row_tile_bits_kernel, dict(HAS_MASK=True, HAS_COL_PERM=True, ROWS=32, BN=128)),
     (bc._row_tile_bits_kernel, dict(HAS_MASK=False, HAS_COL_PERM=False, ROWS=32, BN=128)),
-    (bc._tile_bits_kernel, dict(HAS_MASK=False, BM=128, BN=128, CHUNK=32)),
+    (bc._tile_bits_kernel, dict(HAS_MASK=False, HAS_PERM=False, HAS_COL_PERM=False, ZERO_FILL=True, BM=128, BN=128, CHUNK=32)),
+    (bc._tile_bits_kernel, dict(HAS_MASK=True, HAS_PERM=True, HAS_COL_PERM=True, ZERO_FILL=False, BM=128, BN=128, CHUNK=32)),
     (bc._tile_bits_from_rows_kernel, dict(BM=128, WORDS=2)),
     (bc._compact_kernel, dict(TILES=64)),
     (bg._sddmm_forward_kernel, dict(TILE, BK=64, HAS_BIAS=True, HAS_MASK=False, HAS_PERM=True, HAS_COL_PERM=True, GROUP_M=8,
@@ -42,10 +43,10 @@ CASES = [
                                     GROUP_M=8, EVEN_K=True)),
     (bg._sddmm_backward_kernel, dict(TILE, BK=64, HAS_BIAS=True, HAS_MASK=True, HAS_PERM=False, HAS_COL_PERM=False,
                                      NEED_DS=True, GROUP_M=8, EVEN_K=True)),
-    (bg._dx_kernel, dict(TILE, BK=128, HAS_PERM=True, HAS_COL_PERM=True, EVEN_N=False)),
-    (bg._dx_kernel, dict(TILE, BK=128, HAS_PERM=False, HAS_COL_PERM=False, EVEN_N=True)),
-    (bg._dw_kernel, dict(TILE, BK=128, HAS_PERM=True, HAS_COL_PERM=False, NEED_DB=True, EVEN_M=False)),
-    (bg._dw_kernel, dict(TILE, BK=128, HAS_PERM=False, HAS_COL_PERM=False, NEED_DB=False, EVEN_M=True)),
+    (bg._dx_kernel, dict(TILE, BK=128, HAS_PERM=True, HAS_COL_PERM=True, EVEN=False)),
+    (bg._dx_kernel, dict(TILE, BK=128, HAS_PERM=False, HAS_COL_PERM=False, EVEN=True)),
+    (bg._dw_kernel, dict(TILE, BK=128, HAS_PERM=True, HAS_COL_PERM=False, NEED_DB=True, EVEN=False)),
+    (bg._dw_kernel, dict(TILE, BK=128, HAS_PERM=False, HAS_COL_PERM=False, NEED_DB=False, EVEN=True)),
 ]
 
 

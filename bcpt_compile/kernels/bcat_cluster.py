@@ -35,9 +35,24 @@ _NO_KEY = tl.constexpr(_NO_KEY_INT)  # 'no active column/row yet' for atomic min
 
 
 @triton.jit
+def original_index(perm_ptr, offs, limit, HAS_PERM: tl.constexpr):
+    """Tile-space offsets -> row (or column) indices of the user's tensors."""
+    if HAS_PERM:
+        return tl.load(perm_ptr + offs, mask=offs < limit, other=0).to(tl.int64)
+    return offs.to(tl.int64)
+
+
+@triton.jit
 def _load_keep(s_ptr, m_ptr, rows, cols, M, N, threshold,
                stride_sm, stride_sn, stride_mm, stride_mn, HAS_MASK: tl.constexpr):
     inside = (rows[:, None] < M) & (cols[None, :] < N)
+    return _load_keep_inside(s_ptr, m_ptr, rows, cols, inside, threshold,
+                             stride_sm, stride_sn, stride_mm, stride_mn, HAS_MASK)
+
+
+@triton.jit
+def _load_keep_inside(s_ptr, m_ptr, rows, cols, inside, threshold,
+                      stride_sm, stride_sn, stride_mm, stride_mn, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         m = tl.load(m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn, mask=inside, other=0)
         keep = m != 0
@@ -145,26 +160,62 @@ def _popcount(x):
 
 @triton.jit
 def _tile_bits_kernel(
-    s_ptr, m_ptr, tile_bits_ptr, count_ptr,
+    s_ptr, m_ptr, y_ptr, tile_bits_ptr, count_ptr, perm_ptr, col_perm_ptr,
     M, N, n_words, threshold,
-    stride_sm, stride_sn, stride_mm, stride_mn,
-    HAS_MASK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
+    stride_sm, stride_sn, stride_mm, stride_mn, stride_ym, stride_yn,
+    HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, ZERO_FILL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    """Is tile (r, c) of R active? Reads CHUNK rows at a time and stops at the first nonzero.
+
+    With ZERO_FILL, an inactive tile's output y is written as zeros here, by this light,
+    high-occupancy kernel, so that the GEMM kernel after it touches only active tiles.
+    """
     tile_m = tl.program_id(0)
     tile_n = tl.program_id(1)
-    cols = tile_n * BN + tl.arange(0, BN)
-    row0 = tile_m * BM
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     found = 0
     i = 0
-    while (i < BM) & (found == 0):  # stop at the first nonzero
-        rows = row0 + i + tl.arange(0, CHUNK)
-        keep = _load_keep(s_ptr, m_ptr, rows, cols, M, N, threshold,
-                          stride_sm, stride_sn, stride_mm, stride_mn, HAS_MASK)
+    while (i < BM) & (found == 0):
+        offs_m = tile_m * BM + i + tl.arange(0, CHUNK)
+        rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
+        inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        keep = _load_keep_inside(s_ptr, m_ptr, rows, cols, inside, threshold,
+                                 stride_sm, stride_sn, stride_mm, stride_mn, HAS_MASK)
         found = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0)
         i += CHUNK
     if found != 0:
         tl.atomic_or(tile_bits_ptr + tile_m * n_words + tile_n // 32, 1 << (tile_n % 32))
         tl.atomic_add(count_ptr, 1)
+    elif ZERO_FILL:
+        for j in range(0, BM, CHUNK):
+            offs_m = tile_m * BM + j + tl.arange(0, CHUNK)
+            rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
+            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                     tl.zeros((CHUNK, BN), dtype=y_ptr.dtype.element_ty),
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def mark_active_tiles(bcat: "BCAT", gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: float,
+                      zero_fill: Optional[torch.Tensor] = None) -> None:
+    """Set ``bcat``'s tile bits and count from the gate (in its tile space); optionally write
+    zeros into ``zero_fill`` (same shape as gate) on the inactive tiles."""
+    M, N = gate.shape
+    if M == 0 or N == 0:
+        return
+    Mt, Nt = bcat.grid
+    src = mask if mask is not None else gate
+    y = zero_fill if zero_fill is not None else gate
+    _tile_bits_kernel[(Mt, Nt)](
+        gate, src, y, bcat.tile_bits, bcat.count,
+        bcat.perm if bcat.perm is not None else bcat.count, bcat.col_perm if bcat.col_perm is not None else bcat.count,
+        M, N, bcat.tile_bits.shape[1], float(threshold),
+        gate.stride(0), gate.stride(1), src.stride(0), src.stride(1), y.stride(0), y.stride(1),
+        HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None, HAS_COL_PERM=bcat.col_perm is not None,
+        ZERO_FILL=zero_fill is not None, BM=bcat.block_m, BN=bcat.block_n, CHUNK=min(32, bcat.block_m),
+        num_warps=4,
+    )
 
 
 @triton.jit
@@ -408,13 +459,8 @@ def bcat_cluster(
     n_words = bcat.tile_bits.shape[1]
     if M == 0 or N == 0:
         return bcat
-    src = mask if mask is not None else gate
     if not reorder:
-        _tile_bits_kernel[(Mt, Nt)](
-            gate, src, bcat.tile_bits, bcat.count, M, N, n_words, float(threshold),
-            gate.stride(0), gate.stride(1), src.stride(0), src.stride(1),
-            HAS_MASK=mask is not None, BM=BM, BN=BN, CHUNK=min(32, BM),
-        )
+        mark_active_tiles(bcat, gate, mask, threshold)
         return bcat
     perm, col_perm, bits = defrag_permutations(gate, mask, threshold, block_size)
     _tile_bits_from_rows_kernel[(Mt,)](

@@ -2,16 +2,17 @@
 
 R = where(keep, s, 0) with keep = mask, or s > threshold (NaN kept, as relu keeps it).
 
-* forward, ``_sddmm_forward_kernel``: one program per output tile; an inactive tile is
-  written as zeros without touching x or W, an active one is a K-loop GEMM with the
-  gate applied in the epilogue.
+* forward, ``_sddmm_forward_kernel``: one program per output tile; an inactive tile
+  exits at once, an active one is a K-loop GEMM with the gate applied in the epilogue.
 * backward, ``_sddmm_backward_kernel``: per active tile, G' = dy * R (kept in a scratch
   buffer in tile space) and, when s needs a gradient, ds = dy * (x W^T + b) on keep
-  (a recomputed SDDMM, so no dense product is saved).
+  (a recomputed SDDMM, so no dense product is saved); ds is zero elsewhere (memset).
 * ``_dx_kernel`` walks each row tile's active column tiles (dx = G' W),
   ``_dw_kernel`` each column tile's active row tiles (dW = G'^T x, db = colsum G').
 In the backward, once the active count reaches the density crossover (a device-side
 test), every tile counts as active and the same kernels run as fused dense GEMMs.
+The forward's active tiles come from ``bcat_cluster._tile_bits_kernel``, which also
+zero-fills the inactive ones, so the GEMM kernels only ever run on active tiles.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bcat_cluster import BCAT
+from .bcat_cluster import BCAT, mark_active_tiles, original_index
 
 
 def _dot_precision(t: torch.Tensor) -> str:
@@ -40,14 +41,6 @@ def _mma(a, b, acc, PRECISION: tl.constexpr):
     if PRECISION == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _original_index(perm_ptr, offs, limit, HAS_PERM: tl.constexpr):
-    """Tile-space offsets -> row (or column) indices of the user's tensors."""
-    if HAS_PERM:
-        return tl.load(perm_ptr + offs, mask=offs < limit, other=0).to(tl.int64)
-    return offs.to(tl.int64)
 
 
 @triton.jit
@@ -126,27 +119,19 @@ def _sddmm_forward_kernel(
     tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
-    rows = _original_index(perm_ptr, offs_m, M, HAS_PERM)
-    cols = _original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
+    rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
+    cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
-    s_ptrs = s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn
-    m_ptrs = m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn
-    # The tile's own gate decides: the forward needs no clustering pass before it.
-    keep = _gate_keep(tl.load(s_ptrs, mask=inside, other=0.0), m_ptrs, inside, threshold, HAS_MASK, True)
-    active = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) != 0
-    if active:
+    word = tl.load(tile_bits_ptr + tile_m * n_words + tile_n // 32)
+    if ((word >> (tile_n % 32)) & 1) != 0:  # inactive tiles were zero-filled by the bits kernel
         z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
-        s = tl.load(s_ptrs, mask=inside, other=0.0)  # again, from L2: not held across the K loop
-        keep = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, True)
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
+        keep = _gate_keep(s, m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
+                          inside, threshold, HAS_MASK, True)
         r = tl.where(keep, s.to(tl.float32), 0.0)
         tl.store(y_ptrs, (z * r).to(y_ptr.dtype.element_ty), mask=inside)
-        # record the tile for the backward (bits of one word belong to several programs)
-        tl.atomic_or(tile_bits_ptr + tile_m * n_words + tile_n // 32, 1 << (tile_n % 32))
-        tl.atomic_add(count_ptr, 1)
-    else:
-        tl.store(y_ptrs, tl.zeros((BM, BN), dtype=y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -163,8 +148,8 @@ def _sddmm_backward_kernel(
     tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
-    rows = _original_index(perm_ptr, offs_m, M, HAS_PERM)
-    cols = _original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
+    rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
+    cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + cols[None, :] * stride_dsn
     active = _tile_is_computed(tile_bits_ptr, count_ptr, tile_m, tile_n, n_words, dense_min)
@@ -182,8 +167,6 @@ def _sddmm_backward_kernel(
                           stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
             strict = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, False)
             tl.store(ds_ptrs, tl.where(strict, dy * z, 0.0).to(ds_ptr.dtype.element_ty), mask=inside)
-    elif NEED_DS:
-        tl.store(ds_ptrs, tl.zeros((BM, BN), dtype=ds_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -192,30 +175,28 @@ def _dx_kernel(
     M, N, K, Nt, dense_min,
     stride_wn, stride_wk, stride_dxm, stride_dxk,
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_N: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN: tl.constexpr,
 ):
-    """Only the contracted dim (n) is masked; edge rows/columns read index 0, never stored."""
+    """EVEN (every dim a multiple of its tile): loads without masks, which pipeline best."""
     tile_m = tl.program_id(0)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
-    safe_m = tl.where(offs_m < M, offs_m, 0)
-    safe_k = tl.where(offs_k < K, offs_k, 0)
     n_blocks = tl.where(tl.load(count_ptr) >= dense_min, Nt, tl.load(counts_ptr + tile_m))
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for i in range(0, n_blocks):
         tile_n = tl.load(cols_ptr + tile_m * Nt + i)
         offs_n = tile_n * BN + tl.arange(0, BN)
-        w_rows = _original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
-        g_ptrs = g_ptr + safe_m[:, None] * N + offs_n[None, :]
-        w_ptrs = w_ptr + w_rows[:, None] * stride_wn + safe_k[None, :] * stride_wk
-        if EVEN_N:
+        w_rows = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
+        g_ptrs = g_ptr + offs_m[:, None] * N + offs_n[None, :]
+        w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        if EVEN:
             g = tl.load(g_ptrs)
             w = tl.load(w_ptrs)
         else:
-            g = tl.load(g_ptrs, mask=offs_n[None, :] < N, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_n[:, None] < N, other=0.0)
+            g = tl.load(g_ptrs, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+            w = tl.load(w_ptrs, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
         acc = _mma(g, w, acc, PRECISION)
-    rows = _original_index(perm_ptr, offs_m, M, HAS_PERM)
+    rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
@@ -226,34 +207,32 @@ def _dw_kernel(
     M, N, K, Mt, dense_min,
     stride_xm, stride_xk, stride_dwn, stride_dwk,
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, NEED_DB: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, EVEN_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr,
 ):
-    """Only the contracted dim (m) is masked; edge rows/columns read index 0, never stored."""
+    """EVEN (every dim a multiple of its tile): loads without masks, which pipeline best."""
     tile_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = tile_n * BN + tl.arange(0, BN)
     offs_k = pid_k * BK + tl.arange(0, BK)
-    safe_n = tl.where(offs_n < N, offs_n, 0)
-    safe_k = tl.where(offs_k < K, offs_k, 0)
     n_blocks = tl.where(tl.load(count_ptr) >= dense_min, Mt, tl.load(counts_ptr + tile_n))
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     db = tl.zeros((BN,), dtype=tl.float32)
     for i in range(0, n_blocks):
         tile_m = tl.load(rows_ptr + tile_n * Mt + i)
         offs_m = tile_m * BM + tl.arange(0, BM)
-        rows = _original_index(perm_ptr, offs_m, M, HAS_PERM)
-        g_ptrs = g_ptr + offs_m[:, None] * N + safe_n[None, :]
-        x_ptrs = x_ptr + rows[:, None] * stride_xm + safe_k[None, :] * stride_xk
-        if EVEN_M:
+        rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
+        g_ptrs = g_ptr + offs_m[:, None] * N + offs_n[None, :]
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        if EVEN:
             g = tl.load(g_ptrs)
             x = tl.load(x_ptrs)
         else:
-            g = tl.load(g_ptrs, mask=offs_m[:, None] < M, other=0.0)
-            x = tl.load(x_ptrs, mask=offs_m[:, None] < M, other=0.0)
+            g = tl.load(g_ptrs, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+            x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         acc = _mma(tl.trans(g), x, acc, PRECISION)
         if NEED_DB:
             db += tl.sum(g.to(tl.float32), axis=0)
-    cols = _original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
+    cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     tl.store(dw_ptr + cols[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
              acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
     if NEED_DB:
@@ -286,9 +265,9 @@ def _launch_config(kind: str, block: int, device: torch.device) -> dict:
 def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out_dtype) -> torch.Tensor:
     """y = (x W^T + b) * R on the tiles where R has a nonzero, zeros elsewhere.
 
-    x: (M, K), W: (N, K), gate: (M, N). The kernel finds the active tiles itself and
-    records them in ``bcat.tile_bits`` / ``bcat.count`` (zeroed by the caller), in the
-    tile space of ``bcat``'s permutations, for the backward.
+    x: (M, K), W: (N, K), gate: (M, N). Two launches: the bits kernel marks the active
+    tiles in ``bcat`` (zeroed by the caller; kept for the backward) and zero-fills the
+    others, then the GEMM kernel computes only the active ones.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -297,6 +276,7 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
         return y
     BM, BN = bcat.block_m, bcat.block_n
     Mt, Nt = bcat.grid
+    mark_active_tiles(bcat, gate, mask, threshold, zero_fill=y)
     cfg = _launch_config("sddmm", BM, x.device)
     m = mask if mask is not None else gate
     _sddmm_forward_kernel[(Mt * Nt,)](
@@ -327,7 +307,8 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
     col_perm = bcat.col_perm if has_col_perm else x
     m = mask if mask is not None else gate
     g = _empty((M, N), x.dtype, x.device)  # G' = dy * R, tile space
-    ds = _empty(gate.shape, gate.dtype, x.device) if need_ds else None
+    # inactive tiles of ds are zero: one memset at full bandwidth, the kernel skips them
+    ds = _empty(gate.shape, gate.dtype, x.device).zero_() if need_ds else None
     if M and N:
         dsp = ds if ds is not None else g
         _sddmm_backward_kernel[(Mt * Nt,)](
@@ -350,7 +331,7 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
                 g, weight, dx, perm, col_perm, row_counts, row_cols, bcat.count,
                 M, N, K, Nt, bcat.dense_min, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
                 HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, BM=BM, BN=BN, PRECISION=prec,
-                EVEN_N=N % BN == 0, **cfg,
+                EVEN=(M % BM == 0) and (N % BN == 0) and (K % cfg["BK"] == 0), **cfg,
             )
     if need_dw or need_db:
         dw = _empty(weight.shape, weight.dtype, x.device)
@@ -361,7 +342,7 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
                 g, x, dw, db if db is not None else dw, perm, col_perm, col_counts, col_rows, bcat.count,
                 M, N, K, Mt, bcat.dense_min, x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
                 HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, NEED_DB=need_db, BM=BM, BN=BN, PRECISION=prec,
-                EVEN_M=M % BM == 0, **cfg,
+                EVEN=(M % BM == 0) and (N % BN == 0) and (K % cfg["BK"] == 0), **cfg,
             )
         elif db is not None:
             db.zero_()
