@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 FAMILIES = ("sbl", "deepembed", "attention", "prefetch")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+DEEPEMBED_TABLES = ("gpu", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,9 @@ class BcptOptions:
     sbl_reorder: bool = False
     #: Extra options handed to Inductor (``torch.compile``'s own ``options``).
     inductor_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Where DeepEmbed tables live: "gpu" (with the compute) or "cpu" (host memory, rows
+    #: prefetched on a copy stream; see bcpt_compile.runtime.offload_tables).
+    deepembed_tables: str = "gpu"
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> "BcptOptions":
@@ -51,6 +55,10 @@ class BcptOptions:
             )
         if not (isinstance(opts.block_size, int) and opts.block_size >= 16 and opts.block_size & (opts.block_size - 1) == 0):
             raise ValueError(f"bcpt: block_size must be a power of two >= 16, got {opts.block_size!r}")
+        if opts.deepembed_tables not in DEEPEMBED_TABLES:
+            raise ValueError(
+                f"bcpt: deepembed_tables must be one of {list(DEEPEMBED_TABLES)}, got {opts.deepembed_tables!r}"
+            )
         if not 0.0 <= float(opts.density_crossover) <= 1.0:
             raise ValueError(f"bcpt: density_crossover must lie in [0, 1], got {opts.density_crossover!r}")
         if mode not in (None, "default") and opts.inner_compiler == "inductor":

@@ -5,3 +5,4 @@ backward, which AOTAutograd traces as a call to the backward op) and CPU and CUD
 """
 
 from . import sbl  # noqa: F401
+from . import deepembed  # noqa: F401

@@ -14,12 +14,13 @@ import torch.fx
 from .._logging import log
 from ..options import BcptOptions
 from ..report import Report
-from . import sbl
+from . import deepembed, sbl
 
 PassFn = Callable[[torch.fx.GraphModule, BcptOptions, Report], None]
 
 #: (family, pass) in the order they run; later passes see earlier rewrites.
 PASSES: list[tuple[str, PassFn]] = [
+    ("deepembed", deepembed.rewrite_deepembed),  # also places "prefetch" hints
     ("sbl", sbl.rewrite_sbl_masked_linear),
 ]
 

@@ -1,0 +1,345 @@
+"""DeepEmbed custom ops.
+
+``bcpt::deepembed_linear``: ``y = (h W^T + b) * table[idx]`` (output-scale form). Returns
+``(y, z)`` with ``z = h W^T + b``: z is what the table's gradient needs, and the forward
+kernel writes it from the accumulator for free, where recomputing it would cost a GEMM.
+
+``bcpt::deepembed_rowmix``: ``b[t] = a[t] @ table[idx[t]].view(r, r)`` (hidden-scale form).
+
+Both gradients for the table are row-sparse and summed per distinct index in a fixed order
+(deterministic); they are returned dense (zeros off ``idx``) because that is what eager's
+embedding backward gives and what optimizers and ``.grad`` accumulation expect.
+
+``indexing`` selects whose rules ``idx`` follows: ``weight[idx]`` (negative indices wrap,
+``IndexError: index ... is out of bounds``) or ``F.embedding`` (no negatives,
+``index out of range in self``), so that a bad index fails exactly as it does in eager.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels import triton_runs_on
+from ..runtime import ops as _runtime_ops  # noqa: F401  registers bcpt::row_plan / gather_rows / prefetch / wait
+
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_index_dtype(idx: Tensor, indexing: bool) -> None:
+    if idx.dtype in INDEX_DTYPES:
+        return
+    if indexing:
+        raise IndexError("tensors used as indices must be long, int, byte or bool tensors")
+    name = {torch.float32: "FloatTensor", torch.float64: "DoubleTensor", torch.float16: "HalfTensor",
+            torch.bfloat16: "BFloat16Tensor", torch.int16: "ShortTensor", torch.int8: "CharTensor",
+            torch.uint8: "ByteTensor", torch.bool: "BoolTensor"}.get(idx.dtype, str(idx.dtype))
+    raise RuntimeError(
+        "Expected tensor for argument #1 'indices' to have one of the following scalar types: Long, Int; "
+        f"but got torch.{name} instead (while checking arguments for embedding)"
+    )
+
+
+def checked_index(idx: Tensor, rows: int, indexing: bool) -> Tensor:
+    """idx flattened, negatives wrapped where eager wraps them; out-of-range raises eager's error.
+
+    On CUDA the range check is asynchronous (as eager's device assert is), so it costs no sync.
+    """
+    check_index_dtype(idx, indexing)
+    flat = idx.reshape(-1)
+    lo = -rows if indexing else 0
+    if flat.numel():
+        if flat.device.type == "cuda":
+            torch._assert_async(((flat >= lo) & (flat < rows)).all(), "bcpt.deepembed: index out of range")
+        else:
+            bad = flat[(flat < lo) | (flat >= rows)]
+            if bad.numel():
+                if indexing:
+                    raise IndexError(f"index {int(bad[0])} is out of bounds for dimension 0 with size {rows}")
+                raise IndexError("index out of range in self")
+    if indexing:
+        flat = torch.where(flat < 0, flat + rows, flat)
+    return flat
+
+
+def _check_linear(h: Tensor, weight: Tensor, bias, table: Tensor, idx: Tensor) -> None:
+    if weight.dim() != 2 or table.dim() != 2:
+        raise ValueError("bcpt.deepembed_linear: weight and table must be 2-D")
+    if h.shape[-1] != weight.shape[1]:
+        raise ValueError(f"bcpt.deepembed_linear: h's last dim {h.shape[-1]} != weight's in-features {weight.shape[1]}")
+    if table.shape[1] != weight.shape[0]:
+        raise ValueError(f"bcpt.deepembed_linear: table width {table.shape[1]} != out-features {weight.shape[0]}")
+    if tuple(idx.shape) != tuple(h.shape[:-1]) and not (idx.dim() == 1 and idx.numel() == h.numel() // max(h.shape[-1], 1)):
+        raise ValueError(f"bcpt.deepembed_linear: idx shape {tuple(idx.shape)} != h's leading shape {tuple(h.shape[:-1])}")
+
+
+def _use_kernels(t: Tensor) -> bool:
+    return triton_runs_on(t)
+
+
+# ------------------------------------------------------------------ output-scale form
+
+@torch.library.custom_op("bcpt::deepembed_linear", mutates_args=())
+def deepembed_linear(h: Tensor, weight: Tensor, bias: Tensor | None, table: Tensor, idx: Tensor,
+                     indexing: bool) -> tuple[Tensor, Tensor]:
+    _check_linear(h, weight, bias, table, idx)
+    flat = checked_index(idx, table.shape[0], indexing)
+    out_dtype = torch.promote_types(h.dtype, table.dtype)
+    h2 = h.reshape(-1, h.shape[-1])
+    if _use_kernels(h):
+        from ..kernels.deepembed import out_scale_forward
+
+        y, z = out_scale_forward(h2, weight, bias, table, flat, out_dtype)
+    else:
+        z = F.linear(h2, weight, bias)
+        y = z.to(out_dtype) * table[flat]
+    n = weight.shape[0]
+    return y.view(*h.shape[:-1], n), z.view(*h.shape[:-1], n)
+
+
+@deepembed_linear.register_fake
+def _(h, weight, bias, table, idx, indexing):
+    _check_linear(h, weight, bias, table, idx)
+    check_index_dtype(idx, indexing)
+    shape = (*h.shape[:-1], weight.shape[0])
+    return h.new_empty(shape, dtype=torch.promote_types(h.dtype, table.dtype)), h.new_empty(shape)
+
+
+@torch.library.custom_op("bcpt::deepembed_linear_backward", mutates_args=())
+def deepembed_linear_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, table: Tensor,
+                              idx: Tensor, z: Tensor, indexing: bool,
+                              needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    need_dh, need_dw, need_db, need_dt = (bool(n) for n in needs)
+    need_db = need_db and bias is not None
+    flat = checked_index(idx, table.shape[0], indexing)
+    n = weight.shape[0]
+    g2 = grad.reshape(-1, n)
+    z2 = z.reshape(-1, n)
+    h2 = h.reshape(-1, h.shape[-1])
+    need_gh = need_dh or need_dw or need_db
+    if _use_kernels(grad):
+        from ..kernels.deepembed import out_scale_backward
+
+        gh, dtable = out_scale_backward(g2.contiguous(), z2, table, flat, need_gh, need_dt)
+    else:
+        gh = (g2 * table[flat]).to(z.dtype) if need_gh else None
+        dtable = None
+        if need_dt:
+            dtable = torch.zeros(table.shape, dtype=torch.float32, device=table.device).index_add_(0, flat, g2.float() * z2.float())
+            dtable = dtable.to(table.dtype)
+    empty = grad.new_empty(0)
+    dh = (gh @ weight).view(h.shape) if need_dh else empty
+    dw = (gh.t() @ h2).to(weight.dtype) if need_dw else empty
+    db = gh.sum(0).to(bias.dtype) if need_db else empty
+    return dh, dw, db, dtable if dtable is not None else empty
+
+
+@deepembed_linear_backward.register_fake
+def _(grad, h, weight, bias, table, idx, z, indexing, needs):
+    need_dh, need_dw, need_db, need_dt = (bool(n) for n in needs)
+    need_db = need_db and bias is not None
+    empty = grad.new_empty(0)
+    c = torch.contiguous_format
+    return (
+        torch.empty_like(h, memory_format=c) if need_dh else empty,
+        torch.empty_like(weight, memory_format=c) if need_dw else empty,
+        torch.empty_like(bias) if need_db else empty,
+        torch.empty_like(table, memory_format=c) if need_dt else empty,
+    )
+
+
+def _linear_setup(ctx, inputs, output):
+    h, weight, bias, table, idx, indexing = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(h, weight, bias, table, idx, output[1])
+    ctx.indexing = indexing
+
+
+def _linear_backward(ctx, grad, _grad_z):
+    h, weight, bias, table, idx, z = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in range(4)]
+    dh, dw, db, dt = torch.ops.bcpt.deepembed_linear_backward(
+        grad.contiguous(), h, weight, bias, table, idx, z, ctx.indexing, needs)
+    out = [g if n else None for g, n in zip((dh, dw, db, dt), needs)]
+    if bias is None:
+        out[2] = None
+    return out[0], out[1], out[2], out[3], None, None
+
+
+deepembed_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ------------------------------------------------------------------ hidden-scale form
+
+def _check_rowmix(a: Tensor, table: Tensor, idx: Tensor, r: int) -> None:
+    if a.dim() != 2 or a.shape[1] != r or table.dim() != 2 or table.shape[1] != r * r:
+        raise ValueError(f"bcpt.deepembed_rowmix: a must be (M, {r}) and table (V, {r * r}), got "
+                         f"{tuple(a.shape)} and {tuple(table.shape)}")
+    if idx.numel() != a.shape[0]:
+        raise ValueError(f"bcpt.deepembed_rowmix: {idx.numel()} indices for {a.shape[0]} rows of a")
+
+
+@torch.library.custom_op("bcpt::deepembed_rowmix", mutates_args=())
+def deepembed_rowmix(a: Tensor, table: Tensor, idx: Tensor, r: int, indexing: bool) -> Tensor:
+    _check_rowmix(a, table, idx, r)
+    flat = checked_index(idx, table.shape[0], indexing)
+    out_dtype = torch.promote_types(a.dtype, table.dtype)
+    if _use_kernels(a):
+        from ..kernels.deepembed import rowmix_forward
+
+        return rowmix_forward(a, table, flat, r, out_dtype)
+    return (a.to(out_dtype).unsqueeze(1) @ table[flat].view(-1, r, r).to(out_dtype)).squeeze(1)
+
+
+@deepembed_rowmix.register_fake
+def _(a, table, idx, r, indexing):
+    _check_rowmix(a, table, idx, r)
+    check_index_dtype(idx, indexing)
+    return a.new_empty((a.shape[0], r), dtype=torch.promote_types(a.dtype, table.dtype))
+
+
+@torch.library.custom_op("bcpt::deepembed_rowmix_backward", mutates_args=())
+def deepembed_rowmix_backward(grad: Tensor, a: Tensor, table: Tensor, idx: Tensor, r: int, indexing: bool,
+                              needs: Sequence[bool]) -> tuple[Tensor, Tensor]:
+    need_da, need_dt = (bool(n) for n in needs)
+    flat = checked_index(idx, table.shape[0], indexing)
+    if _use_kernels(grad):
+        from ..kernels.deepembed import rowmix_backward
+
+        da, dt = rowmix_backward(grad.contiguous(), a, table, flat, r, need_da, need_dt)
+    else:
+        g = grad.float()
+        da = (g.unsqueeze(1) @ table[flat].view(-1, r, r).float().transpose(1, 2)).squeeze(1).to(a.dtype) if need_da else None
+        dt = None
+        if need_dt:
+            outer = (a.float()[:, :, None] * g[:, None, :]).reshape(-1, r * r)
+            dt = torch.zeros(table.shape, dtype=torch.float32, device=table.device).index_add_(0, flat, outer).to(table.dtype)
+    empty = grad.new_empty(0)
+    return da if da is not None else empty, dt if dt is not None else empty
+
+
+@deepembed_rowmix_backward.register_fake
+def _(grad, a, table, idx, r, indexing, needs):
+    need_da, need_dt = (bool(n) for n in needs)
+    empty = grad.new_empty(0)
+    c = torch.contiguous_format
+    return (torch.empty_like(a, memory_format=c) if need_da else empty,
+            torch.empty_like(table, memory_format=c) if need_dt else empty)
+
+
+def _rowmix_setup(ctx, inputs, output):
+    a, table, idx, r, indexing = inputs
+    ctx.save_for_backward(a, table, idx)
+    ctx.config = (r, indexing)
+
+
+def _rowmix_backward(ctx, grad):
+    a, table, idx = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+    da, dt = torch.ops.bcpt.deepembed_rowmix_backward(grad.contiguous(), a, table, idx, *ctx.config, needs)
+    return (da if needs[0] else None), (dt if needs[1] else None), None, None, None
+
+
+deepembed_rowmix.register_autograd(_rowmix_backward, setup_context=_rowmix_setup)
+
+
+# ------------------------------------------------------------------ hidden-scale producer
+
+def _check_hidden(x: Tensor, weight: Tensor, b: Tensor, s2: Tensor, s0) -> None:
+    if weight.dim() != 2 or s2.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError("bcpt.deepembed_hidden: weight must be (hidden, in) and match x's last dim")
+    if b.dim() != 2 or b.shape[0] * x.shape[-1] != x.numel() or b.shape[1] != s2.shape[0]:
+        raise ValueError(f"bcpt.deepembed_hidden: b must be (tokens, r), got {tuple(b.shape)}")
+    if s2.shape[1] != weight.shape[0] or (s0 is not None and tuple(s0.shape) != (weight.shape[0],)):
+        raise ValueError("bcpt.deepembed_hidden: s2 must be (r, hidden) and s0 (hidden,)")
+
+
+@torch.library.custom_op("bcpt::deepembed_hidden", mutates_args=())
+def deepembed_hidden(x: Tensor, weight: Tensor, b: Tensor, s2: Tensor, s0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(k, u): k = relu(x W^T) ** 2 * (b @ s2 + s0), with u = x W^T kept for the backward.
+
+    The scale never exists as a (tokens x hidden) tensor: each tile recomputes it from the
+    rank-r ``b`` in the GEMM epilogue (an r-deep dot), forward and backward.
+    """
+    _check_hidden(x, weight, b, s2, s0)
+    x2 = x.reshape(-1, x.shape[-1])
+    if _use_kernels(x):
+        from ..kernels.deepembed import hidden_forward
+
+        k, u = hidden_forward(x2, weight, b, s2, s0)
+    else:
+        u = x2 @ weight.t()
+        c = b @ s2 + (s0 if s0 is not None else 0)
+        k = (torch.relu(u.float()) ** 2 * c.float()).to(x.dtype)
+    shape = (*x.shape[:-1], weight.shape[0])
+    return k.view(shape), u.view(shape)
+
+
+@deepembed_hidden.register_fake
+def _(x, weight, b, s2, s0):
+    _check_hidden(x, weight, b, s2, s0)
+    shape = (*x.shape[:-1], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.custom_op("bcpt::deepembed_hidden_backward", mutates_args=())
+def deepembed_hidden_backward(grad: Tensor, x: Tensor, weight: Tensor, b: Tensor, s2: Tensor, s0: Tensor | None,
+                              u: Tensor, needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need_dx, need_dw, need_db, need_ds2, need_ds0 = (bool(n) for n in needs)
+    need_ds0 = need_ds0 and s0 is not None
+    n = weight.shape[0]
+    g2, u2, x2 = grad.reshape(-1, n), u.reshape(-1, n), x.reshape(-1, x.shape[-1])
+    if _use_kernels(grad):
+        from ..kernels.deepembed import hidden_backward
+
+        du, dc = hidden_backward(g2, u2, b, s2, s0)
+    else:
+        c = (b @ s2 + (s0 if s0 is not None else 0)).float()
+        relu = torch.relu(u2.float())
+        du = (g2.float() * c * 2 * relu).to(u.dtype)
+        dc = (g2.float() * relu * relu).to(u.dtype)
+    empty = grad.new_empty(0)
+    return (
+        (du @ weight).view(x.shape) if need_dx else empty,
+        (du.t() @ x2).to(weight.dtype) if need_dw else empty,
+        (dc @ s2.t()).to(b.dtype) if need_db else empty,
+        (b.t() @ dc).to(s2.dtype) if need_ds2 else empty,
+        dc.float().sum(0).to(s0.dtype) if need_ds0 else empty,
+    )
+
+
+@deepembed_hidden_backward.register_fake
+def _(grad, x, weight, b, s2, s0, u, needs):
+    need_dx, need_dw, need_db, need_ds2, need_ds0 = (bool(n) for n in needs)
+    need_ds0 = need_ds0 and s0 is not None
+    empty = grad.new_empty(0)
+    c = torch.contiguous_format
+    return (
+        torch.empty_like(x, memory_format=c) if need_dx else empty,
+        torch.empty_like(weight, memory_format=c) if need_dw else empty,
+        torch.empty_like(b, memory_format=c) if need_db else empty,
+        torch.empty_like(s2, memory_format=c) if need_ds2 else empty,
+        torch.empty_like(s0) if need_ds0 else empty,
+    )
+
+
+def _hidden_setup(ctx, inputs, output):
+    x, weight, b, s2, s0 = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, b, s2, s0, output[1])
+
+
+def _hidden_backward(ctx, grad, _grad_u):
+    x, weight, b, s2, s0, u = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in range(5)]
+    grads = torch.ops.bcpt.deepembed_hidden_backward(grad.contiguous(), x, weight, b, s2, s0, u, needs)
+    out = [g if n else None for g, n in zip(grads, needs)]
+    if s0 is None:
+        out[4] = None
+    return tuple(out)
+
+
+deepembed_hidden.register_autograd(_hidden_backward, setup_context=_hidden_setup)

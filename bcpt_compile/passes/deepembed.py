@@ -1,0 +1,375 @@
+"""DeepEmbed FFNs: a per-token row of a (vocab x width) table scales an FFN.
+
+Two forms are matched on the Dynamo graph:
+
+* output scale (RWKV-8 demo): ``linear(relu(k) ** 2, V) * table[idx]`` becomes
+  ``bcpt.deepembed_linear``, whose GEMM epilogue gathers and multiplies, so the
+  (tokens x d) gathered embedding is never written or read back;
+* hidden scale (RWKV-7 DeepEmbed): ``a @ table[idx].view(.., r, r)`` becomes
+  ``bcpt.deepembed_rowmix``, which reads each token's r x r matrix straight from its table
+  row; the surrounding low-rank GEMMs and the ``relu ** 2 * scale`` stay with Inductor,
+  which fuses that elementwise tail into one kernel.
+
+The squared relu is required on the output-scale form: it is what makes the pattern an
+FFN and not any ``linear * embedding``, whose owner may want its own kernel.
+
+With ``deepembed_tables="cpu"`` a table that lives on the host is reached through
+``bcpt.row_plan`` (once per ``idx``) and ``bcpt.gather_rows``; the prefetch pass then
+splits every gather into a prefetch at the graph input and a wait before its use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import operator
+from typing import Optional, Union
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from ..options import BcptOptions
+from ..report import Report
+from .canonical import Node, arg, erase_unused, example_value, is_function, is_method, linear_of, mul_operands, relu_input
+
+FAMILY = "deepembed"
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int64, torch.int32)
+EMBEDDING_FUNCTIONS = (F.embedding, torch.nn.functional.embedding)
+
+
+# ------------------------------------------------------------------ spelling helpers
+
+def _is_device_like(v: object) -> bool:
+    return isinstance(v, (torch.device, str))
+
+
+def device_move_input(node: object) -> Optional[Node]:
+    """x for ``x.to(device)``, ``x.cuda()``, ``x.cpu()`` (no dtype change), else None."""
+    if not isinstance(node, Node):
+        return None
+    if is_method(node, "cuda", "cpu"):
+        if all(k in ("non_blocking", "device", "memory_format") for k in node.kwargs) and all(
+            _is_device_like(a) or isinstance(a, int) for a in node.args[1:]
+        ):
+            return node.args[0]
+        return None
+    if is_method(node, "to") or is_function(node, torch.Tensor.to):
+        if all(_is_device_like(a) for a in node.args[1:]) and set(node.kwargs) <= {"device", "non_blocking", "copy"}:
+            return node.args[0]
+    return None
+
+
+def strip_moves(node: object) -> object:
+    while True:
+        src = device_move_input(node)
+        if src is None:
+            return node
+        node = src
+
+
+def squared_relu_of(node: object) -> Optional[Node]:
+    """The relu node r for ``r ** 2``, ``torch.pow(r, 2)``, ``r * r``, ``torch.square(r)``."""
+    if not isinstance(node, Node):
+        return None
+    base = None
+    if is_function(node, operator.pow, torch.pow) or is_method(node, "pow"):
+        exponent = arg(node, 1, "exponent")
+        if isinstance(exponent, numbers.Real) and float(exponent) == 2.0:
+            base = node.args[0]
+    elif is_function(node, torch.square) or is_method(node, "square"):
+        base = node.args[0]
+    else:
+        ops = mul_operands(node)
+        if ops is not None and ops[0] is ops[1]:
+            base = ops[0]
+    return base if base is not None and relu_input(base) is not None else None
+
+
+@dataclasses.dataclass
+class Gather:
+    """rows = table[idx] (``indexing``: ``weight[idx]`` rules, else ``F.embedding``'s)."""
+
+    table: Node
+    idx: Node
+    indexing: bool
+
+
+def gather_of(node: object) -> Union[Gather, str, None]:
+    """The table gather behind ``node`` (device moves skipped); a reason when it cannot be fused."""
+    node = strip_moves(node)
+    if not isinstance(node, Node):
+        return None
+    if is_function(node, *EMBEDDING_FUNCTIONS):
+        idx, table = node.args[0], arg(node, 1, "weight")
+        if arg(node, 2, "padding_idx") is not None:
+            return "embedding with padding_idx (its row's gradient is dropped; not modelled)"
+        if arg(node, 3, "max_norm") is not None:
+            return "embedding with max_norm (renormalises table rows in place)"
+        if arg(node, 5, "scale_grad_by_freq", False):
+            return "embedding with scale_grad_by_freq"
+        if arg(node, 6, "sparse", False):
+            return "embedding with sparse=True (keeps its sparse-gradient path)"
+        g = Gather(table, strip_moves(idx), indexing=False)
+    elif is_function(node, operator.getitem) and isinstance(node.args[1], Node):
+        g = Gather(node.args[0], strip_moves(node.args[1]), indexing=True)
+    elif (is_function(node, torch.index_select) or is_method(node, "index_select")) and arg(node, 1, "dim") == 0:
+        g = Gather(node.args[0], strip_moves(arg(node, 2, "index")), indexing=False)
+    else:
+        return None
+    t, i = example_value(g.table), example_value(g.idx)
+    if t is None or i is None or t.dim() != 2:
+        return None
+    if g.table.op != "placeholder" and g.table.op != "get_attr":
+        return "the table is computed in the graph, not a parameter or input"
+    return g
+
+
+# ------------------------------------------------------------------ checks shared by both forms
+
+def _dtype_reason(**vals: Optional[torch.Tensor]) -> Optional[str]:
+    for name, v in vals.items():
+        if v is None:
+            return "shapes unknown (no example values)"
+        if v.dtype not in FLOAT_DTYPES:
+            return f"{name} dtype {v.dtype} is not supported (float32, bfloat16, float16)"
+    return None
+
+
+def _placement(table_val: torch.Tensor, compute: torch.device, opts: BcptOptions) -> Union[str, tuple[str, str]]:
+    """("direct" | "host", note) or a refusal reason."""
+    if table_val.device == compute:
+        if opts.deepembed_tables == "cpu" and compute.type != "cpu":
+            return ("direct", f"table is already on {compute}; move it to the host with "
+                              "bcpt_compile.runtime.offload_tables to prefetch it")
+        return ("host", "") if opts.deepembed_tables == "cpu" else ("direct", "")
+    if table_val.device.type == "cpu" and compute.type == "cuda":
+        if opts.deepembed_tables == "cpu":
+            return ("host", "")
+        return "table is in host memory; deepembed_tables='cpu' prefetches its rows"
+    return f"table on {table_val.device} and compute on {compute}"
+
+
+class _Rewriter:
+    def __init__(self, gm: torch.fx.GraphModule, opts: BcptOptions, report: Report):
+        self.gm, self.graph, self.opts, self.report = gm, gm.graph, opts, report
+        self.plans: dict[tuple, Node] = {}
+
+    def _after_inputs(self, node: Node) -> Node:
+        """Where to insert a node computed from ``node`` as early as possible: after it,
+        and after the last placeholder (placeholders must stay first)."""
+        last_ph = None
+        for n in self.graph.nodes:
+            if n.op == "placeholder":
+                last_ph = n
+            else:
+                break
+        if node.op == "placeholder":
+            return last_ph
+        return node
+
+    def table_operands(self, g: Gather, at: Node, compute: torch.device, host: bool):
+        """(table, idx, indexing) for the fused op: the table itself, or host rows gathered to compute."""
+        if not host:
+            return g.table, g.idx, g.indexing
+        rows = example_value(g.table).shape[0]
+        key = (g.idx, rows, g.indexing)
+        plan = self.plans.get(key)
+        if plan is None:
+            with self.graph.inserting_after(self._after_inputs(g.idx)):
+                plan = self.graph.call_function(torch.ops.bcpt.row_plan.default, (g.idx, rows, g.indexing))
+            self.plans[key] = plan
+        with self.graph.inserting_before(at):
+            got = self.graph.call_function(torch.ops.bcpt.gather_rows.default, (g.table, plan, str(compute)))
+            got.meta["stack_trace"] = at.meta.get("stack_trace")
+            rows_node = self.graph.call_function(operator.getitem, (got, 0))
+            inv_node = self.graph.call_function(operator.getitem, (got, 1))
+        return rows_node, inv_node, False
+
+    # -------------------------------------------------------------- output-scale form
+
+    def output_scale(self, mul: Node) -> None:
+        ops = mul_operands(mul)
+        if ops is None:
+            return
+        for lin_node, g_node in (ops, ops[::-1]):
+            lin = linear_of(lin_node)
+            g = gather_of(g_node) if lin is not None else None
+            if lin is not None and g is not None:
+                break
+        else:
+            return
+        if isinstance(g, str):
+            self.report.add_miss(FAMILY, mul, g)
+            return
+        reason = self._output_refusal(mul, lin, lin_node, g, g_node)
+        if isinstance(reason, str):
+            self.report.add_miss(FAMILY, mul, reason)
+            return
+        compute = example_value(mul).device
+        where, note = reason
+        if note:
+            self.report.add_miss("prefetch", mul, note)
+        table, idx, indexing = self.table_operands(g, mul, compute, where == "host")
+        with self.graph.inserting_before(mul):
+            weight = self.graph.call_function(torch.t, (lin.weight,)) if lin.weight_is_kn else lin.weight
+            call = self.graph.call_function(torch.ops.bcpt.deepembed_linear.default,
+                                            (lin.x, weight, lin.bias, table, idx, indexing))
+            out = self.graph.call_function(operator.getitem, (call, 0))
+        out.meta.update({k: v for k, v in mul.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack")})
+        self.report.add_site(FAMILY, mul, "bcpt.deepembed_linear", [lin.x, lin.weight, g.table, g.idx])
+        mul.replace_all_uses_with(out)
+        erase_unused(mul, g_node, lin_node)
+
+    def _output_refusal(self, mul, lin, lin_node, g: Gather, g_node):
+        if squared_relu_of(lin.x) is None:
+            return "the value projection's input is not a squared relu (not a DeepEmbed FFN)"
+        h, w, t, i = (example_value(n) for n in (lin.x, lin.weight, g.table, g.idx))
+        z, e, y = example_value(lin_node), example_value(g_node), example_value(mul)
+        reason = _dtype_reason(input=h, weight=w, table=t, output=y)
+        if reason:
+            return reason
+        if i is None or i.dtype not in INDEX_DTYPES:
+            return f"idx dtype {getattr(i, 'dtype', None)} is not an integer index (eager raises)"
+        if e is None or z is None or tuple(e.shape) != tuple(z.shape):
+            return "the embedding broadcasts against the value output (shapes differ)"
+        if tuple(i.shape) != tuple(h.shape[:-1]):
+            return f"idx shape {tuple(i.shape)} is not the tokens' shape {tuple(h.shape[:-1])}"
+        if len(lin_node.users) != 1:
+            return "the unscaled value output has other users, so it is computed anyway"
+        if h.dtype != w.dtype:
+            return f"value input {h.dtype} and weight {w.dtype} differ"
+        if y.dtype != torch.promote_types(z.dtype, t.dtype):
+            return "the product's dtype is not the promotion of its operands"
+        return _placement(t, y.device, self.opts)
+
+    # -------------------------------------------------------------- hidden-scale form
+
+    def hidden_scale(self, mm: Node) -> None:
+        if not (is_function(mm, operator.matmul, torch.matmul, torch.bmm) or is_method(mm, "matmul", "bmm")):
+            return
+        if len(mm.args) != 2 or mm.kwargs:
+            return
+        a_node, ev_node = mm.args
+        if not (is_method(ev_node, "view", "reshape") or is_function(ev_node, torch.reshape)):
+            return
+        g = gather_of(ev_node.args[0])
+        if g is None:
+            return
+        if isinstance(g, str):
+            self.report.add_miss(FAMILY, mm, g)
+            return
+        reason = self._hidden_refusal(mm, a_node, ev_node, g)
+        if isinstance(reason, str):
+            self.report.add_miss(FAMILY, mm, reason)
+            return
+        where, note = reason
+        out_val = example_value(mm)
+        r = example_value(ev_node).shape[-1]
+        if note:
+            self.report.add_miss("prefetch", mm, note)
+        table, idx, indexing = self.table_operands(g, mm, out_val.device, where == "host")
+        with self.graph.inserting_before(mm):
+            a2 = self.graph.call_function(torch.reshape, (a_node, (-1, r)))
+            call = self.graph.call_function(torch.ops.bcpt.deepembed_rowmix.default, (a2, table, idx, r, indexing))
+            out = self.graph.call_method("reshape_as", (call, a_node))  # a @ E keeps a's shape
+        out.meta.update({k: v for k, v in mm.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack")})
+        self.report.add_site(FAMILY, mm, "bcpt.deepembed_rowmix", [a_node, g.table, g.idx])
+        mm.replace_all_uses_with(out)
+        erase_unused(mm, ev_node)
+        if self.fuse_producer(out, r):
+            self.report.sites[-1].op = "bcpt.deepembed_rowmix+hidden"
+
+    def fuse_producer(self, mix: Node, r: int) -> bool:
+        """Fold ``relu(x @ K) ** 2 * (mix @ s2 + s0)`` into ``bcpt.deepembed_hidden``.
+
+        Optional: when the surrounding FFN is spelled differently the rowmix site stands alone.
+        """
+        while len(mix.users) == 1:
+            user = next(iter(mix.users))
+            if is_method(user, "squeeze", "view", "reshape") or is_function(user, torch.squeeze, torch.reshape):
+                mix = user
+            else:
+                break
+        if len(mix.users) != 1:
+            return False
+        scale = next(iter(mix.users))
+        if len(scale.users) == 1:
+            outer = next(iter(scale.users))
+            lm = linear_of(outer)
+            if lm is not None and lm.x is mix and lm.bias is not None:
+                scale = outer
+        lm = linear_of(scale)
+        if lm is None or lm.x is not mix or len(scale.users) != 1:
+            return False
+        kmul = next(iter(scale.users))
+        ops = mul_operands(kmul)
+        if ops is None:
+            return False
+        sq = ops[0] if ops[1] is scale else ops[1]
+        relu = squared_relu_of(sq)
+        u_node = relu_input(relu) if relu is not None else None
+        ul = linear_of(u_node)
+        if ul is None or ul.bias is not None:
+            return False
+        if len(u_node.users) != 1 or len(relu.users) != 1 or len(sq.users) != 1:
+            return False
+        x, w, m, s2, y = (example_value(n) for n in (ul.x, ul.weight, mix, lm.weight, kmul))
+        s0 = example_value(lm.bias) if lm.bias is not None else None
+        if any(v is None for v in (x, w, m, s2, y)) or y.shape[:-1] != x.shape[:-1]:
+            return False
+        if len({v.dtype for v in (x, w, m, s2, y) + ((s0,) if s0 is not None else ())}) != 1:
+            return False
+        if m.numel() // r != x.numel() // x.shape[-1]:
+            return False
+        with self.graph.inserting_before(kmul):
+            kw = self.graph.call_function(torch.t, (ul.weight,)) if ul.weight_is_kn else ul.weight
+            s2w = lm.weight if lm.weight_is_kn else self.graph.call_function(torch.t, (lm.weight,))
+            b2 = self.graph.call_function(torch.reshape, (mix, (-1, r)))
+            call = self.graph.call_function(torch.ops.bcpt.deepembed_hidden.default, (ul.x, kw, b2, s2w, lm.bias))
+            k = self.graph.call_function(operator.getitem, (call, 0))
+        k.meta.update({key: v for key, v in kmul.meta.items() if key in ("example_value", "stack_trace", "nn_module_stack")})
+        kmul.replace_all_uses_with(k)
+        erase_unused(kmul, sq, scale)
+        return True
+
+    def _hidden_refusal(self, mm, a_node, ev_node, g: Gather):
+        a, ev, t, i, y = (example_value(n) for n in (a_node, ev_node, g.table, g.idx, mm))
+        reason = _dtype_reason(input=a, table=t, output=y)
+        if reason:
+            return reason
+        if i is None or i.dtype not in INDEX_DTYPES:
+            return f"idx dtype {getattr(i, 'dtype', None)} is not an integer index (eager raises)"
+        if ev is None or ev.dim() < 2 or ev.shape[-1] != ev.shape[-2] or ev.shape[-1] ** 2 != t.shape[1]:
+            return "the table row is not viewed as a square (r, r) matrix"
+        r = ev.shape[-1]
+        if not isinstance(r, int):
+            return "the (r, r) view of the table row has a symbolic r"
+        tokens = i.numel()
+        if a.dim() == 1:
+            ok = ev.dim() == 2 and a.shape[0] == r and tokens == 1
+        else:
+            ok = (a.dim() == ev.dim() and a.shape[-2] == 1 and a.shape[-1] == r
+                  and tuple(a.shape[:-2]) == tuple(ev.shape[:-2]) and a.numel() == tokens * r)
+        if not ok or tuple(y.shape) != tuple(a.shape):
+            return f"a {tuple(a.shape)} is not one r-vector per token for rows {tuple(ev.shape)}"
+        if a.dtype != t.dtype:
+            return f"a {a.dtype} and table {t.dtype} differ"
+        return _placement(t, y.device, self.opts)
+
+
+def rewrite_deepembed(gm: torch.fx.GraphModule, opts: BcptOptions, report: Report) -> None:
+    """Rewrite both DeepEmbed forms, then place prefetch hints for host tables."""
+    rw = _Rewriter(gm, opts, report)
+    for node in list(gm.graph.nodes):
+        if getattr(node, "_erased", False):
+            continue
+        if mul_operands(node) is not None:
+            rw.output_scale(node)
+        else:
+            rw.hidden_scale(node)
+    if opts.enabled("prefetch"):
+        from .prefetch import insert_prefetch_hints
+
+        insert_prefetch_hints(gm, opts, report)

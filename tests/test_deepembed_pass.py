@@ -1,0 +1,485 @@
+"""The deepembed pass: spellings (snapshots), compiled == eager, explain counts, bad idx."""
+
+import expecttest
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bcpt_compile
+from bcpt_compile.options import BcptOptions
+from bcpt_compile.testing import rewritten_graph, rewritten_graphs
+
+D, HID, VOCAB, R = 8, 16, 10, 4
+
+
+def _inputs(seed=0, shape=(2, 3)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, D, generator=g), torch.randint(0, VOCAB, shape, generator=g)
+
+
+class OutScale(nn.Module):
+    """RWKV-8-style output scale with selectable spellings."""
+
+    def __init__(self, emb="module", sq="pow", lin="module", bias=False):
+        super().__init__()
+        self.emb_kind, self.sq, self.lin = emb, sq, lin
+        self.key = nn.Linear(D, HID, bias=False)
+        self.value = nn.Linear(HID, D, bias=bias)
+        self.deepemb = nn.Embedding(VOCAB, D)
+        with torch.no_grad():
+            self.deepemb.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x, idx):
+        r = torch.relu(self.key(x))
+        k = {"pow": lambda: r ** 2, "mul": lambda: r * r, "square": lambda: torch.square(r)}[self.sq]()
+        if self.lin == "module":
+            v = self.value(k)
+        elif self.lin == "functional":
+            v = F.linear(k, self.value.weight, self.value.bias)
+        else:
+            v = k @ self.value.weight.T
+        if self.emb_kind == "module":
+            e = self.deepemb(idx)
+        elif self.emb_kind == "functional":
+            e = F.embedding(idx, self.deepemb.weight)
+        else:
+            e = self.deepemb.weight[idx]
+        return v * e
+
+
+class HiddenScale(nn.Module):
+    """RWKV-7 DeepEmbed hidden scale: k * (((x @ s1) @ s_emb[idx].view(r, r)) @ s2 + s0)."""
+
+    def __init__(self, emb="index"):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.emb_kind = emb
+        self.K = nn.Parameter(torch.randn(D, HID, generator=g) * 0.3)
+        self.V = nn.Parameter(torch.randn(HID, D, generator=g) * 0.3)
+        self.s1 = nn.Parameter(torch.randn(D, R, generator=g) * 0.3)
+        self.s2 = nn.Parameter(torch.randn(R, HID, generator=g) * 0.3)
+        self.s0 = nn.Parameter(torch.ones(HID))
+        self.s_emb = nn.Parameter(torch.randn(VOCAB, R * R, generator=g))
+
+    def forward(self, x, idx):
+        k = torch.relu(x @ self.K) ** 2
+        rows = self.s_emb[idx] if self.emb_kind == "index" else F.embedding(idx, self.s_emb)
+        if idx.dim() == 0:  # one token, as the RNN-mode release writes it
+            mix = (x @ self.s1) @ rows.view(R, R)
+        else:
+            mix = ((x @ self.s1).unsqueeze(-2) @ rows.view(*idx.shape, R, R)).squeeze(-2)
+        k = k * (mix @ self.s2 + self.s0)
+        return k @ self.V
+
+
+def _compare(model, x, idx, **options):
+    """Outputs and every parameter gradient of the compiled model against eager."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="bcpt", options={"inner_compiler": "aot_eager", **options})
+    xs = x.clone().requires_grad_()
+    y = compiled(xs, idx)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    xe = x.clone().requires_grad_()
+    ye = model(xe, idx)
+    ye.backward(gy)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-5, msg=n)
+    torch.testing.assert_close(xs.grad, xe.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, ye, rtol=1e-5, atol=1e-5)
+    model.zero_grad()
+    return y
+
+
+class TestSnapshots(expecttest.TestCase):
+    def test_nn_embedding_nn_linear_pow(self):
+        self.assertExpectedInline(rewritten_graph(OutScale(), *_inputs()), """\
+def forward(self, L_self_modules_key_parameters_weight_, L_x_, L_self_modules_value_parameters_weight_, L_self_modules_deepemb_parameters_weight_, L_idx_):
+    l_self_modules_key_parameters_weight_ = L_self_modules_key_parameters_weight_
+    l_x_ = L_x_
+    l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
+    l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
+    l_idx_ = L_idx_
+    linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
+    r = torch.relu(linear)
+    k = r ** 2
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, l_idx_, False)
+    getitem = deepembed_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_functional_embedding_functional_linear_mul(self):
+        self.assertExpectedInline(rewritten_graph(OutScale("functional", "mul", "functional", bias=True), *_inputs()), """\
+def forward(self, L_self_modules_key_parameters_weight_, L_x_, L_self_modules_value_parameters_weight_, L_self_modules_value_parameters_bias_, L_self_modules_deepemb_parameters_weight_, L_idx_):
+    l_self_modules_key_parameters_weight_ = L_self_modules_key_parameters_weight_
+    l_x_ = L_x_
+    l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
+    l_self_modules_value_parameters_bias_ = L_self_modules_value_parameters_bias_
+    l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
+    l_idx_ = L_idx_
+    linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
+    r = torch.relu(linear)
+    k = r * r
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, l_self_modules_value_parameters_bias_, l_self_modules_deepemb_parameters_weight_, l_idx_, False)
+    getitem = deepembed_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_weight_index_matmul_square(self):
+        self.assertExpectedInline(rewritten_graph(OutScale("index", "square", "matmul"), *_inputs()), """\
+def forward(self, L_self_modules_key_parameters_weight_, L_x_, L_self_modules_value_parameters_weight_, L_self_modules_deepemb_parameters_weight_, L_idx_):
+    l_self_modules_key_parameters_weight_ = L_self_modules_key_parameters_weight_
+    l_x_ = L_x_
+    l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
+    l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
+    l_idx_ = L_idx_
+    linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
+    r = torch.relu(linear)
+    k = torch.square(r)
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, l_idx_, True)
+    getitem_1 = deepembed_linear_default[0]
+    return (getitem_1,)
+""")
+
+    def test_hidden_scale_batched(self):
+        self.assertExpectedInline(rewritten_graph(HiddenScale(), *_inputs()), """\
+def forward(self, L_self_parameters_K_, L_x_, L_self_parameters_s_emb_, L_idx_, L_self_parameters_s1_, L_self_parameters_s2_, L_self_parameters_s0_, L_self_parameters_V_):
+    l_self_parameters_k_ = L_self_parameters_K_
+    l_x_ = L_x_
+    l_self_parameters_s_emb_ = L_self_parameters_s_emb_
+    l_idx_ = L_idx_
+    l_self_parameters_s1_ = L_self_parameters_s1_
+    l_self_parameters_s2_ = L_self_parameters_s2_
+    l_self_parameters_s0_ = L_self_parameters_s0_
+    l_self_parameters_v_ = L_self_parameters_V_
+    matmul_1 = l_x_ @ l_self_parameters_s1_
+    unsqueeze = matmul_1.unsqueeze(-2)
+    reshape = torch.reshape(unsqueeze, (-1, 4))
+    deepembed_rowmix_default = torch.ops.bcpt.deepembed_rowmix.default(reshape, l_self_parameters_s_emb_, l_idx_, 4, True)
+    reshape_as = deepembed_rowmix_default.reshape_as(unsqueeze)
+    mix = reshape_as.squeeze(-2)
+    t = torch.t(l_self_parameters_k_)
+    reshape_1 = torch.reshape(mix, (-1, 4))
+    deepembed_hidden_default = torch.ops.bcpt.deepembed_hidden.default(l_x_, t, reshape_1, l_self_parameters_s2_, l_self_parameters_s0_)
+    getitem_1 = deepembed_hidden_default[0]
+    matmul_4 = getitem_1 @ l_self_parameters_v_
+    return (matmul_4,)
+""")
+
+    def test_hidden_scale_one_token_functional_embedding(self):
+        x = torch.randn(D)
+        self.assertExpectedInline(rewritten_graph(HiddenScale("functional"), x, torch.tensor(3)), """\
+def forward(self, L_self_parameters_K_, L_x_, L_self_parameters_s_emb_, L_idx_, L_self_parameters_s1_, L_self_parameters_s2_, L_self_parameters_s0_, L_self_parameters_V_):
+    l_self_parameters_k_ = L_self_parameters_K_
+    l_x_ = L_x_
+    l_self_parameters_s_emb_ = L_self_parameters_s_emb_
+    l_idx_ = L_idx_
+    l_self_parameters_s1_ = L_self_parameters_s1_
+    l_self_parameters_s2_ = L_self_parameters_s2_
+    l_self_parameters_s0_ = L_self_parameters_s0_
+    l_self_parameters_v_ = L_self_parameters_V_
+    matmul_1 = l_x_ @ l_self_parameters_s1_
+    reshape = torch.reshape(matmul_1, (-1, 4))
+    deepembed_rowmix_default = torch.ops.bcpt.deepembed_rowmix.default(reshape, l_self_parameters_s_emb_, l_idx_, 4, False)
+    reshape_as = deepembed_rowmix_default.reshape_as(matmul_1)
+    t = torch.t(l_self_parameters_k_)
+    reshape_1 = torch.reshape(reshape_as, (-1, 4))
+    deepembed_hidden_default = torch.ops.bcpt.deepembed_hidden.default(l_x_, t, reshape_1, l_self_parameters_s2_, l_self_parameters_s0_)
+    getitem = deepembed_hidden_default[0]
+    matmul_4 = getitem @ l_self_parameters_v_
+    return (matmul_4,)
+""")
+
+    def test_near_miss_is_left_alone(self):
+        # no squared relu: a linear * embedding that is not a DeepEmbed FFN
+        def f(x, w, table, idx):
+            return F.linear(x, w) * F.embedding(idx, table)
+
+        x, idx = _inputs()
+        self.assertExpectedInline(rewritten_graph(f, x, torch.randn(D, D), torch.randn(VOCAB, D), idx), """\
+def forward(self, L_x_, L_w_, L_idx_, L_table_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_idx_ = L_idx_
+    l_table_ = L_table_
+    linear = torch._C._nn.linear(l_x_, l_w_)
+    embedding = torch.nn.functional.embedding(l_idx_, l_table_)
+    mul = linear * embedding
+    return (mul,)
+""")
+
+
+@pytest.mark.parametrize("emb,sq,lin", [
+    ("module", "pow", "module"),
+    ("functional", "mul", "functional"),
+    ("index", "square", "matmul"),
+])
+@pytest.mark.parametrize("tables", ["gpu", "cpu"])
+def test_output_scale_matches_eager(emb, sq, lin, tables):
+    torch.manual_seed(0)
+    model = OutScale(emb, sq, lin, bias=(lin == "functional"))
+    report = bcpt_compile.explain(model, *_inputs(), options={"deepembed_tables": tables})
+    assert report.counts["deepembed"] == 1
+    assert report.counts["prefetch"] == (1 if tables == "cpu" else 0)
+    _compare(model, *_inputs(1), deepembed_tables=tables)
+
+
+@pytest.mark.parametrize("emb", ["index", "functional"])
+@pytest.mark.parametrize("tables", ["gpu", "cpu"])
+def test_hidden_scale_matches_eager(emb, tables):
+    model = HiddenScale(emb)
+    report = bcpt_compile.explain(model, *_inputs(), options={"deepembed_tables": tables})
+    assert report.counts["deepembed"] == 1
+    assert [s.op for s in report.sites if s.family == "deepembed"] == ["bcpt.deepembed_rowmix+hidden"]
+    assert report.counts["prefetch"] == (1 if tables == "cpu" else 0)
+    _compare(model, *_inputs(2), deepembed_tables=tables)
+    _compare(model, torch.randn(D), torch.tensor(VOCAB - 1), deepembed_tables=tables)
+
+
+def test_repeated_tokens_bf16_close_to_float64():
+    torch.manual_seed(0)
+    model = OutScale().to(torch.bfloat16)
+    x, _ = _inputs(3, shape=(4, 8))
+    x = x.bfloat16()
+    idx = torch.tensor([1, 1, 1, 2] * 8).view(4, 8)  # heavy repeats: the table gradient sums
+    compiled = torch.compile(model, backend="bcpt", options={"inner_compiler": "aot_eager"})
+    y = compiled(x, idx)
+    y.float().sum().backward()
+    m64 = OutScale().double()
+    m64.load_state_dict(model.state_dict())
+    y64 = m64(x.double(), idx)
+    y64.sum().backward()
+    assert ((y.double() - y64).abs() <= 2 ** -6 * y64.abs() + 1e-2).all()
+    dt, dt64 = model.deepemb.weight.grad.double(), m64.deepemb.weight.grad
+    assert (dt[[0, 3, 4, 5, 6, 7, 8, 9]] == 0).all()
+    assert ((dt - dt64).abs() <= 2 ** -6 * dt64.abs().max()).all()
+
+
+@pytest.mark.parametrize("tables", ["gpu", "cpu"])
+def test_two_layers_explain_counts(tables):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = OutScale(), OutScale("index", "mul", "matmul")
+
+        def forward(self, x, idx):
+            return self.b(self.a(x, idx), idx)
+
+    report = bcpt_compile.explain(Two(), *_inputs(), options={"deepembed_tables": tables})
+    assert report.counts["deepembed"] == 2
+    assert report.counts["prefetch"] == (2 if tables == "cpu" else 0)
+
+
+def test_near_misses_have_reasons():
+    x, idx = _inputs()
+
+    def no_sqrelu(x, w, table, idx):
+        return F.linear(x, w) * F.embedding(idx, table)
+
+    def padding(x, w, table, idx):
+        return F.linear(torch.relu(x) ** 2, w) * F.embedding(idx, table, padding_idx=0)
+
+    def broadcast(x, w, table, idx):
+        return F.linear(torch.relu(x) ** 2, w) * F.embedding(idx[0], table)
+
+    w, table = torch.randn(D, D), torch.randn(VOCAB, D)
+    reasons = {}
+    for fn in (no_sqrelu, padding, broadcast):
+        torch._dynamo.reset()
+        report = bcpt_compile.explain(fn, x, w, table, idx)
+        assert report.counts["deepembed"] == 0
+        reasons[fn.__name__] = " ".join(m.reason for m in report.misses if m.family == "deepembed")
+    assert "squared relu" in reasons["no_sqrelu"]
+    assert "padding_idx" in reasons["padding"]
+    assert "broadcasts" in reasons["broadcast"]
+
+
+@pytest.mark.parametrize("emb", ["functional", "index"])
+@pytest.mark.parametrize("tables", ["gpu", "cpu"])
+def test_out_of_range_idx_raises_like_eager(emb, tables):
+    model = OutScale(emb)
+    x, idx = _inputs()
+    compiled = torch.compile(model, backend="bcpt", options={"inner_compiler": "aot_eager", "deepembed_tables": tables})
+    compiled(x, idx)
+    bad = idx.clone()
+    bad[1, 2] = VOCAB + 3
+    with pytest.raises(IndexError) as eager:
+        model(x, bad)
+    with pytest.raises(IndexError) as ours:
+        compiled(x, bad)
+    assert str(ours.value) == str(eager.value)
+    if emb == "index":  # weight[idx] wraps negatives in eager, and so must we
+        neg = idx.clone()
+        neg[0, 0] = -1
+        torch.testing.assert_close(compiled(x, neg), model(x, neg), rtol=1e-5, atol=1e-5)
+    else:
+        neg = idx.clone()
+        neg[0, 0] = -1
+        with pytest.raises(IndexError, match="index out of range in self"):
+            compiled(x, neg)
+
+
+@pytest.mark.parametrize("emb,message", [("functional", "Long, Int"), ("index", "tensors used as indices must be")])
+@pytest.mark.parametrize("tables", ["gpu", "cpu"])
+def test_float_idx_raises_like_eager(emb, message, tables):
+    model = OutScale(emb)
+    x, idx = _inputs()
+    compiled = torch.compile(model, backend="bcpt", options={"inner_compiler": "aot_eager", "deepembed_tables": tables})
+    compiled(x, idx)
+    with pytest.raises((RuntimeError, IndexError), match=message):
+        model(x, idx.float())
+    with pytest.raises(Exception, match=message):
+        compiled(x, idx.float())
+
+
+def test_int32_idx_matches_eager():
+    x, idx = _inputs()
+    _compare(OutScale("functional"), x, idx.int())
+
+
+def test_option_validation():
+    assert BcptOptions.from_user({"deepembed_tables": "cpu"}).deepembed_tables == "cpu"
+    with pytest.raises(ValueError, match=r"deepembed_tables must be one of \['gpu', 'cpu'\]"):
+        BcptOptions.from_user({"deepembed_tables": "disk"})
+
+
+def test_family_switch_leaves_graph_alone():
+    graphs, report = rewritten_graphs(OutScale(), *_inputs(), options={"families": ["sbl"]})
+    assert "bcpt.deepembed" not in graphs[0] and report.counts["deepembed"] == 0
+
+
+@pytest.mark.parametrize("spelling", ["einsum_pow_method", "torch_pow_index_select", "clamp_kn_weight", "emb_first"])
+def test_more_spellings_rewrite_and_match_eager(spelling):
+    g = torch.Generator().manual_seed(11)
+    wk, wv = torch.randn(HID, D, generator=g) * 0.3, torch.randn(D, HID, generator=g) * 0.3
+    table = torch.rand(VOCAB, D, generator=g) + 0.5
+    params = [t.requires_grad_() for t in (wk, wv, table)]
+
+    def f(x, idx, wk, wv, table):
+        if spelling == "einsum_pow_method":
+            h = F.relu(x @ wk.t()).pow(2)
+            return torch.einsum("btk,nk->btn", h, wv) * table[idx]
+        if spelling == "torch_pow_index_select":
+            h = torch.pow(torch.relu(F.linear(x, wk)), 2)
+            return F.linear(h, wv) * torch.index_select(table, 0, idx)
+        if spelling == "clamp_kn_weight":
+            h = torch.clamp(x @ wk.t(), min=0).square()
+            return (h @ wv.t().contiguous()) * F.embedding(idx, table)
+        return F.embedding(idx, table) * (torch.relu(x @ wk.t()) ** 2 @ wv.t())
+
+    x, idx = _inputs()
+    if spelling == "torch_pow_index_select":
+        idx = idx.reshape(-1)
+        x = x.reshape(-1, D)
+    report = bcpt_compile.explain(f, x, idx, *params)
+    assert report.counts["deepembed"] == 1, str(report)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="bcpt", options={"inner_compiler": "aot_eager"})
+    y = compiled(x, idx, *params)
+    grads = torch.autograd.grad(y.square().sum(), params)
+    ye = f(x, idx, *params)
+    grads_e = torch.autograd.grad(ye.square().sum(), params)
+    torch.testing.assert_close(y, ye, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_scale_host_table_spelling():
+    class HostHidden(HiddenScale):
+        def forward(self, x, idx):
+            k = torch.relu(x @ self.K) ** 2
+            rows = self.s_emb[idx.cpu()].to(x.device)
+            mix = ((x @ self.s1).unsqueeze(-2) @ rows.view(*idx.shape, R, R)).squeeze(-2)
+            return (k * (mix @ self.s2 + self.s0)) @ self.V
+
+    model = HostHidden()
+    report = bcpt_compile.explain(model, *_inputs(), options={"deepembed_tables": "cpu"})
+    assert report.counts["deepembed"] == 1 and report.counts["prefetch"] == 1
+    _compare(model, *_inputs(4), deepembed_tables="cpu")
+
+
+def test_ops_called_directly_validate_idx():
+    h, w, table = torch.randn(3, D), torch.randn(D, D), torch.randn(VOCAB, D)
+    with pytest.raises(RuntimeError, match="Long, Int"):
+        torch.ops.bcpt.deepembed_linear(h, w, None, table, torch.zeros(3), False)
+    with pytest.raises(IndexError, match="tensors used as indices"):
+        torch.ops.bcpt.deepembed_rowmix(torch.randn(3, R), torch.randn(VOCAB, R * R), torch.zeros(3), R, True)
+    with pytest.raises(IndexError, match=f"index {-VOCAB - 1} is out of bounds for dimension 0 with size {VOCAB}"):
+        torch.ops.bcpt.deepembed_linear(h, w, None, table, torch.tensor([0, -VOCAB - 1, 1]), True)
+    y, _ = torch.ops.bcpt.deepembed_linear(h, w, None, table, torch.tensor([0, -1, 1]), True)
+    torch.testing.assert_close(y, (h @ w.t()) * table[torch.tensor([0, -1, 1])], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tables", ["gpu", "cpu"])
+def test_cuda_inductor_matches_eager(dtype, tables):
+    """The real GPU path: compiled Triton kernels, Inductor, copy stream for host tables."""
+    from bcpt_compile import runtime
+
+    torch.manual_seed(0)
+    d, hid, vocab, shape = 256, 1024, 1000, (2, 384)
+    eager = nn.ModuleList()
+    for _ in range(3):
+        layer = nn.ModuleDict(dict(key=nn.Linear(d, hid, bias=False), value=nn.Linear(hid, d, bias=False),
+                                   deepemb=nn.Embedding(vocab, d)))
+        nn.init.uniform_(layer.deepemb.weight, 0.5, 1.5)
+        eager.append(layer)
+
+    class Stack3(nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x, idx):
+            for l in self.layers:
+                x = x + l.value(torch.relu(l.key(x)) ** 2) * l.deepemb(idx)
+            return x
+
+    import copy
+
+    ref = Stack3(eager).cuda().to(dtype)
+    model = copy.deepcopy(ref)
+    if tables == "cpu":
+        runtime.offload_tables(model)
+        assert not any(m.weight.is_cuda for m in model.modules() if isinstance(m, nn.Embedding))
+    x = torch.randn(*shape, d, device="cuda", dtype=dtype)
+    idx = torch.randint(0, vocab, shape, device="cuda")
+    idx[0, :100] = 7  # a frequent token
+    runtime.reset_stats()
+    compiled = torch.compile(model, backend="bcpt", options={"deepembed_tables": tables})
+    y = compiled(x, idx)
+    y.float().square().mean().backward()
+    ye = ref(x, idx)
+    ye.float().square().mean().backward()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y.float(), ye.float(), **tol)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        g = p.grad.float().to(q.device)
+        scale = q.grad.float().abs().max().clamp(min=1e-6)
+        assert ((g - q.grad.float()).abs().max() / scale).item() < (1e-4 if dtype == torch.float32 else 3e-2), n
+    if tables == "cpu":
+        s = runtime.stats()
+        assert s.prefetches == 3 and s.waits == 3 and s.sync_gathers == 0
+        assert s.bytes_copied >= 3 * idx.unique().numel() * d * torch.finfo(dtype).bits // 8
+
+
+@pytest.mark.parametrize("model_cls", [OutScale, HiddenScale])
+@pytest.mark.parametrize("tables", ["gpu", "cpu"])
+def test_new_shapes_recompile_dynamic_and_stay_rewritten(model_cls, tables):
+    import functools
+
+    report = bcpt_compile.Report()
+    model = model_cls()
+    backend = functools.partial(bcpt_compile.bcpt_backend, report_sink=report,
+                                options={"inner_compiler": "aot_eager", "deepembed_tables": tables})
+    compiled = torch.compile(model, backend=backend)
+    for shape in ((2, 3), (2, 5), (3, 7)):  # the second shape makes Dynamo go dynamic
+        x, idx = _inputs(5, shape)
+        torch.testing.assert_close(compiled(x, idx), model(x, idx), rtol=1e-5, atol=1e-5)
+    assert report.graphs >= 2
+    assert report.counts["deepembed"] == report.graphs
+    assert report.counts["prefetch"] == (report.graphs if tables == "cpu" else 0)
