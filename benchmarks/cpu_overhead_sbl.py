@@ -32,6 +32,34 @@ def compiled():
     torch.autograd.grad(f(x, w, s), (x, w, s), dy)
 
 
+from bcpt_compile.kernels.bcat_cluster import empty_bcat  # noqa: E402
+from bcpt_compile.kernels.sbl_block_gemm import sddmm_backward, sddmm_forward  # noqa: E402
+
+
+def kernels_only():
+    """The same work without the custom-op machinery: the wrappers called directly."""
+    bcat = empty_bcat(s, 128, 0.85)
+    sddmm_forward(x, w, None, s, None, 0.0, bcat, torch.bfloat16)
+    sddmm_backward(dy, x, w, None, s, None, 0.0, bcat, True, True, False, True)
+
+
+def timed(fn, n=50):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) / n
+    torch.cuda.synchronize()
+    return host * 1e3, (time.perf_counter() - t) / n * 1e3
+
+
+with torch.no_grad():
+    print("kernels only (host, wall ms): %.3f %.3f" % timed(kernels_only))
+    print("forward op only, no grad (host, wall ms): %.3f %.3f" % timed(
+        lambda: torch.ops.bcpt.sbl_masked_linear(x, w, None, s, None, 0.0, 128, 0.85, False)))
+
 for name, fn in (("op", eager_op), ("compiled", compiled)):
     for _ in range(5):
         fn()
