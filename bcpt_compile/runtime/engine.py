@@ -202,6 +202,7 @@ def _device_state(device: torch.device) -> _Device:
     return state
 
 
+@torch.no_grad()  # a data move: the table's gradient comes from the ops' own backward
 def _gather(table: Tensor, plan: Tensor, device: torch.device):
     """(rows (M, W) on device, inverse (M,) on device, event or None). Rows past U are unset."""
     uniq, inv = split_plan(plan)
