@@ -7,7 +7,8 @@ Two masks, one kernel body:
   of ``block_idx`` (int32, ``(B, H_kv, NQ, K_max)``, straight from a top-k), optionally
   intersected with causality (``j <= i``). ``NQ`` rows are per query block of
   ``query_block`` tokens (``query_block = 1``: per token, as native-sparse-attention does).
-  Negative indices are padding and ignored; valid entries must be distinct (top-k's are).
+  Negative indices are padding and ignored; valid entries should be distinct (top-k's are): a
+  duplicate is attended twice, as a gathered-KV spelling would.
 * **sliding window**: key ``j`` is visible to query ``i`` when ``0 <= i - j < window``.
   The key tiles are an arithmetic range, so no index table exists.
 
@@ -23,15 +24,21 @@ and ``lse = +inf`` (so the backward's ``exp(s - lse)`` is 0 there and their grad
 0). Eager softmax over all ``-inf`` is NaN, and over a finite ``-big`` fill is a uniform
 average of all values; both are artefacts of the dense spelling, not attention.
 
-Backward: one query-centric pass recomputes P from the saved lse, writes dq directly and
-accumulates dk, dv with float32 atomics (each selected block can be chosen by any query
-block, and an inverse index would need a device-side sort); the order of those atomic
-adds is not deterministic, so dk and dv may differ in the last bits run to run.
+Backward, two kernels, both deterministic (no atomics):
+
+* ``_bwd_kernel`` (query-centric, same loop as the forward) recomputes P from the saved
+  lse and writes dq. For 16-bit inputs it first recomputes ``delta = rowsum(P * dP)``
+  over the same keys, because ``rowsum(dO * O)`` with a bf16-rounded O costs about 2x
+  in dq accuracy (``EXACT_DELTA_16BIT``).
+* ``_bwd_dkv_kernel`` (key-centric) owns one key tile of one KV head and walks the query
+  tiles that see it, summing over all heads of the group: an arithmetic range for the
+  window, and for selected blocks the key block's slice of the inverse (CSR) selection
+  table that ``inverse_table`` builds on the device (stable sort, no sync).
+
+An atomic-add dk/dv variant of ``_bwd_kernel`` is kept for debugging (``extra["atomic"]``).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -358,10 +365,6 @@ def _tiling(QB: int, G: int, D: int, cuda: bool) -> tuple[int, int]:
     return gh, (8 if rows >= 128 else 4)
 
 
-def _strides_or_zero(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
-    return tuple(t.stride()) if t is not None else (0,) * n
-
-
 def _launch(kernel_fwd: bool, mode: int, q, k, v, idx, cnt, QB: int, block_n: int, causal: bool, window: int,
             scale: float, extra: dict):
     B, H, Hkv, T, D = _check(q, k, v)
@@ -513,7 +516,3 @@ def sliding_window_fwd(q, k, v, window: int, scale: float):
 def sliding_window_bwd(do, q, k, v, o, lse, window: int, scale: float):
     QB, BN = _window_tiles(q)
     return _backward(MODE_WINDOW, do, q, k, v, o, lse, None, None, QB, BN, True, window, scale)
-
-
-def default_scale(d: int) -> float:
-    return 1.0 / math.sqrt(d)

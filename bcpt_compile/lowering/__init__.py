@@ -5,4 +5,5 @@ backward, which AOTAutograd traces as a call to the backward op) and CPU and CUD
 """
 
 from . import sbl  # noqa: F401
+from . import attention  # noqa: F401
 from . import deepembed  # noqa: F401

@@ -14,13 +14,14 @@ import torch.fx
 from .._logging import log
 from ..options import BcptOptions
 from ..report import Report
-from . import deepembed, sbl
+from . import attention, deepembed, sbl
 
 PassFn = Callable[[torch.fx.GraphModule, BcptOptions, Report], None]
 
 #: (family, pass) in the order they run; later passes see earlier rewrites.
 PASSES: list[tuple[str, PassFn]] = [
     ("deepembed", deepembed.rewrite_deepembed),  # also places "prefetch" hints
+    ("attention", attention.rewrite_sparse_attention),
     ("sbl", sbl.rewrite_sbl_masked_linear),
 ]
 

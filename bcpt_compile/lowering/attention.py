@@ -1,0 +1,261 @@
+"""``bcpt::nsa_selected_attention`` and ``bcpt::sliding_window_attention`` (+ ``_backward``).
+
+Both return ``(out, lse)``: the attention output (like q) and the float32 natural-log
+log-sum-exp per query row, ``(B, H, T)``, which the backward needs and nothing else uses
+(it is marked non-differentiable). The inputs are q ``(B, H, T, D)``, k and v
+``(B, H_kv, T, D)``; selected attention also takes the block table of a top-k
+(int32 ``(B, H_kv, NQ, K)``) and per-row valid counts (int32 ``(B, H_kv, NQ)``), so no
+T x T mask exists anywhere on the kernel path.
+
+Semantics where the dense spelling is undefined: a query row that sees no key gets
+output 0 and lse +inf (eager gives NaN for a ``-inf`` fill, a uniform average for a
+finite one). See ``bcpt_compile/kernels/nsa_attention.py``.
+
+The Triton kernels run on CUDA and on CPU under ``TRITON_INTERPRET=1``; plain CPU runs
+the dense PyTorch reference below, which is also what the tests check the kernels
+against (in float64).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels import triton_runs_on
+
+
+# ----------------------------------------------------------------------------- references
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def selected_visibility(block_idx: Tensor, counts: Tensor, T: int, block_size: int, query_block: int,
+                        causal: bool) -> Tensor:
+    """Dense bool (B, H_kv, T, T) of what the selected-attention kernel lets query i see (tests, CPU)."""
+    nkb = _cdiv(T, block_size)
+    K = block_idx.shape[-1]
+    idx = block_idx.long()
+    valid = (torch.arange(K, device=idx.device) < counts[..., None].long()) & (idx >= 0) & (idx < nkb)
+    sel = torch.zeros((*idx.shape[:-1], nkb + 1), dtype=torch.bool, device=idx.device)
+    sel.scatter_(-1, torch.where(valid, idx, nkb), True)
+    sel = sel[..., :nkb]
+    vis = sel.repeat_interleave(query_block, dim=-2)[..., :T, :].repeat_interleave(block_size, dim=-1)[..., :T]
+    if causal:
+        vis = vis & torch.ones(T, T, dtype=torch.bool, device=vis.device).tril()
+    return vis
+
+
+def window_visibility(T: int, window: int, device) -> Tensor:
+    i = torch.arange(T, device=device)
+    diff = i[:, None] - i[None, :]
+    return (diff >= 0) & (diff < window)
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Dense attention restricted to ``vis`` (broadcastable to (B, H_kv, T, T)); empty rows give 0 and lse +inf.
+
+    Differentiable, with finite gradients on empty rows (they are 0), in the dtype of q.
+    """
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    k = k.repeat_interleave(G, dim=1)
+    v = v.repeat_interleave(G, dim=1)
+    if vis.dim() == 4 and vis.shape[1] != 1:
+        vis = vis.repeat_interleave(G, dim=1)
+    s = (q @ k.transpose(-2, -1)) * scale
+    any_row = vis.any(-1, keepdim=True)
+    s = torch.where(any_row, s.masked_fill(~vis, float("-inf")), torch.zeros_like(s))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    p = torch.where(vis, torch.exp(s - lse), torch.zeros_like(s))
+    out = p @ v
+    lse = torch.where(any_row, lse, torch.full_like(lse, float("inf"))).squeeze(-1)
+    return out, lse.float()
+
+
+def _reference_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, vis: Tensor, scale: float):
+    """The analytic backward (P, dS = P (dP - delta)), since a custom op's body runs below autograd."""
+    dt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    qf, kf, vf, gf = (t.to(dt) for t in (q, k, v, grad))
+    out, lse = reference_attention(qf, kf, vf, vis, scale)
+    ke, ve = kf.repeat_interleave(G, dim=1), vf.repeat_interleave(G, dim=1)
+    if vis.dim() == 4 and vis.shape[1] != 1:
+        vis = vis.repeat_interleave(G, dim=1)
+    s = (qf @ ke.transpose(-2, -1)) * scale
+    p = torch.where(vis, torch.exp(s - lse.to(dt)[..., None]), torch.zeros_like(s))
+    delta = (gf * out).sum(-1, keepdim=True)
+    ds = p * (gf @ ve.transpose(-2, -1) - delta)
+    dq = (ds @ ke) * scale
+    dk = ((ds.transpose(-2, -1) @ qf) * scale).view(B, Hkv, G, T, D).sum(2)
+    dv = (p.transpose(-2, -1) @ gf).view(B, Hkv, G, T, D).sum(2)
+    return tuple(g.to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+def _reference_forward(q, k, v, vis, scale):
+    dt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    out, lse = reference_attention(q.to(dt), k.to(dt), v.to(dt), vis, scale)
+    return out.to(q.dtype).contiguous(), lse.contiguous()
+
+
+def block_mask_to_indices(block_mask: Tensor, batch: int, kv_heads: int) -> tuple[Tensor, Tensor]:
+    """A bool block mask (broadcastable to (B, H_kv, NQ, NK)) as the kernel's (indices, counts), on the device.
+
+    A stable descending sort puts each row's selected blocks first, in increasing block
+    order; the count bounds the kernel's loop, so the unselected tail is never read.
+    No host synchronisation: the table keeps its static width NK.
+    """
+    nq, nk = block_mask.shape[-2], block_mask.shape[-1]
+    m = block_mask.reshape((1,) * (4 - block_mask.dim()) + tuple(block_mask.shape)) if block_mask.dim() < 4 else block_mask
+    m = m.expand(batch, kv_heads, nq, nk)
+    order = torch.sort(m.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    counts = m.sum(-1, dtype=torch.int32)
+    return order.to(torch.int32).contiguous(), counts.contiguous()
+
+
+def topk_to_indices(idx: Tensor, batch: int, kv_heads: int) -> tuple[Tensor, Tensor]:
+    """Top-k block indices (broadcastable to (B, H_kv, NQ, k); -1 marks an unused slot) as (indices, counts).
+
+    Every row's count is the table width: per-row variable k arrives as -1 entries, which
+    the kernel skips, so no compaction (and no sync) is needed.
+    """
+    while idx.dim() < 4:
+        idx = idx.unsqueeze(0)
+    idx = idx.expand(batch, kv_heads, *idx.shape[-2:]).to(torch.int32).contiguous()
+    counts = torch.full(idx.shape[:-1], idx.shape[-1], dtype=torch.int32, device=idx.device)
+    return idx, counts
+
+
+def local_block_table(q: Tensor, block_size: int, lookback: int) -> tuple[Tensor, Tensor]:
+    """Block-local attention (query block W sees key blocks W-lookback..W) as a static selection table.
+
+    Out-of-range blocks are -1 (skipped by the kernel), so every row has the same width.
+    """
+    B, H, T, _ = q.shape
+    nq = _cdiv(T, block_size)
+    rows = torch.arange(nq, device=q.device)[:, None] - torch.arange(lookback, -1, -1, device=q.device)[None, :]
+    idx = torch.where(rows >= 0, rows, -1).to(torch.int32)
+    idx = idx.expand(B, H, nq, lookback + 1).contiguous()
+    counts = torch.full((B, H, nq), lookback + 1, dtype=torch.int32, device=q.device)
+    return idx, counts
+
+
+# ----------------------------------------------------------------------------- selected blocks
+
+def _use_kernels(q: Tensor) -> bool:
+    return triton_runs_on(q)
+
+
+@torch.library.custom_op("bcpt::nsa_selected_attention", mutates_args=())
+def nsa_selected_attention(
+    q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_counts: Tensor,
+    block_size: int, query_block: int, causal: bool, scale: float,
+) -> tuple[Tensor, Tensor]:
+    from ..kernels import nsa_attention as K
+
+    if _use_kernels(q):
+        return K.selected_attention_fwd(q, k, v, block_idx, block_counts, block_size, query_block, causal, scale)
+    K._check(q, k, v)
+    K._validate_table(q, block_idx, block_counts, query_block, block_size)
+    vis = selected_visibility(block_idx, block_counts, q.shape[2], block_size, query_block, causal)
+    return _reference_forward(q, k, v, vis, scale)
+
+
+@nsa_selected_attention.register_fake
+def _(q, k, v, block_idx, block_counts, block_size, query_block, causal, scale):
+    B, H, T, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("bcpt::nsa_selected_attention_backward", mutates_args=())
+def nsa_selected_attention_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_idx: Tensor,
+    block_counts: Tensor, block_size: int, query_block: int, causal: bool, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels import nsa_attention as K
+
+    if _use_kernels(q):
+        return K.selected_attention_bwd(grad, q, k, v, out, lse, block_idx, block_counts, block_size,
+                                        query_block, causal, scale)
+    vis = selected_visibility(block_idx, block_counts, q.shape[2], block_size, query_block, causal)
+    return _reference_backward(grad, q, k, v, vis, scale)
+
+
+@nsa_selected_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, block_idx, block_counts, block_size, query_block, causal, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _selected_setup(ctx, inputs, output):
+    q, k, v, block_idx, block_counts, block_size, query_block, causal, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, block_idx, block_counts)
+    ctx.config = (block_size, query_block, causal, scale)
+
+
+def _selected_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, block_idx, block_counts = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.bcpt.nsa_selected_attention_backward(
+        grad_out, q, k, v, out, lse, block_idx, block_counts, *ctx.config)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+nsa_selected_attention.register_autograd(_selected_backward, setup_context=_selected_setup)
+
+
+# ----------------------------------------------------------------------------- sliding window
+
+@torch.library.custom_op("bcpt::sliding_window_attention", mutates_args=())
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor]:
+    from ..kernels import nsa_attention as K
+
+    if _use_kernels(q):
+        return K.sliding_window_fwd(q, k, v, window, scale)
+    K._check(q, k, v)
+    return _reference_forward(q, k, v, window_visibility(q.shape[2], window, q.device), scale)
+
+
+@sliding_window_attention.register_fake
+def _(q, k, v, window, scale):
+    B, H, T, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("bcpt::sliding_window_attention_backward", mutates_args=())
+def sliding_window_attention_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, window: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels import nsa_attention as K
+
+    if _use_kernels(q):
+        return K.sliding_window_bwd(grad, q, k, v, out, lse, window, scale)
+    return _reference_backward(grad, q, k, v, window_visibility(q.shape[2], window, q.device), scale)
+
+
+@sliding_window_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, window, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _window_setup(ctx, inputs, output):
+    q, k, v, window, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.config = (window, scale)
+
+
+def _window_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.bcpt.sliding_window_attention_backward(grad_out, q, k, v, out, lse, *ctx.config)
+    return dq, dk, dv, None, None
+
+
+sliding_window_attention.register_autograd(_window_backward, setup_context=_window_setup)

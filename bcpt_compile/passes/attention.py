@@ -1,0 +1,1097 @@
+"""Sparse causal attention: DynNSA block-masked dense attention and sliding-window attention.
+
+Matched on the Dynamo graph, in two shapes:
+
+* explicit: ``softmax(mask(scale * q k^T)) @ v`` (``@``/``matmul``/``einsum``; the mask applied
+  by ``masked_fill``, ``torch.where`` or an additive ``-inf`` bias, possibly in several steps);
+* ``F.scaled_dot_product_attention(q, k, v, attn_mask=M)`` (bool or additive float M).
+
+The mask is read as a conjunction of terms, each understood semantically rather than by
+spelling: diagonal bounds ``lo <= j - i <= hi`` (from ``tril``/``triu`` of ones, or
+comparisons of ``arange`` grids, negated or not), and at most one block-level mask
+expanded by S in both trailing dims (``repeat_interleave`` twice, ``kron`` with a ones
+block, or ``expand`` + ``reshape``). Then:
+
+* block term (+ optional causal bound ``hi = 0``) -> ``bcpt.nsa_selected_attention``; the
+  kernel's index table is the top-k that ``scatter``-ed the block mask when the graph shows
+  it, otherwise the block mask is turned into indices on the device (sort, no sync);
+* ``hi = 0`` and ``lo = 1 - w`` -> ``bcpt.sliding_window_attention`` with window w;
+* plain causal (or no) mask: not ours, left to SDPA / Inductor, and not reported.
+
+Windowed layouts (local-attention's ``LocalAttention``, also inside native-sparse-attention's
+``SparseAttention``): q cut into windows, keys gathered per window, constant masks. The
+gathers and masks are evaluated at compile time on position probes (see "windowed
+layouts" below) and the resulting visibility must be a causal sliding window or a causal
+block-local band (-> selected attention with a static table).
+
+Anything that is attention with a mask term we cannot prove is reported as a near-miss.
+Mask constants that arrive as graph inputs (a registered causal buffer) cannot be read at
+compile time, so they are near-misses too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import operator
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from ..lowering.attention import block_mask_to_indices, local_block_table, topk_to_indices
+from ..options import BcptOptions
+from ..report import Report
+from .canonical import Node, arg, erase_unused, example_value, is_function, is_method
+
+FAMILY = "attention"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: A fill at or below this counts as "masked out" (finite spellings such as -1e9, finfo.min).
+BIG_NEGATIVE = -1e4
+
+SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax)
+MATMUL = (operator.matmul, torch.matmul, torch.Tensor.matmul)
+EINSUM = (torch.einsum, torch.functional.einsum)
+AND = (operator.and_, torch.logical_and, torch.bitwise_and, torch.Tensor.logical_and, torch.Tensor.bitwise_and)
+OR = (operator.or_, torch.logical_or, torch.bitwise_or)
+NOT = (operator.invert, torch.logical_not, torch.bitwise_not)
+CMP = {operator.ge: "ge", operator.gt: "gt", operator.le: "le", operator.lt: "lt",
+       torch.ge: "ge", torch.gt: "gt", torch.le: "le", torch.lt: "lt"}
+ONES = (torch.ones, torch.ones_like)
+
+
+class NotAMask(Exception):
+    """A mask term we cannot prove to be a diagonal bound or an expanded block mask."""
+
+
+_CMP_FNS = {"gt": torch.gt, "ge": torch.ge, "lt": torch.lt, "le": torch.le, "ne": torch.ne, "eq": torch.eq}
+
+
+@dataclasses.dataclass
+class BlockTerm:
+    mask: Node          # block-level mask (..., NQ, NK); "visible" where it is nonzero (xor negate)
+    size: int
+    negate: bool = False
+    compare: Optional[tuple[str, float]] = None  # visible where ``mask <op> value`` instead (importance threshold)
+
+
+@dataclasses.dataclass
+class Visible:
+    """The set of visible (query i, key j): lo <= j - i <= hi, and inside ``block`` when set."""
+
+    hi: Optional[int] = None
+    lo: Optional[int] = None
+    block: Optional[BlockTerm] = None
+
+    def __and__(self, other: "Visible") -> "Visible":
+        if self.block is not None and other.block is not None:
+            raise NotAMask("two block masks are combined")
+        pick = lambda a, b, f: b if a is None else a if b is None else f(a, b)  # noqa: E731
+        return Visible(pick(self.hi, other.hi, min), pick(self.lo, other.lo, max), self.block or other.block)
+
+    def complement(self) -> "Visible":
+        """The complement, which is again of this form only for a single term."""
+        terms = sum(x is not None for x in (self.hi, self.lo, self.block))
+        if terms != 1:
+            raise NotAMask("the complement of a conjunction (a union of masks) is not a band or a block mask")
+        if self.hi is not None:
+            return Visible(lo=self.hi + 1)
+        if self.lo is not None:
+            return Visible(hi=self.lo - 1)
+        return Visible(block=dataclasses.replace(self.block, negate=not self.block.negate))
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _name(node: Any) -> str:
+    if not isinstance(node, Node):
+        return repr(node)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {node.target}"
+
+
+def _number(x: Any) -> Optional[float]:
+    return float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else None
+
+
+def _is_masked_value(x: Any) -> bool:
+    val = _number(x)
+    return val is not None and val <= BIG_NEGATIVE
+
+
+def _ndim(node: Any) -> Optional[int]:
+    val = example_value(node)
+    return val.dim() if val is not None else None
+
+
+def _dim(node: Node, d: Any) -> Optional[int]:
+    nd = _ndim(node)
+    return d % nd if isinstance(d, int) and nd else None
+
+
+_BOOL_CASTS = ("bool", "float", "half", "bfloat16", "to", "type_as", "type", "int", "long")
+
+
+def _strip_casts(node: Any) -> Any:
+    """Follow dtype casts (of 0/1 or bool masks): truthiness is unchanged."""
+    while isinstance(node, Node) and (is_method(node, *_BOOL_CASTS) or is_function(node, torch.Tensor.to)):
+        node = node.args[0]
+    return node
+
+
+def _cmp_name(node: Any) -> Optional[str]:
+    for name in _CMP_FNS:
+        if is_method(node, name) or is_function(node, _CMP_FNS[name], getattr(operator, name)):
+            return name
+    return None
+
+
+def _from_bool(node: Any, depth: int = 8) -> bool:
+    """Whether node provably holds only 0 and 1: bools, ones, and tril/triu/expansions/crops of those."""
+    node = _strip_casts(node)
+    val = example_value(node)
+    if val is not None and val.dtype == torch.bool:
+        return True
+    if depth == 0 or not isinstance(node, Node):
+        return False
+    if _is_all_ones(node):
+        return True
+    if is_function(node, torch.tril, torch.triu, torch.kron, torch.repeat_interleave, operator.getitem) or is_method(
+            node, "tril", "triu", "repeat_interleave", "expand", "reshape", "view", "unsqueeze"):
+        return _from_bool(node.args[0], depth - 1) and (not is_function(node, torch.kron) or _is_all_ones(node.args[1]))
+    return False
+
+
+def _is_all_ones(node: Any) -> bool:
+    node = _strip_casts(node)
+    if is_function(node, *ONES) or is_method(node, "new_ones"):
+        return True
+    if is_function(node, torch.full, torch.full_like) or is_method(node, "new_full"):
+        fill = arg(node, 1, "fill_value")
+        return fill is True or _number(fill) == 1.0
+    return False
+
+
+def _is_zeros(node: Any) -> bool:
+    node = _strip_casts(node)
+    if is_function(node, torch.zeros, torch.zeros_like) or is_method(node, "new_zeros"):
+        return True
+    if is_function(node, torch.full, torch.full_like) or is_method(node, "new_full"):
+        fill = arg(node, 1, "fill_value")
+        return fill is False or _number(fill) == 0.0
+    return False
+
+
+def _full_slices(index: Any) -> bool:
+    """An index made of Ellipsis and slices that start at 0 with step 1 (a leading crop)."""
+    items = index if isinstance(index, tuple) else (index,)
+    for it in items:
+        if it is Ellipsis:
+            continue
+        if not isinstance(it, slice) or it.start not in (None, 0) or it.step not in (None, 1):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- index grids
+
+def _arange_len(node: Any) -> Optional[int]:
+    if not is_function(node, torch.arange):
+        return None
+    nums = [a for a in node.args]
+    if len(nums) == 1:
+        return nums[0] if isinstance(nums[0], int) else None
+    if len(nums) in (2, 3) and nums[0] == 0 and (len(nums) == 2 or nums[2] == 1):
+        return nums[1] if isinstance(nums[1], int) else None
+    return None
+
+
+def _grid(node: Any) -> Optional[tuple[int, int, int]]:
+    """``ci * i + cj * j + c`` for an expression of query (column) and key (row) aranges."""
+    if isinstance(node, int) and not isinstance(node, bool):
+        return (0, 0, node)
+    if not isinstance(node, Node):
+        return None
+    val = example_value(node)
+    if _arange_len(node) is not None:
+        return (0, 1, 0)  # a 1-D arange broadcasts along the last dim: the key index
+    src = None
+    col = None
+    if is_function(node, operator.getitem) and _arange_len(node.args[0]) is not None:
+        idx = node.args[1]
+        if idx == (slice(None), None):
+            src, col = node.args[0], True
+        elif idx in ((None, slice(None)), (None,)):
+            src, col = node.args[0], False
+    elif is_method(node, "unsqueeze") and _arange_len(node.args[0]) is not None:
+        src, col = node.args[0], node.args[1] in (1, -1)
+    elif is_method(node, "view", "reshape") and _arange_len(node.args[0]) is not None and val is not None and val.dim() == 2:
+        src, col = node.args[0], val.shape[1] == 1 and val.shape[0] != 1
+    if src is not None:
+        return (1, 0, 0) if col else (0, 1, 0)
+    for targets, sign in (((operator.add, torch.add), 1), ((operator.sub, torch.sub), -1)):
+        if is_function(node, *targets) or is_method(node, "add" if sign == 1 else "sub"):
+            a, b = _grid(node.args[0]), _grid(node.args[1])
+            if a is None or b is None:
+                return None
+            return (a[0] + sign * b[0], a[1] + sign * b[1], a[2] + sign * b[2])
+    return None
+
+
+def _compare(node: Node, positive: bool) -> Visible:
+    op = CMP.get(node.target) if node.op == "call_function" else (
+        node.target if is_method(node, "ge", "gt", "le", "lt") else None)
+    a, b = _grid(node.args[0]), _grid(node.args[1])
+    if op is None or a is None or b is None:
+        other = node.args[0] if a is None else node.args[1]
+        raise NotAMask(f"comparison {_name(node)} of {_name(other)} is not a bound on j - i of arange grids")
+    ci, cj, c = a[0] - b[0], a[1] - b[1], a[2] - b[2]
+    # (ci * i + cj * j + c) op 0, with (ci, cj) = +-(1, -1): a bound on j - i
+    if (ci, cj) == (1, -1):  # (i - j + c) op 0  <=>  (j - i) op' c
+        op = {"ge": "le", "gt": "lt", "le": "ge", "lt": "gt"}[op]
+    elif (ci, cj) == (-1, 1):  # (j - i + c) op 0  <=>  (j - i) op -c
+        c = -c
+    else:
+        raise NotAMask(f"comparison {_name(node)} is not a bound on j - i")
+    vis = {"le": Visible(hi=c), "lt": Visible(hi=c - 1), "ge": Visible(lo=c), "gt": Visible(lo=c + 1)}[op]
+    return vis if positive else vis.complement()
+
+
+# ----------------------------------------------------------------------------- block expansion
+
+def _block_expansion(node: Node) -> Optional[tuple[Node, int]]:
+    """(block-level mask, S) if node is a mask expanded by S x S along its last two dims."""
+    node = _strip_casts(node)
+    if is_method(node, "repeat_interleave") or is_function(node, torch.repeat_interleave):
+        inner = node.args[0]
+        if not is_method(inner, "repeat_interleave") and not is_function(inner, torch.repeat_interleave):
+            return None
+        s1, d1 = arg(node, 1, "repeats"), _dim(node, arg(node, 2, "dim"))
+        s2, d2 = arg(inner, 1, "repeats"), _dim(inner, arg(inner, 2, "dim"))
+        nd = _ndim(node)
+        if not (isinstance(s1, int) and s1 == s2 and nd is not None and {d1, d2} == {nd - 2, nd - 1}):
+            return None
+        return inner.args[0], s1
+    if is_function(node, torch.kron) and _is_all_ones(node.args[1]):
+        ones = example_value(node.args[1])
+        if ones is not None and ones.dim() == 2 and ones.shape[0] == ones.shape[1]:
+            return node.args[0], int(ones.shape[0])
+        return None
+    if is_method(node, "reshape", "view") and is_method(node.args[0], "expand"):
+        exp = node.args[0]
+        src, out, big = example_value(exp.args[0]), example_value(node), example_value(exp)
+        if src is None or out is None or big is None or big.dim() < 4 or big.dim() != out.dim() + 2:
+            return None
+        nq, s1, nk, s2 = big.shape[-4:]
+        if tuple(src.shape[-4:]) != (nq, 1, nk, 1) or s1 != s2 or tuple(out.shape[-2:]) != (nq * s1, nk * s2):
+            return None
+        # walk back through the singleton-inserting view to the (…, NQ, NK) block mask
+        base = exp.args[0]
+        while isinstance(base, Node) and (is_method(base, "unsqueeze", "view", "reshape") or
+                                          (is_function(base, operator.getitem) and _full_slices_or_none(base.args[1]))):
+            nxt = base.args[0]
+            nv = example_value(nxt)
+            if nv is None or nv.numel() != src.numel():
+                break
+            base = nxt
+            if tuple(nv.shape[-2:]) == (nq, nk):
+                return base, int(s1)
+        return None
+    return None
+
+
+def _full_slices_or_none(index: Any) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return all(it is None or it is Ellipsis or it == slice(None) for it in items)
+
+
+# ----------------------------------------------------------------------------- mask analysis
+
+def visible_set(node: Any, positive: bool = True) -> Visible:
+    """Where ``node`` is nonzero (``positive``) or zero, as a ``Visible``; NotAMask if unprovable."""
+    if not isinstance(node, Node):
+        raise NotAMask(f"mask is a constant {node!r}")
+    if node.op == "placeholder" or node.op == "get_attr":
+        raise NotAMask(f"mask term '{node.target}' is a graph input, its pattern cannot be read at compile time")
+    if is_method(node, "eq") or is_function(node, operator.eq, torch.eq):
+        if _number(node.args[1]) == 0.0 or node.args[1] is False:
+            return visible_set(node.args[0], not positive)
+        if _number(node.args[1]) == 1.0 or node.args[1] is True:
+            return visible_set(node.args[0], positive)
+    cmp_name = _cmp_name(node)
+    if cmp_name is not None and _number(node.args[1]) is not None and isinstance(node.args[0], Node):
+        inner = node.args[0]
+        while is_function(inner, operator.getitem) and _full_slices(inner.args[1]):
+            inner = inner.args[0]  # a crop [..., :T, :T] commutes with the comparison
+        expansion = _block_expansion(inner)
+        if expansion is not None:  # an expanded block-level score compared with a threshold
+            return Visible(block=BlockTerm(expansion[0], expansion[1], negate=not positive,
+                                           compare=(cmp_name, _number(node.args[1]))))
+    if is_method(node, "ne", "gt") or is_function(node, operator.ne, torch.ne, operator.gt, torch.gt):
+        if (_number(node.args[1]) == 0.0 or node.args[1] is False) and _grid(node.args[0]) is None:
+            src = example_value(node.args[0])
+            # x != 0 is x's truthiness; x > 0 only when x cannot be negative (a bool, or a cast of one)
+            if is_method(node, "ne") or is_function(node, operator.ne, torch.ne) or _from_bool(node.args[0]):
+                return visible_set(node.args[0], positive)
+            raise NotAMask(f"{_name(node)} of a {src.dtype if src is not None else '?'} tensor is not a 0/1 mask")
+    if is_method(node, *_BOOL_CASTS) or is_function(node, torch.Tensor.to):
+        src, out = example_value(node.args[0]), example_value(node)
+        if src is not None and out is not None and src.is_floating_point() and not out.is_floating_point() \
+                and out.dtype != torch.bool:
+            raise NotAMask("a float-to-integer cast of a mask can change which entries are zero")
+        return visible_set(node.args[0], positive)
+    if is_function(node, *NOT) or is_method(node, "logical_not", "bitwise_not", "__invert__"):
+        return visible_set(node.args[0], not positive)
+    if is_function(node, operator.getitem) and _full_slices(node.args[1]):
+        return visible_set(node.args[0], positive)
+    conj = is_function(node, *AND) or is_method(node, "logical_and", "bitwise_and", "__and__")
+    disj = is_function(node, *OR) or is_method(node, "logical_or", "bitwise_or", "__or__")
+    if (conj and positive) or (disj and not positive):
+        return visible_set(node.args[0], positive) & visible_set(node.args[1], positive)
+    if conj or disj:
+        raise NotAMask("the mask is a union of terms")
+    for fn, name in ((torch.tril, "tril"), (torch.triu, "triu")):
+        if is_function(node, fn) or is_method(node, name):
+            d = arg(node, 1, "diagonal", 0)
+            if not isinstance(d, int):
+                raise NotAMask(f"{name} with a non-constant diagonal")
+            term = Visible(hi=d) if name == "tril" else Visible(lo=d)
+            if _is_all_ones(node.args[0]):
+                return term if positive else term.complement()
+            if positive:
+                return term & visible_set(node.args[0], True)
+            raise NotAMask(f"the complement of {name} of a mask")
+    if is_method(node, "ge", "gt", "le", "lt") or (node.op == "call_function" and node.target in CMP):
+        return _compare(node, positive)
+    expansion = _block_expansion(node)
+    if expansion is not None:
+        bm, size = expansion
+        return Visible(block=BlockTerm(bm, size, negate=not positive))
+    raise NotAMask(f"mask term {_name(node)} is not a causal/band bound or a block-expanded mask")
+
+
+def _additive_bias(bias: Any) -> Visible:
+    """Visible set of an additive bias that is 0 where visible and -inf (or -big) elsewhere."""
+    if not isinstance(bias, Node):
+        raise NotAMask("additive bias is a constant")
+    if is_function(bias, torch.where) and len(bias.args) == 3:
+        m, a, b = bias.args
+        if _number(a) == 0.0 and _is_masked_value(b):
+            return visible_set(m, True)
+        if _is_masked_value(a) and _number(b) == 0.0:
+            return visible_set(m, False)
+    if is_method(bias, "masked_fill") and _is_zeros(bias.args[0]) and _is_masked_value(arg(bias, 2, "value")):
+        return visible_set(bias.args[1], False)
+    if bias.op == "placeholder":
+        raise NotAMask(f"additive mask '{bias.target}' is a graph input, its pattern cannot be read at compile time")
+    raise NotAMask(f"additive mask {_name(bias)} is not where(mask, 0, -inf) or zeros.masked_fill(mask, -inf)")
+
+
+# ----------------------------------------------------------------------------- scores / softmax / PV
+
+@dataclasses.dataclass
+class Site:
+    anchor: Node            # node whose value the op replaces (PV matmul or SDPA call)
+    q: Node
+    k: Node
+    v: Node
+    scale: Optional[float]  # None: 1/sqrt(D)
+    vis: Visible
+
+
+def _transposed_k(node: Any) -> Optional[Node]:
+    if not isinstance(node, Node) or _ndim(node) != 4:
+        return None
+    if is_method(node, "transpose", "swapaxes", "swapdims") or is_function(node, torch.transpose):
+        dims = {d % 4 for d in node.args[1:3]} if len(node.args) >= 3 else set()
+        return node.args[0] if dims == {2, 3} else None
+    if is_function(node, getattr) and node.args[1] == "mT":
+        return node.args[0]
+    if is_method(node, "permute"):
+        dims = node.args[1:] if len(node.args) > 2 else node.args[1]
+        return node.args[0] if tuple(d % 4 for d in dims) == (0, 1, 3, 2) else None
+    return None
+
+
+def _einsum(node: Node) -> Optional[tuple[str, str, str, Node, Node]]:
+    if not is_function(node, *EINSUM):
+        return None
+    eq, *ops = node.args
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    if not isinstance(eq, str) or "->" not in eq or len(ops) != 2:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    a, b = lhs.split(",")
+    return a, b, out, ops[0], ops[1]
+
+
+def _qk(node: Any) -> Optional[tuple[Node, Node]]:
+    """(q, k) if node is q k^T over the last dims of 4-D tensors."""
+    if not isinstance(node, Node):
+        return None
+    if is_function(node, *MATMUL) or is_method(node, "matmul"):
+        k = _transposed_k(node.args[1])
+        return (node.args[0], k) if k is not None and _ndim(node.args[0]) == 4 else None
+    e = _einsum(node)
+    if e is not None:
+        a, b, out, q, k = e
+        if len(a) == len(b) == len(out) == 4 and a[:2] == b[:2] == out[:2] and a[3] == b[3] \
+                and out[2:] == a[2] + b[2] and len(set(a[2:] + b[2])) == 3:
+            return q, k
+    return None
+
+
+def _pv(node: Any) -> Optional[tuple[Node, Node]]:
+    """(p, v) if node is p @ v over (…, T, T) x (…, T, D)."""
+    if not isinstance(node, Node):
+        return None
+    if is_function(node, *MATMUL) or is_method(node, "matmul"):
+        return (node.args[0], node.args[1]) if _ndim(node.args[0]) == 4 and _ndim(node.args[1]) == 4 else None
+    e = _einsum(node)
+    if e is not None:
+        a, b, out, p, v = e
+        if len(a) == len(b) == len(out) == 4 and a[:2] == b[:2] == out[:2] and a[3] == b[2] \
+                and out[2:] == a[2] + b[3] and len(set(a[2:] + b[3])) == 3:
+            return p, v
+    return None
+
+
+def _softmax_input(node: Any) -> Optional[Node]:
+    if not isinstance(node, Node):
+        return None
+    if is_function(node, *SOFTMAX) or is_method(node, "softmax"):
+        dim = arg(node, 1, "dim")
+        if isinstance(dim, int) and _ndim(node) and dim % _ndim(node) == _ndim(node) - 1:
+            return node.args[0]
+    return None
+
+
+def _peel_probabilities(p: Any) -> tuple[Optional[Node], Optional[str]]:
+    """The softmax behind the PV matmul's left operand, through casts and inactive dropout."""
+    while isinstance(p, Node):
+        if _softmax_input(p) is not None:
+            return p, None
+        if is_method(p, "to", "type_as", "float", "half", "bfloat16") or is_function(p, torch.Tensor.to):
+            p = p.args[0]
+            continue
+        if is_function(p, F.dropout, torch.dropout, torch.nn.functional.dropout):
+            prob, training = arg(p, 1, "p", 0.5), arg(p, 2, "training", True)
+            if _number(prob) == 0.0 or training is False:
+                p = p.args[0]
+                continue
+            return None, "dropout on the attention probabilities is active"
+        return None, None
+    return None, None
+
+
+def _peel_scores(node: Node) -> tuple[Node, float, Visible]:
+    """Undo masks and scalings from the softmax input back to q k^T."""
+    vis = Visible()
+    scale = 1.0
+    while True:
+        if is_method(node, "masked_fill") or is_function(node, torch.masked_fill):
+            value = arg(node, 2, "value")
+            if not _is_masked_value(value):
+                raise NotAMask(f"masked_fill value {value!r} is not -inf or a large negative number")
+            vis = vis & visible_set(arg(node, 1, "mask"), False)
+            node = node.args[0]
+            continue
+        if is_function(node, torch.where) and len(node.args) == 3:
+            m, a, b = node.args
+            if _is_masked_value(b) and isinstance(a, Node):
+                vis, node = vis & visible_set(m, True), a
+                continue
+            if _is_masked_value(a) and isinstance(b, Node):
+                vis, node = vis & visible_set(m, False), b
+                continue
+            raise NotAMask("torch.where does not choose between the scores and -inf")
+        if is_function(node, operator.add, torch.add) or is_method(node, "add"):
+            a, b = node.args[0], node.args[1]
+            for scores, bias in ((a, b), (b, a)):
+                if _qk(_strip_scale(scores)[0]) is not None or _is_masking(scores):
+                    vis, node = vis & _additive_bias(bias), scores
+                    break
+            else:
+                raise NotAMask("additive term on the scores is not a recognisable mask")
+            continue
+        inner, c = _strip_scale(node, single=True)
+        if inner is not node:
+            scale *= c
+            node = inner
+            continue
+        return node, scale, vis
+
+
+def _is_masking(node: Any) -> bool:
+    return isinstance(node, Node) and (is_method(node, "masked_fill") or is_function(node, torch.where, torch.masked_fill))
+
+
+def _strip_scale(node: Any, single: bool = False) -> tuple[Any, float]:
+    """(x, c) for ``x * c``, ``c * x``, ``x / c`` with a positive constant c."""
+    scale = 1.0
+    while isinstance(node, Node):
+        if (is_function(node, operator.mul, torch.mul) or is_method(node, "mul")) and len(node.args) == 2:
+            a, b = node.args
+            if _number(b) is not None and _number(b) > 0 and isinstance(a, Node):
+                node, scale = a, scale * _number(b)
+            elif _number(a) is not None and _number(a) > 0 and isinstance(b, Node):
+                node, scale = b, scale * _number(a)
+            else:
+                break
+        elif (is_function(node, operator.truediv, torch.div) or is_method(node, "div")) and len(node.args) == 2 \
+                and _number(node.args[1]) is not None and _number(node.args[1]) > 0 and not node.kwargs:
+            node, scale = node.args[0], scale / _number(node.args[1])
+        else:
+            break
+        if single:
+            break
+    return node, scale
+
+
+# ----------------------------------------------------------------------------- classification
+
+def _explicit_site(pv_node: Node) -> Union[Site, str, None]:
+    pv = _pv(pv_node)
+    if pv is None:
+        return None
+    sm, why = _peel_probabilities(pv[0])
+    if sm is None:
+        return why
+    v = pv[1]
+    try:
+        core, scale, vis = _peel_scores(_softmax_input(sm))
+    except NotAMask as exc:
+        return str(exc) if _mentions_qk(_softmax_input(sm)) else None
+    qk = _qk(core)
+    if qk is None:
+        return None
+    if len(sm.users) != 1:
+        return "the attention probabilities have other users (the dense T x T matrix is needed anyway)"
+    return Site(pv_node, qk[0], qk[1], v, scale, vis)
+
+
+def _mentions_qk(node: Any, depth: int = 6) -> bool:
+    """Whether q k^T is among the first inputs of node: reasons are only worth reporting for attention."""
+    if not isinstance(node, Node) or depth == 0:
+        return False
+    if _qk(node) is not None:
+        return True
+    return any(_mentions_qk(n, depth - 1) for n in node.all_input_nodes)
+
+
+def _sdpa_site(node: Node) -> Union[Site, str, None]:
+    if not is_function(node, *SDPA):
+        return None
+    q, k, v = node.args[:3]
+    mask = arg(node, 3, "attn_mask")
+    dropout = arg(node, 4, "dropout_p", 0.0)
+    causal = arg(node, 5, "is_causal", False)
+    scale = arg(node, 6, "scale")
+    if mask is None:
+        return None  # dense or causal SDPA stays SDPA
+    if causal:
+        return "is_causal together with attn_mask"
+    if _number(dropout) != 0.0:
+        return f"dropout_p={dropout} is not supported"
+    if scale is not None and _number(scale) is None:
+        return "scale is not a constant"
+    val = example_value(mask)
+    try:
+        vis = visible_set(mask, True) if val is not None and val.dtype == torch.bool else _additive_bias(mask)
+    except NotAMask as exc:
+        return str(exc)
+    return Site(node, q, k, v, _number(scale) if scale is not None else None, vis)
+
+
+def _refusal(site: Site, gqa_ok: bool) -> Optional[str]:
+    vals = [example_value(n) for n in (site.q, site.k, site.v)]
+    if any(v is None for v in vals):
+        return "shapes unknown (no example values)"
+    q, k, v = vals
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v are not 4-D (B, H, T, D)"
+    if any(isinstance(s, torch.SymInt) for t in vals for s in t.shape):
+        return "dynamic shapes are not supported yet"
+    if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
+        return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not self-attention shapes"
+    if q.shape[2] != k.shape[2]:
+        return f"query length {q.shape[2]} differs from key length {k.shape[2]} (cross-attention or KV cache)"
+    if q.shape[1] != k.shape[1] and not (gqa_ok and k.shape[1] and q.shape[1] % k.shape[1] == 0):
+        return f"query heads {q.shape[1]} and key heads {k.shape[1]} do not match"
+    for t in vals:
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {t.dtype} is not supported (float32, bfloat16, float16)"
+        if t.device.type not in ("cpu", "cuda"):
+            return f"device {t.device.type} is not supported"
+    if len({t.dtype for t in vals}) != 1:
+        return "q, k, v have different dtypes"
+    return None
+
+
+def _classify(site: Site) -> Union[str, tuple[str, Any], None]:
+    """("window", w) / ("selected", causal) / None (plain causal or dense: not ours) / a reason."""
+    vis = site.vis
+    T = example_value(site.q).shape[2]
+    if vis.block is None:
+        if vis.hi is None and vis.lo is None:
+            return None
+        if vis.hi == 0 and vis.lo is None:
+            return None
+        if vis.hi == 0 and vis.lo is not None and vis.lo <= 0:
+            return ("window", 1 - vis.lo)
+        return f"diagonal band {vis.lo} <= j - i <= {vis.hi} is not a causal sliding window"
+    if vis.lo is not None or vis.hi not in (None, 0):
+        return f"block mask combined with the band {vis.lo} <= j - i <= {vis.hi} (only causal is supported)"
+    bt = vis.block
+    S = bt.size
+    if S < 16 or S & (S - 1):
+        return f"block size {S} is not a power of two >= 16"
+    bm = example_value(bt.mask)
+    nb = -(-T // S)
+    if bm is None or bm.dim() < 2 or tuple(bm.shape[-2:]) != (nb, nb):
+        return f"block mask shape {tuple(bm.shape) if bm is not None else '?'} does not tile T={T} by {S}"
+    return ("selected", vis.hi == 0)
+
+
+# ----------------------------------------------------------------------------- windowed layouts (probe-verified)
+#
+# Implementations such as local-attention's LocalAttention never build a T x T mask: they
+# cut q into windows of n tokens, gather each window's keys (pad + unfold/cat of the
+# neighbouring windows) into m slots, and mask (window, row, slot) with constants built
+# from aranges. Which token sits in which slot is pure data movement, and the masks
+# depend on no input, so instead of pattern-matching each einops spelling the pass
+# *evaluates* those subgraphs at compile time: once on position probes (each token's
+# id in every feature) and once for the constant masks. The (query, key) visibility
+# that results is then checked to be a causal window or a causal block-local band.
+
+_MOVE_METHODS = ("reshape", "view", "permute", "transpose", "contiguous", "unsqueeze", "squeeze", "flatten",
+                 "unflatten", "movedim", "moveaxis", "unfold", "expand", "expand_as", "clone", "swapaxes")
+_MOVE_FUNCS = (torch.reshape, torch.cat, torch.concat, torch.permute, torch.transpose, torch.unsqueeze,
+               torch.squeeze, torch.flatten, torch.movedim, torch.narrow, operator.getitem, F.pad, torch._C._nn.pad)
+#: Compile-time evaluation limit (elements per intermediate): position probes are int32 copies
+#: of q, k, v, so a 64k-token, 16-head, D=128 layer (134M) fits; masks are far smaller.
+_MAX_EVAL_NUMEL = 1 << 28
+
+
+class NotEvaluable(Exception):
+    pass
+
+
+def _is_move(node: Node) -> bool:
+    if is_function(node, operator.getitem) and example_value(node.args[0]) is None:
+        return False  # picking an output of a multi-output op (split, chunk, topk): a source, not a move
+    return is_method(node, *_MOVE_METHODS) or is_function(node, *_MOVE_FUNCS)
+
+
+def _evaluate(node: Any, env: dict, memo: dict) -> Any:
+    """Run the subgraph behind ``node`` on real tensors; nodes in ``env`` are probes.
+
+    A node that depends on a probe must be pure data movement, so the probe's ids
+    survive; anything else may be evaluated only if it depends on no graph input.
+    """
+    if not isinstance(node, Node):
+        if isinstance(node, (list, tuple)):
+            vals = [_evaluate(n, env, memo) for n in node]
+            return type(node)(v[0] for v in vals), any(v[1] for v in vals)
+        return node, False
+    if node in env:
+        return env[node], True
+    if node in memo:
+        return memo[node]
+    if node.op != "call_function" and node.op != "call_method":
+        raise NotEvaluable(f"{node.op} {node.target}")
+    if node.op == "call_method" and str(node.target).endswith("_"):
+        raise NotEvaluable("in-place method")
+    name = str(getattr(node.target, "__name__", node.target))
+    if "rand" in name or "dropout" in name or "bernoulli" in name:
+        raise NotEvaluable("random op")
+    val = example_value(node)
+    if val is not None and val.numel() > _MAX_EVAL_NUMEL:
+        raise NotEvaluable("too large to evaluate at compile time")
+    args = [_evaluate(a, env, memo) for a in node.args]
+    kwargs = {k: _evaluate(a, env, memo) for k, a in node.kwargs.items()}
+    tainted = any(t for _, t in args) or any(t for _, t in kwargs.values())
+    if tainted and not _is_move(node):
+        raise NotEvaluable(f"{_name(node)} computes on the attention inputs")
+    a = [x for x, _ in args]
+    kw = {k: x for k, (x, _) in kwargs.items()}
+    if "device" in kw:
+        kw["device"] = "cpu"
+    out = getattr(a[0], node.target)(*a[1:], **kw) if node.op == "call_method" else node.target(*a, **kw)
+    memo[node] = (out, tainted)
+    return memo[node]
+
+
+def _chain(node: Any) -> list[Node]:
+    """node and what it is moved from, back to the value that the data movement starts from."""
+    out = []
+    while isinstance(node, Node):
+        out.append(node)
+        if not _is_move(node):
+            break
+        first = node.args[0]
+        if isinstance(first, (list, tuple)):
+            if len(first) != 1:
+                break  # a cat of several tensors: a source of its own
+            first = first[0]
+        node = first
+    return out
+
+
+def _source(node: Any) -> Optional[Node]:
+    """The tensor that a chain of data-movement ops starts from (a graph input or a computed value)."""
+    chain = _chain(node)
+    return chain[-1] if chain else None
+
+
+def _kv_sources(kw: Node, vw: Node, q: Node) -> tuple[Optional[Node], Optional[Node]]:
+    """The earliest k and v along their gathers that have q's layout (..., T, D) and the same shape.
+
+    Ties broken toward fewer heads, so a GQA ``repeat`` of K/V is undone and the kernel
+    serves the group (k may stop at a rotary embedding while v goes back to a projection).
+    """
+    qv = example_value(q)
+
+    def cands(n: Node) -> list[Node]:
+        res = []
+        for c in reversed(_chain(n)):
+            val = example_value(c)
+            if val is not None and val.dim() == qv.dim() and tuple(val.shape[-2:]) == tuple(qv.shape[-2:]):
+                res.append(c)
+        return res
+
+    ks, vs = cands(kw), cands(vw)
+    pairs = [(a, b) for a in ks for b in vs if example_value(a).shape == example_value(b).shape]
+    if not pairs:
+        return (ks[0] if ks else None), (vs[0] if vs else None)
+    return min(pairs, key=lambda ab: (example_value(ab[0]).numel(), ks.index(ab[0]) + vs.index(ab[1])))
+
+
+def _probe(node: Node) -> torch.Tensor:
+    """Each token's id + 1 in all its features: ids stay >= 1, so pad constants (0, -1) stand out."""
+    val = example_value(node)
+    ids = torch.arange(1, val[..., 0].numel() + 1, dtype=torch.int32).reshape(val.shape[:-1])
+    return ids[..., None].expand(val.shape).clone()
+
+
+def _masks_on(node: Node) -> tuple[Node, float, list[tuple[Any, bool]]]:
+    """Peel masked_fill / where / scale from the softmax input: (scores, scale, [(mask, visible_when)])."""
+    masks: list[tuple[Any, bool]] = []
+    scale = 1.0
+    while True:
+        if is_method(node, "masked_fill") and _is_masked_value(arg(node, 2, "value")):
+            masks.append((arg(node, 1, "mask"), False))
+            node = node.args[0]
+        elif is_function(node, torch.where) and len(node.args) == 3 and _is_masked_value(node.args[2]):
+            masks.append((node.args[0], True))
+            node = node.args[1]
+        else:
+            inner, c = _strip_scale(node, single=True)
+            if inner is node:
+                return node, scale, masks
+            node, scale = inner, scale * c
+
+
+@dataclasses.dataclass
+class WindowedSite:
+    q: Node
+    k: Node
+    v: Node
+    out: Node          # the node whose value the op replaces (back in q's layout)
+    scale: float
+    kind: str          # "window" or "local"
+    window: int = 0    # window: keys i-w+1..i
+    block: int = 0     # local: block size; lookback blocks
+    lookback: int = 0
+
+
+def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
+    pv = _pv(pv_node)
+    if pv is None:
+        return None
+    sm, _ = _peel_probabilities(pv[0])
+    if sm is None or len(sm.users) != 1:
+        return None
+    core, scale, masks = _masks_on(_softmax_input(sm))
+    qk = _qk(core)
+    if qk is None:
+        return None
+    qw, kw_, vw = qk[0], qk[1], pv[1]
+    qw, s2 = _strip_scale(qw)
+    scale *= s2
+    sq, sk, sv = (example_value(n) for n in (qw, kw_, vw))
+    if sq is None or sk is None or sq.shape[-2] == sk.shape[-2]:
+        return None  # same length: a dense layout, handled by the mask algebra
+    q = _source(qw)
+    if q is qw and _source(kw_) is kw_:
+        return None  # no window gather: cross-attention or a KV cache, reported by the dense path
+    k, v = _kv_sources(kw_, vw, q) if q is not None and example_value(q) is not None else (None, None)
+    if q is None or k is None or v is None:
+        return "windowed attention whose q/k/v gathers are not pure data movement"
+    qv, kv, vv = (example_value(n) for n in (q, k, v))
+    if any(isinstance(d, torch.SymInt) for t in (qv, kv, vv, sq, sk) if t is not None for d in t.shape):
+        return "windowed attention: dynamic shapes are not supported yet"
+    if qv is None or kv is None or vv is None or kv.shape != vv.shape or qv.dim() < 2:
+        return "windowed attention over k, v of different shapes"
+    gqa = qv.dim() == 4 and kv.dim() == 4 and qv.shape[1] != kv.shape[1] and kv.shape[1] \
+        and qv.shape[1] % kv.shape[1] == 0 and (qv.shape[0], *qv.shape[2:]) == (kv.shape[0], *kv.shape[2:])
+    if qv.shape != kv.shape and not gqa:
+        return "windowed attention over q, k, v of different shapes"
+    try:
+        rows = _evaluate(qw, {q: _probe(q)}, {})[0][..., 0].double()
+        slots = _evaluate(kw_, {k: _probe(k)}, {})[0][..., 0].double()
+        vslots = _evaluate(vw, {v: _probe(v)}, {})[0][..., 0].double()
+        visible = torch.ones((), dtype=torch.bool)
+        for m, when in masks:
+            mv = _evaluate(m, {}, {})[0]
+            if not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool:
+                raise NotEvaluable("mask is not boolean")
+            visible = visible & (mv if when else ~mv)
+    except NotEvaluable as exc:
+        return f"windowed attention: {exc}"
+    except Exception as exc:  # an op we cannot replay outside the graph
+        return f"windowed attention: could not evaluate its layout ({type(exc).__name__})"
+    if not torch.equal(slots, vslots):
+        return "windowed attention: keys and values are gathered differently"
+    T = qv.shape[-2]
+    vis = visible.expand(*rows.shape, slots.shape[-1])
+    slot_ids = slots[..., None, :].expand(vis.shape)
+    real = rows >= 1  # query rows that are padding (autopad) must be cropped from the output
+    vis = vis[real]
+    slot_ids = slot_ids[real] - 1
+    row_ids = rows[real] - 1
+    if bool((vis & (slot_ids < 0)).any()):
+        return "windowed attention: padding slots are visible"
+    if not torch.equal(torch.sort(row_ids).values, torch.arange(qv[..., 0].numel(), dtype=torch.float64)):
+        return "windowed attention: query windows do not cover each token once"
+    # the key's (batch, KV head) must be the query's (batch, head // G): GQA by contiguous groups
+    G = qv.shape[1] // kv.shape[1] if gqa else 1
+    row_lead = torch.div(row_ids, T, rounding_mode="floor")
+    if gqa:
+        b, h = torch.div(row_lead, qv.shape[1], rounding_mode="floor"), row_lead % qv.shape[1]
+        row_lead = b * kv.shape[1] + torch.div(h, G, rounding_mode="floor")
+    same = torch.div(slot_ids, T, rounding_mode="floor") == row_lead[:, None]
+    if bool((vis & ~same).any()):
+        return "windowed attention mixes heads or batches"
+    i = (row_ids % T).long()
+    j = torch.where(vis, slot_ids % T, float("inf")).reshape(i.numel(), -1)
+    j_sorted = torch.sort(j, dim=-1).values
+    cnt = vis.reshape(i.numel(), -1).sum(-1)
+    jmin, jmax = j_sorted[:, 0], torch.where(cnt > 0, j_sorted.gather(1, (cnt - 1).clamp_min(0)[:, None])[:, 0], -1)
+    steps = j_sorted[:, 1:] - j_sorted[:, :-1]
+    inside = torch.arange(1, j.shape[1], dtype=torch.long)[None, :] < cnt[:, None]
+    if not bool(torch.all((steps == 1) | ~inside)) or not bool(torch.all(jmax == i)):
+        return "windowed attention is not a causal contiguous window (look-forward or gaps)"
+    out = _output_node(pv_node, rows, q)
+    if isinstance(out, str):
+        return out
+    w = int(cnt.max())
+    if bool(torch.all(jmin == (i - w + 1).clamp_min(0))):
+        return WindowedSite(q, k, v, out, scale, "window", window=w)
+    S = int(sq.shape[-2])
+    lookback = (int(i[-1]) // S * S - int(jmin[-1])) // S if i.numel() else 0
+    if bool(torch.all(jmin == ((torch.div(i, S, rounding_mode="floor") - lookback) * S).clamp_min(0))):
+        if S < 16 or S & (S - 1):
+            return f"block-local attention with window {S}: not a power of two >= 16"
+        return WindowedSite(q, k, v, out, scale, "local", block=S, lookback=lookback)
+    return "windowed attention is neither a sliding window nor block-local"
+
+
+def _output_node(pv_node: Node, rows: torch.Tensor, q: Node) -> Union[Node, str]:
+    """Follow data movement after P @ V back to q's layout, proving by probe that token ids land home."""
+    node = pv_node
+    target = example_value(q)
+    while True:
+        val = example_value(node)
+        if val is not None and tuple(val.shape) == tuple(target.shape):
+            break
+        if len(node.users) != 1:
+            return "windowed attention output is used in the window layout"
+        (user,) = node.users
+        if not _is_move(user) or user.args[0] is not node:
+            return "windowed attention output is not moved back to the input layout"
+        node = user
+    probe = rows.to(torch.int32)[..., None].expand(example_value(pv_node).shape).clone()
+    try:
+        back = _evaluate(node, {pv_node: probe}, {})[0]
+    except Exception:
+        return "windowed attention output layout could not be evaluated"
+    if not torch.equal(back, _probe(q)):
+        return "windowed attention output does not return each token to its place"
+    return node
+
+
+def _as_heads(graph: torch.fx.Graph, node: Node) -> Node:
+    val = example_value(node)
+    if val.dim() == 4:
+        return node
+    return graph.call_function(torch.reshape, (node, (1, -1, val.shape[-2], val.shape[-1])))
+
+
+def _rewrite_windowed(graph: torch.fx.Graph, site: WindowedSite, anchor: Node, report: Report) -> None:
+    qv = example_value(site.q)
+    for t in (site.q, site.k, site.v):
+        val = example_value(t)
+        if val.dtype not in SUPPORTED_DTYPES or val.device.type not in ("cpu", "cuda"):
+            report.add_miss(FAMILY, anchor, f"dtype {val.dtype} / device {val.device.type} is not supported")
+            return
+    with graph.inserting_before(site.out):
+        q, k, v = (_as_heads(graph, n) for n in (site.q, site.k, site.v))
+        if site.kind == "window":
+            call = graph.call_function(torch.ops.bcpt.sliding_window_attention.default,
+                                       (q, k, v, site.window, float(site.scale)))
+            op = "bcpt.sliding_window_attention"
+        else:
+            table = graph.call_function(local_block_table, (q, site.block, site.lookback))
+            idx = graph.call_function(operator.getitem, (table, 0))
+            counts = graph.call_function(operator.getitem, (table, 1))
+            call = graph.call_function(torch.ops.bcpt.nsa_selected_attention.default,
+                                       (q, k, v, idx, counts, site.block, site.block, True, float(site.scale)))
+            op = "bcpt.nsa_selected_attention"
+        out = graph.call_function(operator.getitem, (call, 0))
+        if qv.dim() != 4:
+            out = graph.call_function(torch.reshape, (out, tuple(qv.shape)))
+    out.meta.update({key: val for key, val in site.out.meta.items()
+                     if key in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
+    report.add_site(FAMILY, anchor, op, [site.q, site.k, site.v])
+    site.out.replace_all_uses_with(out)
+    erase_unused(site.out)
+
+
+# ----------------------------------------------------------------------------- rewrite
+
+def _topk_table(bt: BlockTerm) -> Optional[tuple[Node, Any]]:
+    """(top-k indices node, validity) when the block mask was scattered from a top-k along its last dim.
+
+    ``zeros.scatter(-1, topk(...).indices, True)`` (or in place with ``scatter_``), where the
+    scattered value may also be a bool tensor (per-row variable k): then invalid entries
+    become -1, which the kernel skips.
+    """
+    if bt.negate or bt.compare is not None:
+        return None
+    node = _strip_casts(bt.mask)
+    scatter = None
+    if is_method(node, "scatter") or is_function(node, torch.scatter):
+        scatter = node
+    elif _is_zeros(node):
+        inplace = [u for u in node.users if is_method(u, "scatter_") and u.args[0] is node]
+        if len(inplace) == 1 and all(u is inplace[0] or not (u.op == "call_method" and str(u.target).endswith("_"))
+                                     for u in node.users):
+            scatter = inplace[0]
+    if scatter is None or not _is_zeros(scatter.args[0]):
+        return None
+    dim, idx, src = arg(scatter, 1, "dim"), arg(scatter, 2, "index"), arg(scatter, 3, "src", arg(scatter, 3, "value"))
+    if _dim(scatter, dim) != (_ndim(scatter) or 0) - 1 or scatter.kwargs.get("reduce") is not None:
+        return None
+    if not (is_function(idx, operator.getitem) and idx.args[1] == 1) and not (
+            is_function(idx, getattr) and idx.args[1] == "indices"):
+        return None
+    top = idx.args[0]
+    if not (is_method(top, "topk") or is_function(top, torch.topk)):
+        return None
+    tdim = arg(top, 2, "dim", -1)
+    if _dim(top.args[0], tdim) != (_ndim(top.args[0]) or 0) - 1:  # any top-k: its indices are distinct
+        return None
+    if src is True or _number(src) == 1.0:
+        return idx, None
+    sval = example_value(src)
+    if sval is not None and sval.dtype == torch.bool and tuple(sval.shape) == tuple(example_value(idx).shape):
+        return idx, src
+    return None
+
+
+def _table_nodes(graph: torch.fx.Graph, bt: BlockTerm, batch: int, kv_heads: int) -> tuple[Node, Node]:
+    found = _topk_table(bt)
+    if found is not None:
+        idx, valid = found
+        if valid is not None:
+            idx = graph.call_function(torch.where, (valid, idx, -1))
+        table = graph.call_function(topk_to_indices, (idx, batch, kv_heads))
+    else:
+        mask = bt.mask
+        if bt.compare is not None:
+            mask = graph.call_function(_CMP_FNS[bt.compare[0]], (mask, bt.compare[1]))
+        elif _strip_casts(mask) is not mask and getattr(example_value(_strip_casts(mask)), "dtype", None) == torch.bool:
+            mask = _strip_casts(mask)
+        val = example_value(mask)
+        if bt.compare is None and (val is None or val.dtype != torch.bool):
+            mask = graph.call_function(torch.ne, (mask, 0))
+        if bt.negate:
+            mask = graph.call_function(torch.logical_not, (mask,))
+        table = graph.call_function(block_mask_to_indices, (mask, batch, kv_heads))
+    return (graph.call_function(operator.getitem, (table, 0)), graph.call_function(operator.getitem, (table, 1)))
+
+
+def _heads_ok(bt: BlockTerm, H: int, Hkv: int) -> Optional[str]:
+    bm = example_value(bt.mask)
+    hdim = bm.shape[-3] if bm.dim() >= 3 else 1
+    if hdim not in (1, Hkv):
+        return (f"block mask has {hdim} heads but K/V have {Hkv}: the query heads of a KV group "
+                "do not share one selection")
+    return None
+
+
+def rewrite_sparse_attention(gm: torch.fx.GraphModule, opts: BcptOptions, report: Report) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if getattr(node, "_erased", False) or node.op != "call_function":
+            continue
+        sdpa = is_function(node, *SDPA)
+        if not sdpa:
+            windowed = _windowed_site(node)
+            if isinstance(windowed, WindowedSite):
+                _rewrite_windowed(graph, windowed, node, report)
+                continue
+            if isinstance(windowed, str):
+                report.add_miss(FAMILY, node, windowed)
+                continue
+        site = _sdpa_site(node) if sdpa else _explicit_site(node)
+        if site is None:
+            continue
+        if isinstance(site, str):
+            report.add_miss(FAMILY, node, site)
+            continue
+        if site.vis.block is None and site.vis.lo is None and site.vis.hi in (None, 0):
+            continue  # dense or plain causal attention: not ours, and not worth a report
+        gqa_ok = sdpa and bool(arg(node, 7, "enable_gqa", False))
+        reason = _refusal(site, gqa_ok)
+        kind = None
+        if reason is None:
+            kind = _classify(site)
+            if kind is None:
+                continue
+            if isinstance(kind, str):
+                reason = kind
+        qv, kv = example_value(site.q), example_value(site.k)
+        if reason is None and kind[0] == "selected":
+            reason = _heads_ok(site.vis.block, qv.shape[1], kv.shape[1])
+        if reason is not None:
+            report.add_miss(FAMILY, node, reason)
+            continue
+        B, H, T, D = qv.shape
+        Hkv = kv.shape[1]
+        scale = site.scale if site.scale is not None else 1.0 / math.sqrt(D)
+        with graph.inserting_before(node):
+            if kind[0] == "window":
+                call = graph.call_function(torch.ops.bcpt.sliding_window_attention.default,
+                                           (site.q, site.k, site.v, int(kind[1]), float(scale)))
+                op = "bcpt.sliding_window_attention"
+            else:
+                bt = site.vis.block
+                idx, counts = _table_nodes(graph, bt, B, Hkv)
+                call = graph.call_function(torch.ops.bcpt.nsa_selected_attention.default,
+                                           (site.q, site.k, site.v, idx, counts, bt.size, bt.size,
+                                            bool(kind[1]), float(scale)))
+                op = "bcpt.nsa_selected_attention"
+            out = graph.call_function(operator.getitem, (call, 0))
+        out.meta.update({k: v for k, v in node.meta.items()
+                         if k in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
+        report.add_site(FAMILY, node, op, [site.q, site.k, site.v])
+        old_inputs = list(node.all_input_nodes)
+        node.replace_all_uses_with(out)
+        erase_unused(node, *old_inputs)

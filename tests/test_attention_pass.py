@@ -1,0 +1,430 @@
+"""The attention pass: which spellings become bcpt ops (snapshots), that compiled equals eager
+(outputs and gradients, through aot_eager so the custom ops' own backward runs), and what
+``explain`` says about sites it refuses."""
+
+import math
+
+import expecttest
+import torch
+import torch.nn.functional as F
+
+pytestmark = __import__("pytest").mark.filterwarnings(
+    "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")  # triton 3.6 interpreter
+
+from bcpt_compile.explain import explain
+from bcpt_compile.testing import rewritten_graph, rewritten_graphs
+
+B, H, T, D, S = 1, 2, 40, 16, 16  # T is not a multiple of the block size
+NB = math.ceil(T / S)
+OPTS = {"inner_compiler": "aot_eager", "block_size": 16}
+
+
+def _qkv(dtype=torch.float32, h=H, hkv=H, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, n, T, D, generator=g).to(dtype) for n in (h, hkv, hkv)]
+
+
+def _importance(seed=1):
+    """Block importance with the diagonal block always on top (as DynNSA keeps the local block)."""
+    g = torch.Generator().manual_seed(seed)
+    imp = torch.randn(B, H, NB, NB, generator=g)
+    return imp + 100 * torch.eye(NB)
+
+
+# --------------------------------------------------------------------------- spellings
+
+def dynnsa_repeat_interleave(q, k, v, imp):
+    """Tiny-ONN DynNSA: top-k block mask, repeat_interleave twice, causal, -inf fill."""
+    idx = imp.topk(2, dim=-1).indices
+    bm = torch.zeros_like(imp, dtype=torch.bool).scatter(-1, idx, True)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    m = bm.repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1)[..., :T, :T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~m, float("-inf")).masked_fill(~causal, float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v)
+
+
+def kron_where_finite(q, k, v, bm):
+    """kron expansion of a float block mask, torch.where with a finite fill, softmax in fp32."""
+    m = torch.kron(bm.float(), torch.ones(S, S, device=q.device)).bool()[..., :T, :T]
+    causal = torch.tril(torch.ones(T, T, device=q.device)).bool()
+    s = q @ k.transpose(-2, -1) * 0.3
+    s = torch.where(m & causal, s, -1e9)
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def expand_additive_variable_k(q, k, v, imp):
+    """Per-query-block k (1 or 2), expand+reshape expansion, additive -inf bias, arange causal."""
+    idx = torch.topk(imp, 2, dim=-1)[1]
+    keep = torch.arange(2) < (torch.arange(NB) % 2 + 1)[:, None]
+    bm = torch.zeros_like(imp, dtype=torch.bool)
+    bm.scatter_(-1, idx, keep.expand_as(idx))
+    big = bm[:, :, :, None, :, None].expand(B, H, NB, S, NB, S).reshape(B, H, NB * S, NB * S)
+    i = torch.arange(T, device=q.device)
+    mask = big[:, :, :T, :T] & (i[:, None] >= i[None, :])
+    bias = torch.where(mask, 0.0, float("-inf"))
+    p = F.softmax(q.matmul(k.mT) * D ** -0.5 + bias, dim=-1)
+    return p @ v
+
+
+def dynnsa_threshold_variable_k(q, k, v, imp):
+    """Per-query-block variable k from an importance threshold, mask as a union under masked_fill."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5
+    keep = imp.repeat_interleave(S, dim=2).repeat_interleave(S, dim=3)[:, :, :T, :T] >= 0.5
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(~keep | future, float("-inf"))
+    return F.softmax(scores, dim=-1) @ v
+
+
+def window_explicit(q, k, v):
+    i = torch.arange(T, device=q.device)
+    band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 12)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    return s.masked_fill(~band, float("-inf")).softmax(dim=-1) @ v
+
+
+def window_sdpa_tril_triu(q, k, v):
+    band = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().triu(-(7 - 1))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+
+
+def window_sdpa_gqa_additive(q, k, v):
+    i = torch.arange(T, device=q.device)
+    far = (i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 20)
+    bias = torch.zeros(T, T, device=q.device).masked_fill(far, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.2, enable_gqa=True)
+
+
+def selected_sdpa_gqa(q, k, v, imp):
+    """SDPA with a bool block mask shared by all heads (head dim 1), GQA 4:2, not causal."""
+    idx = imp[:, :1].topk(1, dim=-1).indices
+    bm = torch.zeros(B, 1, NB, NB, dtype=torch.bool).scatter(-1, idx, True)
+    mask = bm.repeat_interleave(S, dim=2).repeat_interleave(S, dim=3)[:, :, :T, :T]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _compiled_vs_eager(fn, tensors, extra=(), rtol=1e-4):
+    ins = [t.clone().requires_grad_(True) for t in tensors]
+    ref = [t.clone().requires_grad_(True) for t in tensors]
+    g = torch.Generator().manual_seed(42)
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="bcpt", options=OPTS)(*ins, *extra)
+    expected = fn(*ref, *extra)
+    assert torch.isfinite(expected).all(), "the test inputs must keep eager defined (no empty rows)"
+    grad = torch.randn(expected.shape, generator=g).to(expected.dtype)
+    out.backward(grad)
+    expected.backward(grad)
+    pairs = [("out", out, expected)] + [(f"grad{i}", a.grad, b.grad) for i, (a, b) in enumerate(zip(ins, ref))]
+    for name, a, b in pairs:
+        err = ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+        assert err <= rtol, (name, err)
+
+
+def _sites(fn, *args):
+    _, report = rewritten_graphs(fn, *args)
+    return report
+
+
+class TestAttentionPass(expecttest.TestCase):
+    def test_dynnsa_repeat_interleave_uses_the_topk_indices(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(dynnsa_repeat_interleave, q, k, v, _importance()), """\
+def forward(self, L_imp_, L_q_, L_k_, L_v_):
+    l_imp_ = L_imp_
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    topk = l_imp_.topk(2, dim = -1)
+    idx = topk[1]
+    topk_to_indices = bcpt_compile_lowering_attention_topk_to_indices(idx, 1, 2)
+    getitem_3 = topk_to_indices[0]
+    getitem_4 = topk_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_3, getitem_4, 16, 16, True, 0.25)
+    getitem_5 = nsa_selected_attention_default[0]
+    return (getitem_5,)
+""")
+        _compiled_vs_eager(dynnsa_repeat_interleave, [q, k, v], (_importance(),))
+
+    def test_kron_where_finite_fill_converts_the_block_mask_on_device(self):
+        q, k, v = _qkv()
+        bm = torch.rand(B, H, NB, NB, generator=torch.Generator().manual_seed(3)) < 0.5
+        bm |= torch.eye(NB, dtype=torch.bool)
+        self.assertExpectedInline(rewritten_graph(kron_where_finite, q, k, v, bm), """\
+def forward(self, L_bm_, L_q_, L_k_, L_v_):
+    l_bm_ = L_bm_
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    block_mask_to_indices = bcpt_compile_lowering_attention_block_mask_to_indices(l_bm_, 1, 2)
+    getitem_1 = block_mask_to_indices[0]
+    getitem_2 = block_mask_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_1, getitem_2, 16, 16, True, 0.3)
+    getitem_3 = nsa_selected_attention_default[0]
+    return (getitem_3,)
+""")
+        _compiled_vs_eager(kron_where_finite, [q, k, v], (bm,))
+
+    def test_expand_reshape_additive_bias_variable_k(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(expand_additive_variable_k, q, k, v, _importance()), """\
+def forward(self, L_imp_, L_q_, L_k_, L_v_):
+    l_imp_ = L_imp_
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    topk = torch.topk(l_imp_, 2, dim = -1)
+    idx = topk[1]
+    arange = torch.arange(2)
+    arange_1 = torch.arange(3)
+    mod = arange_1 % 2
+    add = mod + 1
+    getitem_2 = add[(slice(None, None, None), None)]
+    keep = arange < getitem_2
+    bm = torch.zeros_like(l_imp_, dtype = torch.bool)
+    expand_as = keep.expand_as(idx)
+    scatter_ = bm.scatter_(-1, idx, expand_as)
+    where_1 = torch.where(expand_as, idx, -1)
+    topk_to_indices = bcpt_compile_lowering_attention_topk_to_indices(where_1, 1, 2)
+    getitem_7 = topk_to_indices[0]
+    getitem_8 = topk_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_7, getitem_8, 16, 16, True, 0.25)
+    getitem_9 = nsa_selected_attention_default[0]
+    return (getitem_9,)
+""")
+        _compiled_vs_eager(expand_additive_variable_k, [q, k, v], (_importance(),))
+
+    def test_dynnsa_threshold_variable_k(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(dynnsa_threshold_variable_k, q, k, v, _importance()), """\
+def forward(self, L_k_, L_q_, L_imp_, L_v_):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_imp_ = L_imp_
+    l_v_ = L_v_
+    ge_1 = torch.ge(l_imp_, 0.5)
+    block_mask_to_indices = bcpt_compile_lowering_attention_block_mask_to_indices(ge_1, 1, 2)
+    getitem_1 = block_mask_to_indices[0]
+    getitem_2 = block_mask_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_1, getitem_2, 16, 16, True, 0.25)
+    getitem_3 = nsa_selected_attention_default[0]
+    return (getitem_3,)
+""")
+        _compiled_vs_eager(dynnsa_threshold_variable_k, [q, k, v], (_importance(),))
+
+    def test_dynnsa_bf16(self):
+        q, k, v = _qkv(torch.bfloat16)
+        _compiled_vs_eager(dynnsa_repeat_interleave, [q, k, v], (_importance(),), rtol=1e-2)
+
+    def test_selected_sdpa_gqa_block_mask_shared_by_heads(self):
+        q, k, v = _qkv(h=4, hkv=2)
+        self.assertExpectedInline(rewritten_graph(selected_sdpa_gqa, q, k, v, _importance()), """\
+def forward(self, L_imp_, L_q_, L_k_, L_v_):
+    l_imp_ = L_imp_
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    getitem = l_imp_[(slice(None, None, None), slice(None, 1, None))]
+    topk = getitem.topk(1, dim = -1)
+    idx = topk[1]
+    topk_to_indices = bcpt_compile_lowering_attention_topk_to_indices(idx, 1, 2)
+    getitem_4 = topk_to_indices[0]
+    getitem_5 = topk_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_4, getitem_5, 16, 16, False, 0.25)
+    getitem_6 = nsa_selected_attention_default[0]
+    return (getitem_6,)
+""")
+        _compiled_vs_eager(selected_sdpa_gqa, [q, k, v], (_importance(),))
+
+    def test_window_explicit_softmax(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(window_explicit, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(l_q_, l_k_, l_v_, 12, 0.25)
+    getitem_4 = sliding_window_attention_default[0]
+    return (getitem_4,)
+""")
+        _compiled_vs_eager(window_explicit, [q, k, v])
+
+    def test_window_sdpa_bool_band_from_tril_triu(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(window_sdpa_tril_triu, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(l_q_, l_k_, l_v_, 7, 0.25)
+    getitem = sliding_window_attention_default[0]
+    return (getitem,)
+""")
+        _compiled_vs_eager(window_sdpa_tril_triu, [q, k, v])
+
+    def test_window_sdpa_gqa_additive_mask(self):
+        q, k, v = _qkv(h=4, hkv=2)
+        self.assertExpectedInline(rewritten_graph(window_sdpa_gqa_additive, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(l_q_, l_k_, l_v_, 20, 0.2)
+    getitem_4 = sliding_window_attention_default[0]
+    return (getitem_4,)
+""")
+        _compiled_vs_eager(window_sdpa_gqa_additive, [q, k, v])
+
+    def test_plain_and_causal_attention_stay_dense_and_are_not_reported(self):
+        q, k, v = _qkv()
+
+        def plain(q, k, v):
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            b = (q @ k.mT).masked_fill(~causal, float("-inf")).softmax(-1) @ v
+            return a + b + F.scaled_dot_product_attention(q, k, v)
+
+        report = _sites(plain, q, k, v)
+        self.assertEqual(report.counts["attention"], 0)
+        self.assertEqual([m for m in report.misses if m.family == "attention"], [])
+
+    def test_near_misses_name_their_reason(self):
+        q, k, v = _qkv()
+        q4 = torch.randn(B, 4, T, D)
+        k2 = torch.randn(B, 2, T, D)
+
+        def misses(q, k, v, user_mask, q4, k2, imp):
+            i = torch.arange(T)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=user_mask)         # graph input
+            band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 9)
+            probs = (q @ k.mT).masked_fill(~band, float("-inf")).softmax(-1)
+            b = probs @ v                                                             # probs returned
+            sym = (i[:, None] - i[None, :]).abs() < 5                                 # two-sided band
+            c = F.scaled_dot_product_attention(q, k, v, attn_mask=sym)
+            bm = torch.zeros_like(imp, dtype=torch.bool).scatter(-1, imp.topk(2, -1).indices, True)
+            m8 = bm.repeat_interleave(8, -2).repeat_interleave(8, -1)                 # block 8 (T=40 -> 5 x 5)
+            d = F.scaled_dot_product_attention(q, k, v, attn_mask=m8[..., :T, :T])
+            e = F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=0.1)
+            bm4 = torch.zeros(B, 4, NB, NB, dtype=torch.bool).scatter(-1, torch.zeros(B, 4, NB, 1, dtype=torch.long), True)
+            m4 = bm4.repeat_interleave(S, -2).repeat_interleave(S, -1)[..., :T, :T]
+            f = F.scaled_dot_product_attention(q4, k2, k2, attn_mask=m4, enable_gqa=True)
+            return a, b, probs, c, d, e, f
+
+        imp5 = torch.randn(B, H, 5, 5)
+        report = explain(misses, q, k, v, torch.ones(T, T, dtype=torch.bool).tril(), q4, k2, imp5)
+        self.assertEqual(report.counts["attention"], 0)
+        reasons = sorted(m.reason for m in report.misses if m.family == "attention")
+        self.assertExpectedInline("\n".join(reasons), """\
+block mask has 4 heads but K/V have 2: the query heads of a KV group do not share one selection
+block size 8 is not a power of two >= 16
+comparison lt of call_method abs is not a bound on j - i of arange grids
+dropout_p=0.1 is not supported
+mask term 'L_user_mask_' is a graph input, its pattern cannot be read at compile time
+the attention probabilities have other users (the dense T x T matrix is needed anyway)""")
+
+    def test_explain_counts_each_site(self):
+        q, k, v = _qkv()
+
+        def model(q, k, v, imp):
+            x = dynnsa_repeat_interleave(q, k, v, imp)
+            y = window_explicit(q, k, v)
+            z = window_sdpa_tril_triu(q, k, v)
+            return x + y + z + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        report = explain(model, q, k, v, _importance())
+        self.assertEqual(report.counts["attention"], 3)
+        self.assertEqual(sorted(s.op for s in report.sites if s.family == "attention"),
+                         ["bcpt.nsa_selected_attention", "bcpt.sliding_window_attention",
+                          "bcpt.sliding_window_attention"])
+        self.assertIn("test_attention_pass.py", report.sites[0].source)
+
+
+if __name__ == "__main__":
+    expecttest.run_tests()
+
+
+# --------------------------------------------------------------------------- packages (optional)
+
+class TestAttentionPackages(expecttest.TestCase):
+    """local-attention and native-sparse-attention-pytorch, when installed: windowed layouts
+    recognised by evaluating their gathers on position probes."""
+
+    def setUp(self):
+        import pytest
+
+        self.la = pytest.importorskip("local_attention")
+
+    def _module_vs_eager(self, mod, *inputs, rtol=1e-4):
+        ins = [t.clone().requires_grad_(True) for t in inputs]
+        ref = [t.clone().requires_grad_(True) for t in inputs]
+        torch._dynamo.reset()
+        out = torch.compile(mod, backend="bcpt", options=OPTS)(*ins)
+        expected = mod(*ref)
+        grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5))
+        out.backward(grad)
+        expected.backward(grad)
+        for name, a, b in [("out", out, expected)] + [(f"grad{i}", x.grad, y.grad) for i, (x, y) in enumerate(zip(ins, ref))]:
+            err = ((a - b).abs().max() / b.abs().max()).item()
+            self.assertLessEqual(err, rtol, name)
+
+    def test_local_attention_block_local_is_selected_attention(self):
+        mod = self.la.LocalAttention(window_size=16, causal=True, look_backward=1).eval()
+        g = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(B, H, 64, D, generator=g) for _ in range(3))  # needs T % 16 == 0
+        self.assertExpectedInline(rewritten_graph(mod, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    local_block_table = bcpt_compile_lowering_attention_local_block_table(l_q_, 16, 1)
+    getitem_1 = local_block_table[0]
+    getitem_2 = local_block_table[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_1, getitem_2, 16, 16, True, 0.25)
+    getitem_3 = nsa_selected_attention_default[0]
+    return (getitem_3,)
+""")
+        self._module_vs_eager(mod, q, k, v)
+
+    def test_local_attention_exact_window_autopad_3d(self):
+        mod = self.la.LocalAttention(window_size=16, causal=True, look_backward=1, exact_windowsize=True,
+                                     autopad=True).eval()
+        q, k, v = (t.reshape(B * H, T, D) for t in _qkv(seed=8))  # T = 40: padded to 48 inside
+        self.assertExpectedInline(rewritten_graph(mod, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    reshape_12 = torch.reshape(l_q_, (1, -1, 40, 16))
+    reshape_13 = torch.reshape(l_k_, (1, -1, 40, 16))
+    reshape_14 = torch.reshape(l_v_, (1, -1, 40, 16))
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(reshape_12, reshape_13, reshape_14, 17, 0.25)
+    getitem_2 = sliding_window_attention_default[0]
+    reshape_15 = torch.reshape(getitem_2, (2, 40, 16))
+    getitem_1 = reshape_15[(slice(0, 2, None),)]
+    out_2 = getitem_1.reshape((2, 40, 16))
+    return (out_2,)
+""")
+        self._module_vs_eager(mod, q, k, v)
+
+    def test_local_attention_look_forward_is_a_near_miss(self):
+        mod = self.la.LocalAttention(window_size=16, causal=False, look_backward=1, look_forward=1).eval()
+        g = torch.Generator().manual_seed(4)
+        report = explain(mod, *(torch.randn(B, H, 64, D, generator=g) for _ in range(3)))
+        self.assertEqual(report.counts["attention"], 0)
+        self.assertEqual([m.reason for m in report.misses],
+                         ["windowed attention is not a causal contiguous window (look-forward or gaps)"])
+
+    def test_native_sparse_attention_sliding_branch_gqa(self):
+        import pytest
+
+        nsa = pytest.importorskip("native_sparse_attention_pytorch")
+        torch.manual_seed(0)
+        mod = nsa.SparseAttention(dim=32, dim_head=16, heads=4, kv_heads=2, sliding_window_size=16,
+                                  compress_block_size=16, compress_block_sliding_stride=8,
+                                  selection_block_size=16, num_selected_blocks=2, causal=True).eval()
+        x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(9))
+        report = explain(mod, x)
+        self.assertEqual([(s.op, s.shapes) for s in report.sites],
+                         [("bcpt.sliding_window_attention", "float32[1,4,64,16] float32[1,2,64,16] float32[1,2,64,16]")])
+        self._module_vs_eager(mod, x)
