@@ -146,6 +146,17 @@ def test_reordering_raises_fill_on_recorded_tiny_onn_masks():
     assert sorted(defrag.col_perm.tolist()) == list(range(r.shape[1]))
 
 
+def test_reordering_never_adds_active_tiles_to_a_grid_aligned_mask():
+    """Block-structured masks already aligned to the tiles keep the identity order."""
+    g = torch.Generator().manual_seed(3)
+    tiles = torch.rand(6, 5, generator=g) < 0.3
+    s = torch.where(tiles.repeat_interleave(16, 0).repeat_interleave(16, 1), torch.rand(96, 80, generator=g) + 0.1, -1.0)
+    fixed = bc.bcat_cluster(s, None, 0.0, 16)
+    defrag = bc.bcat_cluster(s, None, 0.0, 16, reorder=True)
+    assert int(defrag.num_blocks) == int(fixed.num_blocks) == int(tiles.sum())
+    assert defrag.perm.tolist() == list(range(96)) and defrag.col_perm.tolist() == list(range(80))
+
+
 def test_nan_gate_propagates_like_relu():
     x, w, b, s = _inputs(20, 20, 16, torch.float32, seed=2)
     s[3, 4] = float("nan")

@@ -403,16 +403,29 @@ def lexicographic_row_order(bits: torch.Tensor, first_key: Optional[torch.Tensor
 
 
 def defrag_permutations(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: float,
-                        block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row perm, column perm, per-row bits of permuted column tiles), int32, on the device."""
+                        block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row perm, column perm), int32, on the device: the defragmenting order, or the
+    identity when it would not reduce the active tiles (a mask already aligned to the
+    grid loses its alignment under the sort). The choice is a device-side select."""
     M, N = gate.shape
+    dev = gate.device
     col_order = column_order(gate, mask, threshold, block_size)
     col_perm = col_order.to(torch.int32)
     inv_col = torch.empty_like(col_perm)
-    inv_col[col_order] = torch.arange(N, dtype=torch.int32, device=gate.device)
+    inv_col[col_order] = torch.arange(N, dtype=torch.int32, device=dev)
     bits, first_col = row_tile_bits(gate, mask, threshold, block_size, inv_col)
     perm = lexicographic_row_order(bits, first_col).to(torch.int32)
-    return perm, col_perm, bits
+    permuted = empty_bcat(gate, block_size, perm=perm, col_perm=col_perm)
+    _tile_bits_from_rows_kernel[(permuted.grid[0],)](
+        bits, perm, permuted.tile_bits, permuted.count, M, bits.shape[1],
+        BM=block_size, WORDS=triton.next_power_of_2(bits.shape[1]),
+    )
+    fixed = empty_bcat(gate, block_size)
+    mark_active_tiles(fixed, gate, mask, threshold)
+    better = permuted.count < fixed.count
+    perm = torch.where(better, perm, torch.arange(M, dtype=torch.int32, device=dev))
+    col_perm = torch.where(better, col_perm, torch.arange(N, dtype=torch.int32, device=dev))
+    return perm, col_perm
 
 
 def empty_bcat(gate: torch.Tensor, block_size: int, density_crossover: float = 1.0,
@@ -462,10 +475,6 @@ def bcat_cluster(
     if not reorder:
         mark_active_tiles(bcat, gate, mask, threshold)
         return bcat
-    perm, col_perm, bits = defrag_permutations(gate, mask, threshold, block_size)
-    _tile_bits_from_rows_kernel[(Mt,)](
-        bits, perm, bcat.tile_bits, bcat.count, M, n_words,
-        BM=BM, WORDS=triton.next_power_of_2(n_words),
-    )
-    bcat.perm, bcat.col_perm = perm, col_perm
+    bcat.perm, bcat.col_perm = defrag_permutations(gate, mask, threshold, block_size)
+    mark_active_tiles(bcat, gate, mask, threshold)
     return bcat

@@ -95,7 +95,7 @@ def sbl_masked_linear(
     perm = col_perm = None
     if reorder and M and N:
         with torch.profiler.record_function("bcpt::bcat_defrag"):
-            perm, col_perm, _ = defrag_permutations(g2, m2, threshold, block_size)
+            perm, col_perm = defrag_permutations(g2, m2, threshold, block_size)
     bcat = empty_bcat(g2, block_size, density_crossover, perm=perm, col_perm=col_perm)
     y = sddmm_forward(x2, weight, bias, g2, m2, threshold, bcat, out_dtype)
     return (y.view(gate.shape), bcat.state,
