@@ -12,3 +12,11 @@ def triton_runs_on(t: torch.Tensor) -> bool:
     if t.device.type == "cuda":
         return True
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tile_state_size(M, N, block_size: int):
+    """Length of the int32 BCAT state (tile bits, then the active count) for an (M, N) gate.
+
+    Here, not in bcat_cluster, because the CPU reference path sizes it without Triton.
+    """
+    return ((M + block_size - 1) // block_size) * ((((N + block_size - 1) // block_size) + 31) // 32) + 1

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tile_state_size
+
 
 _NO_KEY_INT = 2**31 - 1
 _NO_KEY = tl.constexpr(_NO_KEY_INT)  # 'no active column/row yet' for atomic min
@@ -441,11 +443,6 @@ def empty_bcat(gate: torch.Tensor, block_size: int, density_crossover: float = 1
     dense_min = max(1, math.ceil(density_crossover * Mt * Nt - 1e-9)) if density_crossover > 0 else 0
     return BCAT((M, N), block_size, block_size, state[:-1].view(Mt, n_words), state[-1:], dense_min,
                 perm=perm, col_perm=col_perm, gate=gate, mask=mask, threshold=threshold, state=state)
-
-
-def tile_state_size(M, N, block_size: int):
-    """Length of the int32 state (tile bits, then the count) for an (M, N) gate."""
-    return ((M + block_size - 1) // block_size) * ((((N + block_size - 1) // block_size) + 31) // 32) + 1
 
 
 def bcat_cluster(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels import triton_runs_on
+from ..kernels import tile_state_size, triton_runs_on
 
 
 def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, mask: Optional[Tensor]) -> None:
@@ -77,8 +77,6 @@ def sbl_masked_linear(
     """Returns (y, tile_state, row_perm, col_perm); only y is the user's value."""
     _check_inputs(x, weight, bias, gate, mask)
     out_dtype = torch.promote_types(x.dtype, gate.dtype)
-    from ..kernels.bcat_cluster import tile_state_size
-
     M, N = _tokens_features(gate)
 
     def no_perm():
@@ -104,8 +102,6 @@ def sbl_masked_linear(
 
 @sbl_masked_linear.register_fake
 def _(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder):
-    from ..kernels.bcat_cluster import tile_state_size
-
     _check_inputs(x, weight, bias, gate, mask)
     M, N = _tokens_features(gate)
     y = gate.new_empty(gate.shape, dtype=torch.promote_types(x.dtype, gate.dtype))
