@@ -128,7 +128,7 @@ def sweep_configs(x, w, s):
                     bg.CUDA_CONFIGS[kind] = {"BK": bk, "num_warps": warps, "num_stages": stages}
                     try:
                         t = ms(bench, reps=60)
-                    except Exception as e:  # out of shared memory etc.
+                    except Exception:  # out of shared memory etc.
                         continue
                     if best is None or t < best[0]:
                         best = (t, dict(bg.CUDA_CONFIGS[kind]))

@@ -6,8 +6,6 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from bcpt_compile.kernels import bcat_cluster as bc
 from bcpt_compile.kernels import sbl_block_gemm as bg

@@ -463,10 +463,7 @@ def bcat_cluster(
     if mask is not None and mask.shape != gate.shape:
         mask = mask.expand_as(gate)
     M, N = gate.shape
-    BM = BN = block_size
-    Mt, Nt = triton.cdiv(M, BM), triton.cdiv(N, BN)
     bcat = empty_bcat(gate, block_size, density_crossover, mask=mask, threshold=threshold)
-    n_words = bcat.tile_bits.shape[1]
     if M == 0 or N == 0:
         return bcat
     if not reorder:

@@ -30,7 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .sbl_block_gemm import _dot_precision, _grouped_tile, _mma
+from .tile_gemm import dot_precision as _dot_precision
+from .tile_gemm import grouped_tile as _grouped_tile
+from .tile_gemm import mma as _mma
+from .tile_gemm import xwt_tile
 
 
 @triton.jit
@@ -48,20 +51,9 @@ def _out_forward_kernel(
     tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
     rows = offs_m.to(tl.int64)
-    h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_k[None, :] * stride_hk
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BK)):
-        k_left = K - k * BK
-        a = tl.load(h_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(w_ptrs, mask=(offs_n[:, None] < N) & (offs_k[None, :] < k_left), other=0.0)
-        acc = _mma(a, tl.trans(b), acc, PRECISION)
-        h_ptrs += BK * stride_hk
-        w_ptrs += BK * stride_wk
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    acc = xwt_tile(h_ptr, w_ptr, b_ptr, rows, offs_n.to(tl.int64), offs_m, offs_n, M, N, K,
+                   stride_hm, stride_hk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, False)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if STORE_Z:
         z = acc.to(z_ptr.dtype.element_ty)
@@ -331,18 +323,9 @@ def _hidden_forward_kernel(
     tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
     rows = offs_m.to(tl.int64)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BK)):
-        k_left = K - k * BK
-        a = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(w_ptrs, mask=(offs_n[:, None] < N) & (offs_k[None, :] < k_left), other=0.0)
-        acc = _mma(a, tl.trans(b), acc, PRECISION)
-        x_ptrs += BK * stride_xk
-        w_ptrs += BK * stride_wk
+    acc = xwt_tile(x_ptr, w_ptr, w_ptr, rows, offs_n.to(tl.int64), offs_m, offs_n, M, N, K,
+                   stride_xm, stride_xk, stride_wn, stride_wk, False, BM, BN, BK, PRECISION, False)
     c = _scale_tile(b_ptr, s2_ptr, s0_ptr, rows, offs_m, offs_n, M, N, R,
                     stride_bm, stride_br, stride_s2r, stride_s2n, HAS_S0, BM, BN, BR, PRECISION)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)

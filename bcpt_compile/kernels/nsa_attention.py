@@ -44,26 +44,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .tile_gemm import dot_precision as _dot_precision
+from .tile_gemm import mma as _mma
+
 MODE_SELECTED = 0
 MODE_WINDOW = 1
 _LOG2E = 1.4426950408889634
-
-
-def _dot_precision(t: torch.Tensor) -> str:
-    """Dot precision: full fp32 ("ieee") for fp32 unless TF32 is allowed; "upcast" for 16-bit
-    inputs under the interpreter, whose bf16 ``tl.dot`` is wrong in triton 3.6."""
-    if not t.is_cuda and t.dtype != torch.float32:
-        return "upcast"
-    if t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32):
-        return "ieee"
-    return "tf32"
-
-
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr):
-    if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit

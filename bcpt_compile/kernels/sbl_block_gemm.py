@@ -17,30 +17,13 @@ zero-fills the inactive ones, so the GEMM kernels only ever run on active tiles.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from .bcat_cluster import BCAT, mark_active_tiles, original_index
-
-
-def _dot_precision(t: torch.Tensor) -> str:
-    """"ieee" for float32 unless the user allowed TF32; "upcast" under the interpreter for
-    16-bit inputs (its bf16 dot is wrong, triton 3.6)."""
-    if not t.is_cuda and t.dtype != torch.float32:
-        return "upcast"
-    if t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32):
-        return "ieee"
-    return "tf32"
-
-
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr):
-    if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+from .tile_gemm import dot_precision, grouped_tile, mma, xwt_tile
 
 
 @triton.jit
@@ -55,55 +38,10 @@ def _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK: tl.constexpr, KEEP_NAN: t
 
 
 @triton.jit
-def _xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
-              stride_xm, stride_xk, stride_wn, stride_wk,
-              HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
-    """(x W^T + b)[rows, cols] in float32.
-
-    Rows and columns past the edge read row/column 0 instead of being masked (their
-    results are never stored), so only K, the contracted dim, needs a mask, and none when
-    BK divides K: unmasked loads pipeline best.
-    """
-    offs_k = tl.arange(0, BK)
-    safe_rows = tl.where(offs_m < M, rows, 0)
-    safe_cols = tl.where(offs_n < N, cols, 0)
-    x_ptrs = x_ptr + safe_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + safe_cols[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BK)):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            k_left = K - k * BK
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        acc = _mma(a, tl.trans(b), acc, PRECISION)
-        x_ptrs += BK * stride_xk
-        w_ptrs += BK * stride_wk
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    return acc
-
-
-@triton.jit
 def _tile_is_computed(tile_bits_ptr, count_ptr, tile_m, tile_n, n_words, dense_min):
     """Active tile, or every tile once the active count reaches the density crossover."""
     word = tl.load(tile_bits_ptr + tile_m * n_words + tile_n // 32)
     return (((word >> (tile_n % 32)) & 1) != 0) | (tl.load(count_ptr) >= dense_min)
-
-
-@triton.jit
-def _grouped_tile(pid, Mt, Nt, GROUP_M: tl.constexpr):
-    """Row tiles in groups of GROUP_M so that neighbouring programs share W tiles in L2."""
-    width = GROUP_M * Nt
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = tl.minimum(Mt - first_m, GROUP_M)
-    tile_m = first_m + (pid % width) % size_m
-    tile_n = (pid % width) // size_m
-    return tile_m, tile_n
 
 
 @triton.jit
@@ -116,7 +54,7 @@ def _sddmm_forward_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
     rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
@@ -125,7 +63,7 @@ def _sddmm_forward_kernel(
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
     word = tl.load(tile_bits_ptr + tile_m * n_words + tile_n // 32)
     if ((word >> (tile_n % 32)) & 1) != 0:  # inactive tiles were zero-filled by the bits kernel
-        z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
+        z = xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
         s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
         keep = _gate_keep(s, m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
@@ -145,7 +83,7 @@ def _sddmm_backward_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
     rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
@@ -163,7 +101,7 @@ def _sddmm_backward_kernel(
         # G' lives in tile space (row offs_m), contiguous (M, N)
         tl.store(g_ptr + offs_m[:, None] * N + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=inside)
         if NEED_DS:
-            z = _xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
+            z = xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
                           stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
             strict = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, False)
             tl.store(ds_ptrs, tl.where(strict, dy * z, 0.0).to(ds_ptr.dtype.element_ty), mask=inside)
@@ -195,7 +133,7 @@ def _dx_kernel(
         else:
             g = tl.load(g_ptrs, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
             w = tl.load(w_ptrs, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
-        acc = _mma(g, w, acc, PRECISION)
+        acc = mma(g, w, acc, PRECISION)
     rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
@@ -229,7 +167,7 @@ def _dw_kernel(
         else:
             g = tl.load(g_ptrs, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
             x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        acc = _mma(tl.trans(g), x, acc, PRECISION)
+        acc = mma(tl.trans(g), x, acc, PRECISION)
         if NEED_DB:
             db += tl.sum(g.to(tl.float32), axis=0)
     cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
@@ -288,7 +226,7 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
         m.stride(0), m.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None,
         HAS_COL_PERM=bcat.col_perm is not None,
-        BM=BM, BN=BN, GROUP_M=8, PRECISION=_dot_precision(x), EVEN_K=K % cfg["BK"] == 0, **cfg,
+        BM=BM, BN=BN, GROUP_M=8, PRECISION=dot_precision(x), EVEN_K=K % cfg["BK"] == 0, **cfg,
     )
     return y
 
@@ -301,7 +239,7 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
     BM, BN = bcat.block_m, bcat.block_n
     Mt, Nt = bcat.grid
     cfg = _launch_config("sddmm", BM, x.device)
-    prec = _dot_precision(x)
+    prec = dot_precision(x)
     has_perm, has_col_perm = bcat.perm is not None, bcat.col_perm is not None
     perm = bcat.perm if has_perm else x
     col_perm = bcat.col_perm if has_col_perm else x
