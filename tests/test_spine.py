@@ -163,3 +163,37 @@ def forward(self, L_x_, L_w_, L_k_):
     return (mul,)
 """,
         )
+
+
+def test_backward_of_a_rewritten_op_is_its_own_sparse_formula():
+    """AOTAutograd traces the op's registered autograd: the backward graph calls
+    bcpt.sbl_masked_linear_backward and holds no dense matmul for dx or dW."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from bcpt_compile.options import BcptOptions
+    from bcpt_compile.passes import run_passes
+
+    graphs = {}
+
+    def capture(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return gm.forward
+        return compiler
+
+    def backend(gm, example_inputs):
+        run_passes(gm, BcptOptions.from_user({"block_size": 16}))
+        return aot_module_simplified(gm, example_inputs, fw_compiler=capture("fw"), bw_compiler=capture("bw"))
+
+    x, w, k, g = (t.requires_grad_() for t in _sbl_args())
+    out = torch.compile(_tiny_sbl, backend=backend)(x, w, k, g)
+    out.sum().backward()
+    bw_targets = {str(n.target) for n in graphs["bw"].graph.nodes if n.op == "call_function"}
+    fw_targets = {str(n.target) for n in graphs["fw"].graph.nodes if n.op == "call_function"}
+    assert "bcpt.sbl_masked_linear_backward.default" in bw_targets
+    assert "bcpt.sbl_masked_linear.default" in fw_targets
+    # the only matmuls left are the dense score product x @ k.T and its gradient
+    assert sum(t.startswith("aten.mm") for t in fw_targets) <= 1
+    dense_bw = [n for n in graphs["bw"].graph.nodes if n.op == "call_function" and str(n.target).startswith("aten.mm")]
+    assert len(dense_bw) == 2, [str(n) for n in dense_bw]  # d(x @ k.T) wrt x and k only
+    assert x.grad is not None and w.grad is not None and torch.isfinite(w.grad).all()
