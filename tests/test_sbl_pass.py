@@ -321,3 +321,14 @@ def forward(self, L_self_modules_value_parameters_weight_, L_self_modules_value_
     getitem = sbl_masked_linear_default[0]
     return (getitem,)
 """)
+
+
+def test_only_the_weight_needs_a_gradient():
+    """Frozen inputs: the backward op returns only dW (the others are empty, unaliased)."""
+    x, w, b, s = _args("matmul_bias_before")
+    w = w.clone().requires_grad_()
+    out = torch.compile(sm.matmul_bias_before, backend="bcpt", options=AOT)(x, w, b, s)
+    (dw,) = torch.autograd.grad(out, (w,), torch.ones_like(out))
+    wr = w.detach().clone().requires_grad_()
+    (ref,) = torch.autograd.grad(sm.matmul_bias_before(x, wr, b, s), (wr,), torch.ones_like(out))
+    torch.testing.assert_close(dw, ref, rtol=1e-4, atol=1e-4)

@@ -56,6 +56,7 @@ def _use_kernels(x: Tensor) -> bool:
 
 
 def _tokens_features(gate: Tensor) -> tuple:
+    """(tokens, features) of the gate; a product of sizes, so symbolic shapes stay symbolic."""
     tokens = 1
     for d in gate.shape[:-1]:
         tokens = tokens * d
@@ -162,12 +163,11 @@ def _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds):
 def _(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, threshold, block_size, density_crossover, needs):
     need_dx, need_dw, need_db, need_ds = (bool(n) for n in needs)
     need_db = need_db and bias is not None
-    empty = grad.new_empty(0)
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else empty,
-        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else empty,
-        torch.empty_like(bias) if need_db else empty,
-        torch.empty_like(gate, memory_format=torch.contiguous_format) if need_ds else empty,
+    return (  # one fresh empty per unneeded gradient: outputs must not alias
+        torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else grad.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else grad.new_empty(0),
+        torch.empty_like(bias) if need_db else grad.new_empty(0),
+        torch.empty_like(gate, memory_format=torch.contiguous_format) if need_ds else grad.new_empty(0),
     )
 
 
