@@ -1,6 +1,8 @@
 """The ``bcpt_compile`` logger: silent by default, one switch to turn on.
 
-``TORCH_LOGS="bcpt"`` (through torch._logging) or ``bcpt_compile.set_logging(True)``.
+``TORCH_LOGS="bcpt_compile"`` (torch._logging reads it when torch is imported, so the
+module name, not a registered alias, is what works there), ``torch._logging.set_logs(bcpt=logging.INFO)``
+after import, or ``bcpt_compile.set_logging(True)``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import logging
 
 log = logging.getLogger("bcpt_compile")
 
-try:  # let TORCH_LOGS="bcpt" / torch._logging.set_logs(bcpt=logging.INFO) reach us
+try:  # torch._logging.set_logs(bcpt=logging.INFO)
     from torch._logging._internal import register_log
 
     register_log("bcpt", "bcpt_compile")

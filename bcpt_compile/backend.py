@@ -42,7 +42,7 @@ def bcpt_backend(
     import bcpt_compile.lowering  # noqa: F401  registers torch.ops.bcpt.*
 
     report = run_passes(gm, opts)
-    log.info("graph %d: %s", id(gm), report.counts)
+    log.info("rewritten sites: %s", report.counts)
     if report_sink is not None:
         report_sink.extend(report)
     return compile_inner(gm, example_inputs, opts)

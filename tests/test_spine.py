@@ -197,3 +197,21 @@ def test_backward_of_a_rewritten_op_is_its_own_sparse_formula():
     dense_bw = [n for n in graphs["bw"].graph.nodes if n.op == "call_function" and str(n.target).startswith("aten.mm")]
     assert len(dense_bw) == 2, [str(n) for n in dense_bw]  # d(x @ k.T) wrt x and k only
     assert x.grad is not None and w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_torch_logs_switch_prints_decisions():
+    code = textwrap.dedent(
+        """
+        import torch, torch.nn.functional as F
+        def f(x, w, k):
+            return F.linear(x, w) * torch.sigmoid(x @ k.T)
+        torch.compile(f, backend="bcpt", options={"inner_compiler": "eager"})(
+            torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 8))
+        """
+    )
+    env = {**__import__("os").environ, "TORCH_LOGS": "bcpt_compile"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "near-miss [sbl] gate is not provably zero off the mask (call_function sigmoid)" in out.stderr
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "near-miss" not in quiet.stderr  # off by default
