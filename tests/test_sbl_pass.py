@@ -332,3 +332,20 @@ def test_only_the_weight_needs_a_gradient():
     wr = w.detach().clone().requires_grad_()
     (ref,) = torch.autograd.grad(sm.matmul_bias_before(x, wr, b, s), (wr,), torch.ones_like(out))
     torch.testing.assert_close(dw, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_token_count_reuses_the_rewritten_graph():
+    """After one recompile Dynamo makes the token dim symbolic; the op's fake kernel and the
+    BCAT state size follow it, and a third size runs without compiling again."""
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return bcpt_compile.bcpt_backend(gm, example_inputs, options=AOT)
+
+    compiled = torch.compile(sm.threshold_mul, backend=counting_backend)
+    for tokens in (20, 33, 47):
+        x, w, s = torch.randn(tokens, K), torch.randn(N, K), torch.randn(tokens, N)
+        torch.testing.assert_close(compiled(x, w, s), sm.threshold_mul(x, w, s), rtol=1e-4, atol=1e-4)
+    assert len(compiles) == 2
+    assert "torch.ops.bcpt.sbl_masked_linear" in compiles[1].code
