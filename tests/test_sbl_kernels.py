@@ -196,3 +196,21 @@ def test_inf_product_off_the_mask_is_zero_not_nan():
 def test_bad_input_is_a_clear_error(args, message):
     with pytest.raises(ValueError, match=message):
         op(*args(*_inputs(8, 8, 8, torch.float32, seed=0)), 0.0, 16, 1.0, False)
+
+
+def test_activation_checkpointing_recomputes_the_same_blocks(poisoned):
+    """Checkpointing re-runs the forward in the backward: the recomputed tile state must be
+    the one the forward used (deterministic clustering), so gradients equal the plain run."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, w, b, s = _inputs(40, 48, 32, torch.float32, seed=8)
+
+    def layer(x, w, b, s):
+        return torch.ops.bcpt.sbl_masked_linear(x, w, b, s, None, 0.0, 16, 1.0, True)[0]
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, s)]
+    plain = torch.autograd.grad(layer(*leaves).square().sum(), leaves)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, s)]
+    ckpt = torch.autograd.grad(checkpoint(layer, *leaves, use_reentrant=False).square().sum(), leaves)
+    for a, c in zip(plain, ckpt):
+        assert torch.equal(a, c)
