@@ -94,7 +94,7 @@ def _peel_view(node: object) -> Optional[Node]:
     return src if before.shape[-1] == after.shape[-1] and linear_of(src) is not None and len(src.users) == 1 else None
 
 
-def _refusal(mul: Node, lin_node: Node, lin_inputs: list, gate: Union[Gate, str]) -> Optional[str]:
+def _refusal(lin_node: Node, lin_inputs: list, gate: Union[Gate, str]) -> Optional[str]:
     if isinstance(gate, str):
         return gate
     out, s = example_value(lin_node), example_value(gate.value)
@@ -137,12 +137,12 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
         if _is_bool(strip_casts(r_node)):
             continue  # linear * mask: a plain masked product (often the gate's own s * (s > t))
         gate = gate_of(r_node)
-        reason = _refusal(mul, lin_node, [lin.x, lin.weight, lin.bias], gate)
+        reason = _refusal(lin_node, [lin.x, lin.weight, lin.bias], gate)
         if reason is not None:
             report.add_miss(FAMILY, mul, reason)
             continue
         assert isinstance(gate, Gate)
-        reshaped = lin_node is not None and linear_of(lin_node) is None  # a view sits between
+        reshaped = inner is not None  # a view sits between the linear and the product
         with graph.inserting_before(mul):
             weight = graph.call_function(torch.t, (lin.weight,)) if lin.weight_is_kn else lin.weight
             x, value, mask = lin.x, gate.value, gate.mask
