@@ -214,3 +214,19 @@ def test_activation_checkpointing_recomputes_the_same_blocks(poisoned):
     ckpt = torch.autograd.grad(checkpoint(layer, *leaves, use_reentrant=False).square().sum(), leaves)
     for a, c in zip(plain, ckpt):
         assert torch.equal(a, c)
+
+
+def test_float32_gate_with_bfloat16_operands(poisoned):
+    """Scores often stay in float32 while the product is bf16: y is float32 (type promotion,
+    as eager's ``linear(x, W) * relu(s)``), gradients keep each input's dtype."""
+    x, w, b, _ = _inputs(33, 40, 32, torch.bfloat16, seed=12)
+    s = torch.randn(33, 40, generator=torch.Generator().manual_seed(4)) - 0.3
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, s)]
+    y = op(*leaves, None, 0.0, 16, 1.0, False)
+    assert y.dtype == torch.float32
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, s)]
+    ref = F.linear(*ref_leaves[:3]) * torch.relu(ref_leaves[3])
+    assert _rel(y, ref.double()) < 1e-2
+    cot = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    for got, want, leaf in zip(torch.autograd.grad(y, leaves, cot), torch.autograd.grad(ref, ref_leaves, cot), leaves):
+        assert got.dtype == leaf.dtype and _rel(got, want.double()) < 2e-2
