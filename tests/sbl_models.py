@@ -94,6 +94,11 @@ def bias_after_mask(x, w, b, s):
     return F.linear(x, w) * torch.relu(s) + b
 
 
+def inplace_relu_gate(x, w, s):
+    raw = F.relu(s * 1.0, inplace=True)  # Tiny-ONN-style memory saving
+    return F.linear(x, w) * raw, raw.sum()
+
+
 # near-misses
 def gelu_gate(x, w, s):
     return F.linear(x, w) * F.gelu(s)

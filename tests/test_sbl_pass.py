@@ -32,12 +32,14 @@ def _args(name, dtype=torch.float32):
         "functional_threshold": (x, w, s),
         "viewed_linear": (x, w, s),
         "bias_after_mask": (x, w, b, s),
+        "inplace_relu_gate": (x, w, s),
     }[name]
 
 
 FUNCTION_SPELLINGS = [
     "matmul_bias_before", "gate_first", "einsum_clamp", "weight_in_out", "threshold_mul",
     "where_tensor_threshold", "masked_fill_gate", "functional_threshold", "viewed_linear", "bias_after_mask",
+    "inplace_relu_gate",
 ]
 MODULE_SPELLINGS = [sm.TinyOnnSBL, sm.SparseProtoLinear, sm.ModuleLinearGate]
 
@@ -264,6 +266,20 @@ def forward(self, L_x_, L_w_, L_s_, L_b_):
     getitem = sbl_masked_linear_default[0]
     add = getitem + l_b_
     return (add,)
+""")
+
+    def test_inplace_relu_gate(self):
+        self.assertExpectedInline(self.snap("inplace_relu_gate"), """\
+def forward(self, L_s_, L_x_, L_w_):
+    l_s_ = L_s_
+    l_x_ = L_x_
+    l_w_ = L_w_
+    mul = l_s_ * 1.0
+    raw = torch.nn.functional.relu(mul, inplace = True)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, raw, None, 0.0, 128, 0.85, False)
+    getitem = sbl_masked_linear_default[0]
+    sum_1 = raw.sum()
+    return (getitem, sum_1)
 """)
 
     def test_tiny_onn(self):

@@ -87,8 +87,24 @@ def strip_casts(node: Any) -> Any:
 RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu, torch.nn.functional.relu, torch.Tensor.relu)
 
 
-def relu_input(node: Any) -> Optional[Node]:
-    """The input s of ``relu(s)`` in any of its spellings, else None."""
+def is_inplace_relu(node: Any) -> bool:
+    """``relu_``, ``F.relu(s, inplace=True)``, ``nn.ReLU(inplace=True)``: s itself is overwritten."""
+    if is_function(node, torch.relu_) or is_method(node, "relu_"):
+        return True
+    if is_function(node, F.relu, torch.nn.functional.relu):
+        return bool(arg(node, 1, "inplace", False))
+    mod = _module(node) if isinstance(node, Node) else None
+    return isinstance(mod, torch.nn.ReLU) and mod.inplace
+
+
+def relu_input(node: Any, allow_inplace: bool = False) -> Optional[Node]:
+    """The input s of ``relu(s)`` in any of its spellings, else None.
+
+    In-place forms overwrite s, so a rewrite that reads s instead of the relu's result
+    would be wrong for s's other users; they match only with ``allow_inplace``.
+    """
+    if is_inplace_relu(node) and not allow_inplace:
+        return None
     if is_function(node, *RELU_FUNCTIONS) or is_method(node, "relu", "relu_"):
         return node.args[0]
     mod = _module(node) if isinstance(node, Node) else None

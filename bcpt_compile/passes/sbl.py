@@ -26,6 +26,7 @@ from .canonical import (
     erase_unused,
     example_value,
     is_function,
+    is_inplace_relu,
     is_method,
     linear_of,
     mul_operands,
@@ -56,9 +57,10 @@ def gate_of(node: object) -> Union[Gate, str]:
     """The gate that makes ``node`` exactly zero off a mask, or why it is not provably so."""
     if not isinstance(node, Node):
         return "the mask operand is a constant, not a gated tensor"
-    s = relu_input(node)
+    s = relu_input(node, allow_inplace=True)
     if s is not None:
-        return Gate(s)
+        # an in-place relu overwrote s: gate its result instead (relu(R) = R), and keep it
+        return Gate(node) if is_inplace_relu(node) else Gate(s)
     if is_function(node, F.threshold, torch.threshold) and arg(node, 2, "value") == 0:
         th = arg(node, 1, "threshold")
         if isinstance(th, numbers.Real):
