@@ -365,3 +365,24 @@ def test_dynamic_token_count_reuses_the_rewritten_graph():
         torch.testing.assert_close(compiled(x, w, s), sm.threshold_mul(x, w, s), rtol=1e-4, atol=1e-4)
     assert len(compiles) == 2
     assert "torch.ops.bcpt.sbl_masked_linear" in compiles[1].code
+
+
+def autocast_sbl(x, w, k):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return torch.nn.functional.linear(x, w) * torch.relu(x @ k.T - 0.2)
+
+
+def test_autocast_region_keeps_eager_dtypes_and_values():
+    """The op is not autocast-aware: the pass casts x and W to the dtype the linear ran in,
+    so the result has eager's dtype (bf16 here) and bf16-level agreement."""
+    g = torch.Generator().manual_seed(3)
+    x, w, k = (torch.randn(s, generator=g, requires_grad=True) for s in ((18, 24), (40, 24), (40, 24)))
+    report = bcpt_compile.explain(autocast_sbl, x, w, k)
+    assert report.counts["sbl"] == 1
+    eager = autocast_sbl(x, w, k)
+    out = torch.compile(autocast_sbl, backend="bcpt", options=AOT)(x, w, k)
+    assert out.dtype == eager.dtype == torch.bfloat16
+    assert ((out.double() - eager.double()).norm() / eager.double().norm()).item() < 1e-2
+    (gw,) = torch.autograd.grad(out.float().sum(), (w,))
+    (ew,) = torch.autograd.grad(eager.float().sum(), (w,))
+    assert gw.dtype == torch.float32 and ((gw - ew).norm() / ew.norm()).item() < 2e-2

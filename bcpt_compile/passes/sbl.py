@@ -112,7 +112,7 @@ def _refusal(lin_node: Node, lin_inputs: list, gate: Union[Gate, str]) -> Option
     if len(lin_node.users) != 1:
         return "the dense product linear(x, W) has other users, so it is computed anyway"
     dtypes = {example_value(n).dtype for n in lin_inputs if example_value(n) is not None}
-    if len(dtypes) > 1:
+    if len(dtypes) > 1 and out.dtype not in dtypes:
         return f"x, weight and bias have mixed dtypes {sorted(str(d) for d in dtypes)}"
     if gate.mask is not None:
         m = example_value(gate.mask)
@@ -147,7 +147,15 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
         reshaped = inner is not None  # a view sits between the linear and the product
         with graph.inserting_before(mul):
             weight = graph.call_function(torch.t, (lin.weight,)) if lin.weight_is_kn else lin.weight
-            x, value, mask = lin.x, gate.value, gate.mask
+            x, bias, value, mask = lin.x, lin.bias, gate.value, gate.mask
+            # under autocast the linear ran in its cast dtype: cast its inputs alike, since
+            # the custom op is not autocast-aware
+            lin_dtype = example_value(inner if inner is not None else lin_node).dtype
+            x, weight, bias = (
+                graph.call_method("to", (n, lin_dtype))
+                if n is not None and example_value(n) is not None and example_value(n).dtype != lin_dtype else n
+                for n in (x, weight, bias)
+            )
             if mask is not None and gate.negate_mask:
                 mask = graph.call_function(torch.logical_not, (mask,))
             if reshaped:  # run on 2-D (tokens, features) and view the result back
@@ -160,7 +168,7 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
                 value = graph.call_method("reshape", (value, -1, n_out))
             call = graph.call_function(
                 torch.ops.bcpt.sbl_masked_linear.default,
-                (x, weight, lin.bias, value, mask, gate.threshold,
+                (x, weight, bias, value, mask, gate.threshold,
                  opts.block_size, float(opts.density_crossover), bool(opts.sbl_reorder)),
             )
             out = graph.call_function(operator.getitem, (call, 0))  # y; the rest feeds the backward
