@@ -428,3 +428,24 @@ def forward(self, L_q_, L_k_, L_v_):
         self.assertEqual([(s.op, s.shapes) for s in report.sites],
                          [("bcpt.sliding_window_attention", "float32[1,4,64,16] float32[1,2,64,16] float32[1,2,64,16]")])
         self._module_vs_eager(mod, x)
+
+
+def _banded_sdpa_autocast(q, k, v):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        i = torch.arange(q.shape[2])
+        band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 16)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band)
+
+
+def test_autocast_region_keeps_eager_dtype():
+    """The attention ops are not autocast-aware: q, k, v are cast to the dtype the replaced
+    attention produced, so the result keeps eager's dtype."""
+    import bcpt_compile
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
+    assert bcpt_compile.explain(_banded_sdpa_autocast, q, k, v).counts["attention"] == 1
+    eager = _banded_sdpa_autocast(q, k, v)
+    out = torch.compile(_banded_sdpa_autocast, backend="bcpt", options={"inner_compiler": "aot_eager"})(q, k, v)
+    assert out.dtype == eager.dtype == torch.bfloat16
+    assert ((out.double() - eager.double()).norm() / eager.double().norm()).item() < 1e-2

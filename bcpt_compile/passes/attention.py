@@ -106,6 +106,19 @@ class Visible:
 
 # ----------------------------------------------------------------------------- small helpers
 
+
+def _cast_to(graph: torch.fx.Graph, nodes: list, replaced: Node) -> list:
+    """q, k, v cast to the dtype the replaced attention produced. Under torch.autocast the
+    matmuls ran in the autocast dtype, but the custom ops are not autocast-aware."""
+    want = example_value(replaced)
+    out = []
+    for n in nodes:
+        val = example_value(n)
+        if want is not None and val is not None and val.dtype != want.dtype:
+            n = graph.call_method("to", (n, want.dtype))
+        out.append(n)
+    return out
+
 def _name(node: Any) -> str:
     if not isinstance(node, Node):
         return repr(node)
@@ -941,7 +954,7 @@ def _rewrite_windowed(graph: torch.fx.Graph, site: WindowedSite, anchor: Node, r
             report.add_miss(FAMILY, anchor, f"dtype {val.dtype} / device {val.device.type} is not supported")
             return
     with graph.inserting_before(site.out):
-        q, k, v = (_as_heads(graph, n) for n in (site.q, site.k, site.v))
+        q, k, v = _cast_to(graph, [_as_heads(graph, n) for n in (site.q, site.k, site.v)], site.out)
         if site.kind == "window":
             call = graph.call_function(torch.ops.bcpt.sliding_window_attention.default,
                                        (q, k, v, site.window, float(site.scale)))
@@ -1077,15 +1090,16 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, opts: BcptOptions, report
         Hkv = kv.shape[1]
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(D)
         with graph.inserting_before(node):
+            q, k, v = _cast_to(graph, [site.q, site.k, site.v], node)
             if kind[0] == "window":
                 call = graph.call_function(torch.ops.bcpt.sliding_window_attention.default,
-                                           (site.q, site.k, site.v, int(kind[1]), float(scale)))
+                                           (q, k, v, int(kind[1]), float(scale)))
                 op = "bcpt.sliding_window_attention"
             else:
                 bt = site.vis.block
                 idx, counts = _table_nodes(graph, bt, B, Hkv)
                 call = graph.call_function(torch.ops.bcpt.nsa_selected_attention.default,
-                                           (site.q, site.k, site.v, idx, counts, bt.size, bt.size,
+                                           (q, k, v, idx, counts, bt.size, bt.size,
                                             bool(kind[1]), float(scale)))
                 op = "bcpt.nsa_selected_attention"
             out = graph.call_function(operator.getitem, (call, 0))
