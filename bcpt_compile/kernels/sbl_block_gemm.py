@@ -10,8 +10,7 @@ R = where(keep, s, 0) with keep = mask, or s > threshold (NaN kept, as relu keep
 * ``_dx_kernel`` walks each row tile's active column tiles (dx = G' W),
   ``_dw_kernel`` each column tile's active row tiles (dW = G'^T x, db = colsum G').
 In the backward, once the active count reaches the density crossover (a device-side
-test), every tile counts as active and the same kernels run as fused dense GEMMs
-(the only difference: an inf in x W^T off R's tiles then yields NaN, as in eager).
+test), every tile counts as active and the same kernels run as fused dense GEMMs.
 The forward's active tiles come from ``bcat_cluster._tile_bits_kernel``, which also
 zero-fills the inactive ones, so the GEMM kernel only ever runs on active tiles.
 """
