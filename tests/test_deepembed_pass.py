@@ -483,3 +483,29 @@ def test_new_shapes_recompile_dynamic_and_stay_rewritten(model_cls, tables):
     assert report.graphs >= 2
     assert report.counts["deepembed"] == report.graphs
     assert report.counts["prefetch"] == (report.graphs if tables == "cpu" else 0)
+
+
+def test_frozen_value_and_table_only_input_gradient():
+    """Several gradients unneeded at once: the backward op must return unaliased empties
+    (it returned one shared empty tensor, which torch.library rejects)."""
+
+    class FFN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.key = torch.nn.Linear(16, 32, bias=False)
+            self.value = torch.nn.Linear(32, 16, bias=False)
+            self.deepemb = torch.nn.Embedding(50, 16)
+
+        def forward(self, x, idx):
+            return self.value(torch.relu(self.key(x)) ** 2) * self.deepemb(idx)
+
+    torch.manual_seed(0)
+    model = FFN()
+    model.value.requires_grad_(False)
+    model.deepemb.requires_grad_(False)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    idx = torch.randint(0, 50, (2, 8))
+    out = torch.compile(model, backend="bcpt", options={"inner_compiler": "aot_eager"})(x, idx)
+    (got,) = torch.autograd.grad(out.sum(), (x,))
+    (want,) = torch.autograd.grad(model(x, idx).sum(), (x,))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -29,6 +29,12 @@ from ..runtime import ops as _runtime_ops  # noqa: F401  registers bcpt::row_pla
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
+def _unneeded(like: Tensor) -> Tensor:
+    """A fresh 0-element tensor for a gradient nobody asked for: a custom op's outputs must
+    not alias each other, so two unneeded gradients cannot share one empty tensor."""
+    return like.new_empty(0)
+
+
 def check_index_dtype(idx: Tensor, indexing: bool) -> None:
     if idx.dtype in INDEX_DTYPES:
         return
@@ -130,24 +136,22 @@ def deepembed_linear_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Ten
         if need_dt:
             dtable = torch.zeros(table.shape, dtype=torch.float32, device=table.device).index_add_(0, flat, g2.float() * z2.float())
             dtable = dtable.to(table.dtype)
-    empty = grad.new_empty(0)
-    dh = (gh @ weight).view(h.shape) if need_dh else empty
-    dw = (gh.t() @ h2).to(weight.dtype) if need_dw else empty
-    db = gh.sum(0).to(bias.dtype) if need_db else empty
-    return dh, dw, db, dtable if dtable is not None else empty
+    dh = (gh @ weight).view(h.shape) if need_dh else _unneeded(grad)
+    dw = (gh.t() @ h2).to(weight.dtype) if need_dw else _unneeded(grad)
+    db = gh.sum(0).to(bias.dtype) if need_db else _unneeded(grad)
+    return dh, dw, db, dtable if dtable is not None else _unneeded(grad)
 
 
 @deepembed_linear_backward.register_fake
 def _(grad, h, weight, bias, table, idx, z, indexing, needs):
     need_dh, need_dw, need_db, need_dt = (bool(n) for n in needs)
     need_db = need_db and bias is not None
-    empty = grad.new_empty(0)
     c = torch.contiguous_format
     return (
-        torch.empty_like(h, memory_format=c) if need_dh else empty,
-        torch.empty_like(weight, memory_format=c) if need_dw else empty,
-        torch.empty_like(bias) if need_db else empty,
-        torch.empty_like(table, memory_format=c) if need_dt else empty,
+        torch.empty_like(h, memory_format=c) if need_dh else _unneeded(grad),
+        torch.empty_like(weight, memory_format=c) if need_dw else _unneeded(grad),
+        torch.empty_like(bias) if need_db else _unneeded(grad),
+        torch.empty_like(table, memory_format=c) if need_dt else _unneeded(grad),
     )
 
 
@@ -217,17 +221,15 @@ def deepembed_rowmix_backward(grad: Tensor, a: Tensor, table: Tensor, idx: Tenso
         if need_dt:
             outer = (a.float()[:, :, None] * g[:, None, :]).reshape(-1, r * r)
             dt = torch.zeros(table.shape, dtype=torch.float32, device=table.device).index_add_(0, flat, outer).to(table.dtype)
-    empty = grad.new_empty(0)
-    return da if da is not None else empty, dt if dt is not None else empty
+    return da if da is not None else _unneeded(grad), dt if dt is not None else _unneeded(grad)
 
 
 @deepembed_rowmix_backward.register_fake
 def _(grad, a, table, idx, r, indexing, needs):
     need_da, need_dt = (bool(n) for n in needs)
-    empty = grad.new_empty(0)
     c = torch.contiguous_format
-    return (torch.empty_like(a, memory_format=c) if need_da else empty,
-            torch.empty_like(table, memory_format=c) if need_dt else empty)
+    return (torch.empty_like(a, memory_format=c) if need_da else _unneeded(grad),
+            torch.empty_like(table, memory_format=c) if need_dt else _unneeded(grad))
 
 
 def _rowmix_setup(ctx, inputs, output):
@@ -301,13 +303,12 @@ def deepembed_hidden_backward(grad: Tensor, x: Tensor, weight: Tensor, b: Tensor
         relu = torch.relu(u2.float())
         du = (g2.float() * c * 2 * relu).to(u.dtype)
         dc = (g2.float() * relu * relu).to(u.dtype)
-    empty = grad.new_empty(0)
     return (
-        (du @ weight).view(x.shape) if need_dx else empty,
-        (du.t() @ x2).to(weight.dtype) if need_dw else empty,
-        (dc @ s2.t()).to(b.dtype) if need_db else empty,
-        (b.t() @ dc).to(s2.dtype) if need_ds2 else empty,
-        dc.float().sum(0).to(s0.dtype) if need_ds0 else empty,
+        (du @ weight).view(x.shape) if need_dx else _unneeded(grad),
+        (du.t() @ x2).to(weight.dtype) if need_dw else _unneeded(grad),
+        (dc @ s2.t()).to(b.dtype) if need_db else _unneeded(grad),
+        (b.t() @ dc).to(s2.dtype) if need_ds2 else _unneeded(grad),
+        dc.float().sum(0).to(s0.dtype) if need_ds0 else _unneeded(grad),
     )
 
 
@@ -315,14 +316,13 @@ def deepembed_hidden_backward(grad: Tensor, x: Tensor, weight: Tensor, b: Tensor
 def _(grad, x, weight, b, s2, s0, u, needs):
     need_dx, need_dw, need_db, need_ds2, need_ds0 = (bool(n) for n in needs)
     need_ds0 = need_ds0 and s0 is not None
-    empty = grad.new_empty(0)
     c = torch.contiguous_format
     return (
-        torch.empty_like(x, memory_format=c) if need_dx else empty,
-        torch.empty_like(weight, memory_format=c) if need_dw else empty,
-        torch.empty_like(b, memory_format=c) if need_db else empty,
-        torch.empty_like(s2, memory_format=c) if need_ds2 else empty,
-        torch.empty_like(s0) if need_ds0 else empty,
+        torch.empty_like(x, memory_format=c) if need_dx else _unneeded(grad),
+        torch.empty_like(weight, memory_format=c) if need_dw else _unneeded(grad),
+        torch.empty_like(b, memory_format=c) if need_db else _unneeded(grad),
+        torch.empty_like(s2, memory_format=c) if need_ds2 else _unneeded(grad),
+        torch.empty_like(s0) if need_ds0 else _unneeded(grad),
     )
 
 
