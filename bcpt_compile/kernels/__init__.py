@@ -14,6 +14,16 @@ def triton_runs_on(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def launchable(kernel, t: torch.Tensor):
+    """``kernel`` ready for ``[grid](...)``: on CUDA through ``torch.library.wrap_triton``,
+    so that a ``triton_op`` traced by AOTAutograd hands the launch to Inductor (its own
+    launcher, CUDA graphs) instead of hiding it in an opaque op; on CPU the interpreter's
+    kernel itself (it cannot be traced with fake tensors)."""
+    if t.device.type == "cuda":
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
 def tile_state_size(M, N, block_size: int):
     """Length of the int32 BCAT state (tile bits, then the active count) for an (M, N) gate.
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tile_state_size
+from . import launchable, tile_state_size
 
 
 _NO_KEY_INT = 2**31 - 1
@@ -42,6 +42,13 @@ def original_index(perm_ptr, offs, limit, HAS_PERM: tl.constexpr):
     if HAS_PERM:
         return tl.load(perm_ptr + offs, mask=offs < limit, other=0).to(tl.int64)
     return offs.to(tl.int64)
+
+
+@triton.jit
+def tile_word(state_ptr, tile_m, tile_n, n_words):
+    """Pointer to the int32 word holding tile (tile_m, tile_n)'s bit in a BCAT state
+    (the active count, then the bits row by row; one buffer, so no views reach the kernels)."""
+    return state_ptr + 1 + tile_m * n_words + tile_n // 32
 
 
 @triton.jit
@@ -128,7 +135,7 @@ def row_tile_bits(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: f
     if M == 0 or N == 0:
         return bits, row_key
     src = mask if mask is not None else gate
-    _row_tile_bits_kernel[(triton.cdiv(M, _ROWS), triton.cdiv(N, block_n))](
+    launchable(_row_tile_bits_kernel, gate)[(triton.cdiv(M, _ROWS), triton.cdiv(N, block_n))](
         gate, src, bits, inv_col_perm if inv_col_perm is not None else bits, row_key,
         M, N, n_words, float(threshold),
         gate.stride(0), gate.stride(1), src.stride(0), src.stride(1),
@@ -143,7 +150,7 @@ def column_order(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: fl
     key = torch.full((N,), _NO_KEY_INT, dtype=torch.int32, device=gate.device)
     if M and N:
         src = mask if mask is not None else gate
-        _column_keys_kernel[(triton.cdiv(M, _ROWS), triton.cdiv(N, block_n))](
+        launchable(_column_keys_kernel, gate)[(triton.cdiv(M, _ROWS), triton.cdiv(N, block_n))](
             gate, src, key, M, N, float(threshold),
             gate.stride(0), gate.stride(1), src.stride(0), src.stride(1),
             HAS_MASK=mask is not None, ROWS=_ROWS, BN=block_n,
@@ -162,7 +169,7 @@ def _popcount(x):
 
 @triton.jit
 def _tile_bits_kernel(
-    s_ptr, m_ptr, y_ptr, tile_bits_ptr, count_ptr, perm_ptr, col_perm_ptr,
+    s_ptr, m_ptr, y_ptr, state_ptr, perm_ptr, col_perm_ptr,
     M, N, n_words, threshold,
     stride_sm, stride_sn, stride_mm, stride_mn, stride_ym, stride_yn,
     HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, ZERO_FILL: tl.constexpr,
@@ -188,8 +195,8 @@ def _tile_bits_kernel(
         found = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0)
         i += CHUNK
     if found != 0:
-        tl.atomic_or(tile_bits_ptr + tile_m * n_words + tile_n // 32, 1 << (tile_n % 32))
-        tl.atomic_add(count_ptr, 1)
+        tl.atomic_or(tile_word(state_ptr, tile_m, tile_n, n_words), 1 << (tile_n % 32))
+        tl.atomic_add(state_ptr, 1)
     elif ZERO_FILL:
         for j in range(0, BM, CHUNK):
             offs_m = tile_m * BM + j + tl.arange(0, CHUNK)
@@ -209,10 +216,10 @@ def mark_active_tiles(bcat: "BCAT", gate: torch.Tensor, mask: Optional[torch.Ten
     Mt, Nt = bcat.grid
     src = mask if mask is not None else gate
     y = zero_fill if zero_fill is not None else gate
-    _tile_bits_kernel[(Mt, Nt)](
-        gate, src, y, bcat.tile_bits, bcat.count,
-        bcat.perm if bcat.perm is not None else bcat.count, bcat.col_perm if bcat.col_perm is not None else bcat.count,
-        M, N, bcat.tile_bits.shape[1], float(threshold),
+    launchable(_tile_bits_kernel, gate)[(Mt, Nt)](
+        gate, src, y, bcat.state,
+        bcat.perm if bcat.perm is not None else bcat.state, bcat.col_perm if bcat.col_perm is not None else bcat.state,
+        M, N, bcat.n_words, float(threshold),
         gate.stride(0), gate.stride(1), src.stride(0), src.stride(1), y.stride(0), y.stride(1),
         HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None, HAS_COL_PERM=bcat.col_perm is not None,
         ZERO_FILL=zero_fill is not None, BM=bcat.block_m, BN=bcat.block_n, CHUNK=min(32, bcat.block_m),
@@ -222,7 +229,7 @@ def mark_active_tiles(bcat: "BCAT", gate: torch.Tensor, mask: Optional[torch.Ten
 
 @triton.jit
 def _tile_bits_from_rows_kernel(
-    row_bits_ptr, perm_ptr, tile_bits_ptr, count_ptr, M, n_words,
+    row_bits_ptr, perm_ptr, state_ptr, M, n_words,
     BM: tl.constexpr, WORDS: tl.constexpr,
 ):
     """OR the (permuted) rows' bits over each row tile."""
@@ -233,13 +240,13 @@ def _tile_bits_from_rows_kernel(
     bits = tl.load(row_bits_ptr + rows[:, None] * n_words + w[None, :],
                    mask=(offs[:, None] < M) & (w[None, :] < n_words), other=0)
     words = tl.reduce(bits, 0, _bitwise_or)
-    tl.store(tile_bits_ptr + tile_m * n_words + w, words, mask=w < n_words)
-    tl.atomic_add(count_ptr, tl.sum(_popcount(words), axis=0))
+    tl.store(tile_word(state_ptr, tile_m, 0, n_words) + w, words, mask=w < n_words)
+    tl.atomic_add(state_ptr, tl.sum(_popcount(words), axis=0))
 
 
 @triton.jit
 def _compact_kernel(
-    tile_bits_ptr, row_counts_ptr, row_cols_ptr, col_counts_ptr, col_rows_ptr,
+    state_ptr, row_counts_ptr, row_cols_ptr, col_counts_ptr, col_rows_ptr,
     Mt, Nt, n_words, TILES: tl.constexpr,
 ):
     """Program p < Mt lists row tile p's column tiles, p >= Mt column tile p - Mt's row tiles:
@@ -248,14 +255,14 @@ def _compact_kernel(
     t = tl.arange(0, TILES)
     if p < Mt:
         n_other = Nt
-        word = tl.load(tile_bits_ptr + p * n_words + t // 32, mask=t < Nt, other=0)
+        word = tl.load(tile_word(state_ptr, p, t, n_words), mask=t < Nt, other=0)
         bit = t % 32
         out_ptr = row_cols_ptr + p * Nt
         count_ptr = row_counts_ptr + p
     else:
         c = p - Mt
         n_other = Mt
-        word = tl.load(tile_bits_ptr + t * n_words + c // 32, mask=t < Mt, other=0)
+        word = tl.load(tile_word(state_ptr, t, c, n_words), mask=t < Mt, other=0)
         bit = t * 0 + c % 32
         out_ptr = col_rows_ptr + c * Mt
         count_ptr = col_counts_ptr + c
@@ -299,6 +306,10 @@ class BCAT:
         return triton.cdiv(self.shape[0], self.block_m), triton.cdiv(self.shape[1], self.block_n)
 
     @property
+    def n_words(self) -> int:
+        return self.tile_bits.shape[1]
+
+    @property
     def num_blocks(self) -> torch.Tensor:
         """Device scalar: the number of active blocks."""
         return self.count[0]
@@ -317,8 +328,8 @@ class BCAT:
             col_counts = torch.empty(Nt, dtype=torch.int32, device=dev)
             row_cols = torch.empty((Mt, Nt), dtype=torch.int32, device=dev)
             col_rows = torch.empty((Nt, Mt), dtype=torch.int32, device=dev)
-            _compact_kernel[(Mt + Nt,)](
-                self.tile_bits, row_counts, row_cols, col_counts, col_rows, Mt, Nt, self.tile_bits.shape[1],
+            launchable(_compact_kernel, self.state)[(Mt + Nt,)](
+                self.state, row_counts, row_cols, col_counts, col_rows, Mt, Nt, self.n_words,
                 TILES=triton.next_power_of_2(max(Mt, Nt)),
             )
             self.lists = (row_counts, row_cols, col_counts, col_rows)
@@ -418,8 +429,8 @@ def defrag_permutations(gate: torch.Tensor, mask: Optional[torch.Tensor], thresh
     bits, first_col = row_tile_bits(gate, mask, threshold, block_size, inv_col)
     perm = lexicographic_row_order(bits, first_col).to(torch.int32)
     permuted = empty_bcat(gate, block_size, perm=perm, col_perm=col_perm)
-    _tile_bits_from_rows_kernel[(permuted.grid[0],)](
-        bits, perm, permuted.tile_bits, permuted.count, M, bits.shape[1],
+    launchable(_tile_bits_from_rows_kernel, gate)[(permuted.grid[0],)](
+        bits, perm, permuted.state, M, bits.shape[1],
         BM=block_size, WORDS=triton.next_power_of_2(bits.shape[1]),
     )
     fixed = empty_bcat(gate, block_size)
@@ -434,14 +445,14 @@ def empty_bcat(gate: torch.Tensor, block_size: int, density_crossover: float = 1
                state: Optional[torch.Tensor] = None, perm: Optional[torch.Tensor] = None,
                col_perm: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                threshold: float = 0.0) -> BCAT:
-    """A BCAT over ``state`` (int32 (Mt * words + 1,): bits then count; zeros when None)."""
+    """A BCAT over ``state`` (int32 (1 + Mt * words,): count then bits; zeros when None)."""
     M, N = gate.shape
     Mt, Nt = triton.cdiv(M, block_size), triton.cdiv(N, block_size)
     n_words = triton.cdiv(Nt, 32)
     if state is None:  # one allocation (one memset) for the bits and the counter
         state = torch.zeros(tile_state_size(M, N, block_size), dtype=torch.int32, device=gate.device)
     dense_min = max(1, math.ceil(density_crossover * Mt * Nt - 1e-9)) if density_crossover > 0 else 0
-    return BCAT((M, N), block_size, block_size, state[:-1].view(Mt, n_words), state[-1:], dense_min,
+    return BCAT((M, N), block_size, block_size, state[1:].view(Mt, n_words), state[:1], dense_min,
                 perm=perm, col_perm=col_perm, gate=gate, mask=mask, threshold=threshold, state=state)
 
 

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bcat_cluster import BCAT, mark_active_tiles, original_index
+from . import launchable
+from .bcat_cluster import BCAT, mark_active_tiles, original_index, tile_word
 from .tile_gemm import dot_precision, grouped_tile, mma, xwt_tile
 
 
@@ -37,15 +38,15 @@ def _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK: tl.constexpr, KEEP_NAN: t
 
 
 @triton.jit
-def _tile_is_computed(tile_bits_ptr, count_ptr, tile_m, tile_n, n_words, dense_min):
+def _tile_is_computed(state_ptr, tile_m, tile_n, n_words, dense_min):
     """Active tile, or every tile once the active count reaches the density crossover."""
-    word = tl.load(tile_bits_ptr + tile_m * n_words + tile_n // 32)
-    return (((word >> (tile_n % 32)) & 1) != 0) | (tl.load(count_ptr) >= dense_min)
+    word = tl.load(tile_word(state_ptr, tile_m, tile_n, n_words))
+    return (((word >> (tile_n % 32)) & 1) != 0) | (tl.load(state_ptr) >= dense_min)
 
 
 @triton.jit
 def _sddmm_forward_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, perm_ptr, col_perm_ptr, tile_bits_ptr, count_ptr,
+    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, perm_ptr, col_perm_ptr, state_ptr,
     M, N, K, Mt, Nt, n_words, threshold,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
     stride_mm, stride_mn, stride_ym, stride_yn,
@@ -60,7 +61,7 @@ def _sddmm_forward_kernel(
     cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
-    word = tl.load(tile_bits_ptr + tile_m * n_words + tile_n // 32)
+    word = tl.load(tile_word(state_ptr, tile_m, tile_n, n_words))
     if ((word >> (tile_n % 32)) & 1) != 0:  # inactive tiles were zero-filled by the bits kernel
         z = xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
@@ -73,7 +74,7 @@ def _sddmm_forward_kernel(
 
 @triton.jit
 def _sddmm_backward_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, dy_ptr, g_ptr, ds_ptr, perm_ptr, col_perm_ptr, tile_bits_ptr, count_ptr,
+    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, dy_ptr, g_ptr, ds_ptr, perm_ptr, col_perm_ptr, state_ptr,
     M, N, K, Mt, Nt, n_words, dense_min, threshold,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
     stride_mm, stride_mn, stride_dym, stride_dyn, stride_dsm, stride_dsn,
@@ -89,7 +90,7 @@ def _sddmm_backward_kernel(
     cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + cols[None, :] * stride_dsn
-    active = _tile_is_computed(tile_bits_ptr, count_ptr, tile_m, tile_n, n_words, dense_min)
+    active = _tile_is_computed(state_ptr, tile_m, tile_n, n_words, dense_min)
     if active:
         s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
         m_ptrs = m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn
@@ -108,7 +109,7 @@ def _sddmm_backward_kernel(
 
 @triton.jit
 def _dx_kernel(
-    g_ptr, w_ptr, dx_ptr, perm_ptr, col_perm_ptr, counts_ptr, cols_ptr, count_ptr,
+    g_ptr, w_ptr, dx_ptr, perm_ptr, col_perm_ptr, counts_ptr, cols_ptr, state_ptr,
     M, N, K, Nt, dense_min,
     stride_wn, stride_wk, stride_dxm, stride_dxk,
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -118,7 +119,7 @@ def _dx_kernel(
     tile_m = tl.program_id(0)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
-    n_blocks = tl.where(tl.load(count_ptr) >= dense_min, Nt, tl.load(counts_ptr + tile_m))
+    n_blocks = tl.where(tl.load(state_ptr) >= dense_min, Nt, tl.load(counts_ptr + tile_m))
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for i in range(0, n_blocks):
         tile_n = tl.load(cols_ptr + tile_m * Nt + i)
@@ -140,7 +141,7 @@ def _dx_kernel(
 
 @triton.jit
 def _dw_kernel(
-    g_ptr, x_ptr, dw_ptr, db_ptr, perm_ptr, col_perm_ptr, counts_ptr, rows_ptr, count_ptr,
+    g_ptr, x_ptr, dw_ptr, db_ptr, perm_ptr, col_perm_ptr, counts_ptr, rows_ptr, state_ptr,
     M, N, K, Mt, dense_min,
     stride_xm, stride_xk, stride_dwn, stride_dwk,
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, NEED_DB: tl.constexpr,
@@ -151,7 +152,7 @@ def _dw_kernel(
     pid_k = tl.program_id(1)
     offs_n = tile_n * BN + tl.arange(0, BN)
     offs_k = pid_k * BK + tl.arange(0, BK)
-    n_blocks = tl.where(tl.load(count_ptr) >= dense_min, Mt, tl.load(counts_ptr + tile_n))
+    n_blocks = tl.where(tl.load(state_ptr) >= dense_min, Mt, tl.load(counts_ptr + tile_n))
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     db = tl.zeros((BN,), dtype=tl.float32)
     for i in range(0, n_blocks):
@@ -216,11 +217,11 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
     mark_active_tiles(bcat, gate, mask, threshold, zero_fill=y)
     cfg = _launch_config("sddmm", BM, x.device)
     m = mask if mask is not None else gate
-    _sddmm_forward_kernel[(Mt * Nt,)](
+    launchable(_sddmm_forward_kernel, x)[(Mt * Nt,)](
         x, weight, bias if bias is not None else x, gate, m, y,
         bcat.perm if bcat.perm is not None else x, bcat.col_perm if bcat.col_perm is not None else x,
-        bcat.tile_bits, bcat.count,
-        M, N, K, Mt, Nt, bcat.tile_bits.shape[1], float(threshold),
+        bcat.state,
+        M, N, K, Mt, Nt, bcat.n_words, float(threshold),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
         m.stride(0), m.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None,
@@ -248,10 +249,10 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
     ds = _empty(gate.shape, gate.dtype, x.device).zero_() if need_ds else None
     if M and N:
         dsp = ds if ds is not None else g
-        _sddmm_backward_kernel[(Mt * Nt,)](
+        launchable(_sddmm_backward_kernel, x)[(Mt * Nt,)](
             x, weight, bias if bias is not None else x, gate, m, grad, g, dsp, perm, col_perm,
-            bcat.tile_bits, bcat.count,
-            M, N, K, Mt, Nt, bcat.tile_bits.shape[1], bcat.dense_min, float(threshold),
+            bcat.state,
+            M, N, K, Mt, Nt, bcat.n_words, bcat.dense_min, float(threshold),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
             m.stride(0), m.stride(1), grad.stride(0), grad.stride(1), dsp.stride(0), dsp.stride(1),
             HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=has_perm,
@@ -264,8 +265,8 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
         dx = _empty(x.shape, x.dtype, x.device)
         if M and K:
             cfg = _launch_config("dx", BM, x.device)
-            _dx_kernel[(Mt, triton.cdiv(K, cfg["BK"]))](
-                g, weight, dx, perm, col_perm, row_counts, row_cols, bcat.count,
+            launchable(_dx_kernel, x)[(Mt, triton.cdiv(K, cfg["BK"]))](
+                g, weight, dx, perm, col_perm, row_counts, row_cols, bcat.state,
                 M, N, K, Nt, bcat.dense_min, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
                 HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, BM=BM, BN=BN, PRECISION=prec,
                 EVEN=(M % BM == 0) and (N % BN == 0) and (K % cfg["BK"] == 0), **cfg,
@@ -275,8 +276,8 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
         db = _empty((N,), bias.dtype if bias is not None else x.dtype, x.device) if need_db else None
         if N and K:
             cfg = _launch_config("dw", BM, x.device)
-            _dw_kernel[(Nt, triton.cdiv(K, cfg["BK"]))](
-                g, x, dw, db if db is not None else dw, perm, col_perm, col_counts, col_rows, bcat.count,
+            launchable(_dw_kernel, x)[(Nt, triton.cdiv(K, cfg["BK"]))](
+                g, x, dw, db if db is not None else dw, perm, col_perm, col_counts, col_rows, bcat.state,
                 M, N, K, Mt, bcat.dense_min, x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
                 HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, NEED_DB=need_db, BM=BM, BN=BN, PRECISION=prec,
                 EVEN=(M % BM == 0) and (N % BN == 0) and (K % cfg["BK"] == 0), **cfg,

@@ -63,7 +63,7 @@ def _tokens_features(gate: Tensor) -> tuple:
     return tokens, gate.shape[-1]
 
 
-@torch.library.custom_op("bcpt::sbl_masked_linear", mutates_args=())
+@torch.library.triton_op("bcpt::sbl_masked_linear", mutates_args=())
 def sbl_masked_linear(
     x: Tensor,
     weight: Tensor,
@@ -75,7 +75,35 @@ def sbl_masked_linear(
     density_crossover: float,
     reorder: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, tile_state, row_perm, col_perm); only y is the user's value."""
+    """Returns (y, tile_state, row_perm, col_perm); only y is the user's value.
+
+    A ``triton_op``: on CUDA, AOTAutograd traces this body, so Inductor sees the Triton
+    launches and runs them with its own launcher (and CUDA graphs) rather than paying
+    Python's launch cost per kernel inside an opaque op. Other devices go to an opaque
+    op, since the interpreter's kernels cannot run on fake tensors.
+    """
+    if x.device.type == "cuda":
+        return _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder)
+    return torch.ops.bcpt.sbl_masked_linear_cpu(x, weight, bias, gate, mask, threshold, block_size,
+                                                density_crossover, reorder)
+
+
+@torch.library.custom_op("bcpt::sbl_masked_linear_cpu", mutates_args=())
+def _sbl_masked_linear_cpu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    gate: Tensor,
+    mask: Optional[Tensor],
+    threshold: float,
+    block_size: int,
+    density_crossover: float,
+    reorder: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder)
+
+
+def _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder):
     _check_inputs(x, weight, bias, gate, mask)
     out_dtype = torch.promote_types(x.dtype, gate.dtype)
     M, N = _tokens_features(gate)
@@ -93,15 +121,14 @@ def sbl_masked_linear(
     x2, g2, m2 = _flat(x, gate, mask)
     perm = col_perm = None
     if reorder and M and N:
-        with torch.profiler.record_function("bcpt::bcat_defrag"):
-            perm, col_perm = defrag_permutations(g2, m2, threshold, block_size)
+        perm, col_perm = defrag_permutations(g2, m2, threshold, block_size)
     bcat = empty_bcat(g2, block_size, density_crossover, perm=perm, col_perm=col_perm)
     y = sddmm_forward(x2, weight, bias, g2, m2, threshold, bcat, out_dtype)
     return (y.view(gate.shape), bcat.state,
             perm if perm is not None else no_perm(), col_perm if col_perm is not None else no_perm())
 
 
-@sbl_masked_linear.register_fake
+@_sbl_masked_linear_cpu.register_fake
 def _(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder):
     _check_inputs(x, weight, bias, gate, mask)
     M, N = _tokens_features(gate)
@@ -110,7 +137,7 @@ def _(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reo
     return y, state, gate.new_empty(M if reorder else 0, dtype=torch.int32), gate.new_empty(N if reorder else 0, dtype=torch.int32)
 
 
-@torch.library.custom_op("bcpt::sbl_masked_linear_backward", mutates_args=())
+@torch.library.triton_op("bcpt::sbl_masked_linear_backward", mutates_args=())
 def sbl_masked_linear_backward(
     grad: Tensor,
     x: Tensor,
@@ -126,6 +153,36 @@ def sbl_masked_linear_backward(
     density_crossover: float,
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dW, db, ds), an empty tensor for each one not needed; traced like the forward."""
+    args = (grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, threshold, block_size,
+            density_crossover, needs)
+    if x.device.type == "cuda":
+        return _backward_grads(*args)
+    return torch.ops.bcpt.sbl_masked_linear_backward_cpu(*args)
+
+
+@torch.library.custom_op("bcpt::sbl_masked_linear_backward_cpu", mutates_args=())
+def _sbl_masked_linear_backward_cpu(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    gate: Tensor,
+    mask: Optional[Tensor],
+    tile_state: Tensor,
+    row_perm: Tensor,
+    col_perm: Tensor,
+    threshold: float,
+    block_size: int,
+    density_crossover: float,
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backward_grads(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, threshold,
+                           block_size, density_crossover, needs)
+
+
+def _backward_grads(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, threshold, block_size,
+                    density_crossover, needs):
     need_dx, need_dw, need_db, need_ds = (bool(n) for n in needs)
     need_db = need_db and bias is not None
     if not _use_kernels(x):
@@ -159,7 +216,7 @@ def _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds):
     return dx, dw, db, ds
 
 
-@sbl_masked_linear_backward.register_fake
+@_sbl_masked_linear_backward_cpu.register_fake
 def _(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, threshold, block_size, density_crossover, needs):
     need_dx, need_dw, need_db, need_ds = (bool(n) for n in needs)
     need_db = need_db and bias is not None
