@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def triton_runs_on(t: torch.Tensor) -> bool:
@@ -15,11 +16,16 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 
 
 def launchable(kernel, t: torch.Tensor):
-    """``kernel`` ready for ``[grid](...)``: on CUDA through ``torch.library.wrap_triton``,
-    so that a ``triton_op`` traced by AOTAutograd hands the launch to Inductor (its own
-    launcher, CUDA graphs) instead of hiding it in an opaque op; on CPU the interpreter's
-    kernel itself (it cannot be traced with fake tensors)."""
-    if t.device.type == "cuda":
+    """``kernel`` ready for ``[grid](...)``. While a ``triton_op``'s body is traced (fake or
+    functional CUDA tensors), through ``torch.library.wrap_triton``, so that AOTAutograd puts
+    the launch in the graph and Inductor runs it with its own launcher (and CUDA graphs);
+    otherwise the kernel itself: eager calls skip the higher-order-op dispatch, and the
+    interpreter's kernels (CPU) cannot be traced at all.
+
+    A launch must never pass a tensor it writes under two argument names (say, as an unused
+    placeholder pointer): functionalization clones each name separately and keeps one.
+    """
+    if t.device.type == "cuda" and (type(t) is not torch.Tensor or _get_current_dispatch_mode() is not None):
         return torch.library.wrap_triton(kernel)
     return kernel
 

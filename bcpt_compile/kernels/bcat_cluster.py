@@ -136,7 +136,7 @@ def row_tile_bits(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: f
         return bits, row_key
     src = mask if mask is not None else gate
     launchable(_row_tile_bits_kernel, gate)[(triton.cdiv(M, _ROWS), triton.cdiv(N, block_n))](
-        gate, src, bits, inv_col_perm if inv_col_perm is not None else bits, row_key,
+        gate, src, bits, inv_col_perm if inv_col_perm is not None else gate, row_key,
         M, N, n_words, float(threshold),
         gate.stride(0), gate.stride(1), src.stride(0), src.stride(1),
         HAS_MASK=mask is not None, HAS_COL_PERM=inv_col_perm is not None, ROWS=_ROWS, BN=block_n,
@@ -218,7 +218,7 @@ def mark_active_tiles(bcat: "BCAT", gate: torch.Tensor, mask: Optional[torch.Ten
     y = zero_fill if zero_fill is not None else gate
     launchable(_tile_bits_kernel, gate)[(Mt, Nt)](
         gate, src, y, bcat.state,
-        bcat.perm if bcat.perm is not None else bcat.state, bcat.col_perm if bcat.col_perm is not None else bcat.state,
+        bcat.perm if bcat.perm is not None else gate, bcat.col_perm if bcat.col_perm is not None else gate,
         M, N, bcat.n_words, float(threshold),
         gate.stride(0), gate.stride(1), src.stride(0), src.stride(1), y.stride(0), y.stride(1),
         HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None, HAS_COL_PERM=bcat.col_perm is not None,

@@ -248,7 +248,7 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
     # inactive tiles of ds are zero: one memset at full bandwidth, the kernel skips them
     ds = _empty(gate.shape, gate.dtype, x.device).zero_() if need_ds else None
     if M and N:
-        dsp = ds if ds is not None else g
+        dsp = ds if ds is not None else gate  # a placeholder never written (NEED_DS=False)
         launchable(_sddmm_backward_kernel, x)[(Mt * Nt,)](
             x, weight, bias if bias is not None else x, gate, m, grad, g, dsp, perm, col_perm,
             bcat.state,
@@ -277,7 +277,7 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
         if N and K:
             cfg = _launch_config("dw", BM, x.device)
             launchable(_dw_kernel, x)[(Nt, triton.cdiv(K, cfg["BK"]))](
-                g, x, dw, db if db is not None else dw, perm, col_perm, col_counts, col_rows, bcat.state,
+                g, x, dw, db if db is not None else x, perm, col_perm, col_counts, col_rows, bcat.state,
                 M, N, K, Mt, bcat.dense_min, x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
                 HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, NEED_DB=need_db, BM=BM, BN=BN, PRECISION=prec,
                 EVEN=(M % BM == 0) and (N % BN == 0) and (K % cfg["BK"] == 0), **cfg,
