@@ -33,11 +33,11 @@ def _rel(a, ref):
     return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _check(x, w, b, s, mask=None, threshold=0.0, block=16, crossover=1.0, reorder=False, tol=1e-5):
+def _check(x, w, b, s, mask=None, threshold=0.0, block=16, crossover=1.0, reorder=False, tol=1e-5, save_product=True):
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, s)] + ([b.detach().clone().requires_grad_()] if b is not None else [])
     xl, wl, sl = leaves[:3]
     bl = leaves[3] if b is not None else None
-    y = op(xl, wl, bl, sl, mask, threshold, block, crossover, reorder)
+    y = op(xl, wl, bl, sl, mask, threshold, block, crossover, reorder, save_product)
     assert torch.isfinite(y).all()
     d = [t.detach().double().requires_grad_() for t in leaves]
     keep = mask if mask is not None else d[2] > threshold
@@ -55,6 +55,16 @@ def _check(x, w, b, s, mask=None, threshold=0.0, block=16, crossover=1.0, reorde
 @pytest.mark.parametrize("M, N, K", [(37, 50, 24), (64, 32, 40), (5, 70, 16), (32, 48, 32)])
 def test_fp32_matches_float64(poisoned, M, N, K, reorder):
     _check(*_inputs(M, N, K, torch.float32, seed=M * N), reorder=reorder)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
+@pytest.mark.parametrize("save_product", [True, False], ids=["saved", "recomputed"])
+def test_forward_variants_match_float64(poisoned, monkeypatch, fused, save_product):
+    """Tiles found inside the GEMM kernel or by a bits kernel first; the gate's gradient
+    from the saved product or from a recomputed SDDMM."""
+    monkeypatch.setattr(bg, "FUSED_FORWARD", fused)
+    _check(*_inputs(37, 50, 24, torch.float32, seed=3), save_product=save_product)
+    _check(*_inputs(37, 50, 24, torch.float32, seed=4), crossover=0.3, reorder=True, save_product=save_product)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -136,7 +136,7 @@ def row_tile_bits(gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: f
         return bits, row_key
     src = mask if mask is not None else gate
     launchable(_row_tile_bits_kernel, gate)[(triton.cdiv(M, _ROWS), triton.cdiv(N, block_n))](
-        gate, src, bits, inv_col_perm if inv_col_perm is not None else gate, row_key,
+        gate, src, bits, inv_col_perm, row_key,
         M, N, n_words, float(threshold),
         gate.stride(0), gate.stride(1), src.stride(0), src.stride(1),
         HAS_MASK=mask is not None, HAS_COL_PERM=inv_col_perm is not None, ROWS=_ROWS, BN=block_n,
@@ -168,20 +168,15 @@ def _popcount(x):
 
 
 @triton.jit
-def _tile_bits_kernel(
-    s_ptr, m_ptr, y_ptr, state_ptr, perm_ptr, col_perm_ptr,
-    M, N, n_words, threshold,
-    stride_sm, stride_sn, stride_mm, stride_mn, stride_ym, stride_yn,
-    HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, ZERO_FILL: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """Is tile (r, c) of R active? Reads CHUNK rows at a time and stops at the first nonzero.
+def claim_tile(s_ptr, m_ptr, state_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, n_words, threshold,
+               stride_sm, stride_sn, stride_mm, stride_mn,
+               HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr):
+    """Is tile (tile_m, tile_n) of R active? If so, set its bit and count it.
 
-    With ZERO_FILL, an inactive tile's output y is written as zeros here, by this light,
-    high-occupancy kernel, so that the GEMM kernel after it touches only active tiles.
+    Reads CHUNK rows at a time and stops at the first nonzero: an active tile usually
+    costs one chunk, an inactive one a full read.
     """
-    tile_m = tl.program_id(0)
-    tile_n = tl.program_id(1)
     offs_n = tile_n * BN + tl.arange(0, BN)
     cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     found = 0
@@ -197,13 +192,43 @@ def _tile_bits_kernel(
     if found != 0:
         tl.atomic_or(tile_word(state_ptr, tile_m, tile_n, n_words), 1 << (tile_n % 32))
         tl.atomic_add(state_ptr, 1)
-    elif ZERO_FILL:
-        for j in range(0, BM, CHUNK):
-            offs_m = tile_m * BM + j + tl.arange(0, CHUNK)
-            rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
-            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-                     tl.zeros((CHUNK, BN), dtype=y_ptr.dtype.element_ty),
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    return found != 0
+
+
+@triton.jit
+def zero_fill_tile(y_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, stride_ym, stride_yn,
+                   HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr):
+    """Write zeros to tile (tile_m, tile_n) of y, CHUNK rows at a time."""
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
+    for j in range(0, BM, CHUNK):
+        offs_m = tile_m * BM + j + tl.arange(0, CHUNK)
+        rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                 tl.zeros((CHUNK, BN), dtype=y_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _tile_bits_kernel(
+    s_ptr, m_ptr, y_ptr, state_ptr, perm_ptr, col_perm_ptr,
+    M, N, n_words, threshold,
+    stride_sm, stride_sn, stride_mm, stride_mn, stride_ym, stride_yn,
+    HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, ZERO_FILL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One program per tile. With ZERO_FILL, an inactive tile's output y is written as
+    zeros here, by this light, high-occupancy kernel, so that a GEMM kernel after it
+    touches only active tiles (the split alternative to the fused SBL forward)."""
+    tile_m = tl.program_id(0)
+    tile_n = tl.program_id(1)
+    active = claim_tile(s_ptr, m_ptr, state_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, n_words, threshold,
+                        stride_sm, stride_sn, stride_mm, stride_mn, HAS_MASK, HAS_PERM, HAS_COL_PERM, BM, BN, CHUNK)
+    if ZERO_FILL:
+        if not active:
+            zero_fill_tile(y_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, stride_ym, stride_yn,
+                           HAS_PERM, HAS_COL_PERM, BM, BN, CHUNK)
 
 
 def mark_active_tiles(bcat: "BCAT", gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: float,
@@ -215,12 +240,10 @@ def mark_active_tiles(bcat: "BCAT", gate: torch.Tensor, mask: Optional[torch.Ten
         return
     Mt, Nt = bcat.grid
     src = mask if mask is not None else gate
-    y = zero_fill if zero_fill is not None else gate
     launchable(_tile_bits_kernel, gate)[(Mt, Nt)](
-        gate, src, y, bcat.state,
-        bcat.perm if bcat.perm is not None else gate, bcat.col_perm if bcat.col_perm is not None else gate,
+        gate, src, zero_fill, bcat.state, bcat.perm, bcat.col_perm,
         M, N, bcat.n_words, float(threshold),
-        gate.stride(0), gate.stride(1), src.stride(0), src.stride(1), y.stride(0), y.stride(1),
+        gate.stride(0), gate.stride(1), src.stride(0), src.stride(1), *(zero_fill.stride() if zero_fill is not None else (0, 0)),
         HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None, HAS_COL_PERM=bcat.col_perm is not None,
         ZERO_FILL=zero_fill is not None, BM=bcat.block_m, BN=bcat.block_n, CHUNK=min(32, bcat.block_m),
         num_warps=4,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import launchable
-from .bcat_cluster import BCAT, mark_active_tiles, original_index, tile_word
+from .bcat_cluster import BCAT, claim_tile, mark_active_tiles, original_index, tile_word, zero_fill_tile
 from .tile_gemm import dot_precision, grouped_tile, mma, xwt_tile
 
 
@@ -46,41 +46,58 @@ def _tile_is_computed(state_ptr, tile_m, tile_n, n_words, dense_min):
 
 @triton.jit
 def _sddmm_forward_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, perm_ptr, col_perm_ptr, state_ptr,
+    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, perm_ptr, col_perm_ptr, state_ptr,
     M, N, K, Mt, Nt, n_words, threshold,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
-    stride_mm, stride_mn, stride_ym, stride_yn,
+    stride_mm, stride_mn, stride_ym, stride_yn, stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    FIND_TILES: tl.constexpr, SAVE_Z: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, CHUNK: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    """FIND_TILES: this program first decides whether its tile is active (setting the BCAT
+    bits) and zero-fills it if not, so the memory-bound scan of the inactive tiles overlaps
+    the GEMMs of the active ones in one launch. Otherwise the bits come from
+    ``_tile_bits_kernel``, which zero-filled the inactive tiles already."""
     tile_m, tile_n = grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
-    offs_m = tile_m * BM + tl.arange(0, BM)
-    offs_n = tile_n * BN + tl.arange(0, BN)
-    rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
-    cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
-    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
-    word = tl.load(tile_word(state_ptr, tile_m, tile_n, n_words))
-    if ((word >> (tile_n % 32)) & 1) != 0:  # inactive tiles were zero-filled by the bits kernel
+    if FIND_TILES:
+        active = claim_tile(s_ptr, m_ptr, state_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, n_words,
+                            threshold, stride_sm, stride_sn, stride_mm, stride_mn,
+                            HAS_MASK, HAS_PERM, HAS_COL_PERM, BM, BN, CHUNK)
+        if not active:
+            zero_fill_tile(y_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, stride_ym, stride_yn,
+                           HAS_PERM, HAS_COL_PERM, BM, BN, CHUNK)
+    else:
+        word = tl.load(tile_word(state_ptr, tile_m, tile_n, n_words))
+        active = ((word >> (tile_n % 32)) & 1) != 0
+    if active:
+        offs_m = tile_m * BM + tl.arange(0, BM)
+        offs_n = tile_n * BN + tl.arange(0, BN)
+        rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
+        cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
+        inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         z = xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
+        if SAVE_Z:  # for the gate's gradient, rounded like the linear output eager saves
+            tl.store(z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn,
+                     z.to(z_ptr.dtype.element_ty), mask=inside)
         s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
         keep = _gate_keep(s, m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
                           inside, threshold, HAS_MASK, True)
         r = tl.where(keep, s.to(tl.float32), 0.0)
-        tl.store(y_ptrs, (z * r).to(y_ptr.dtype.element_ty), mask=inside)
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                 (z * r).to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _sddmm_backward_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, dy_ptr, g_ptr, ds_ptr, perm_ptr, col_perm_ptr, state_ptr,
+    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, dy_ptr, z_ptr, g_ptr, ds_ptr, perm_ptr, col_perm_ptr, state_ptr,
     M, N, K, Mt, Nt, n_words, dense_min, threshold,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
-    stride_mm, stride_mn, stride_dym, stride_dyn, stride_dsm, stride_dsn,
+    stride_mm, stride_mn, stride_dym, stride_dyn, stride_zm, stride_zn, stride_dsm, stride_dsn,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
-    NEED_DS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    NEED_DS: tl.constexpr, HAS_Z: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, CHUNK: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     tile_m, tile_n = grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
@@ -89,7 +106,6 @@ def _sddmm_backward_kernel(
     rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
     cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + cols[None, :] * stride_dsn
     active = _tile_is_computed(state_ptr, tile_m, tile_n, n_words, dense_min)
     if active:
         s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
@@ -101,10 +117,19 @@ def _sddmm_backward_kernel(
         # G' lives in tile space (row offs_m), contiguous (M, N)
         tl.store(g_ptr + offs_m[:, None] * N + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=inside)
         if NEED_DS:
+            ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + cols[None, :] * stride_dsn
+        if NEED_DS and HAS_Z:  # the forward saved the product
+            z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn, mask=inside, other=0.0)
+            strict = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, False)
+            tl.store(ds_ptrs, tl.where(strict, dy * z.to(tl.float32), 0.0).to(ds_ptr.dtype.element_ty), mask=inside)
+        elif NEED_DS:  # recompute it: a second SDDMM over the active tiles
             z = xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
                           stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
             strict = _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK, False)
             tl.store(ds_ptrs, tl.where(strict, dy * z, 0.0).to(ds_ptr.dtype.element_ty), mask=inside)
+    elif NEED_DS:
+        zero_fill_tile(ds_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, stride_dsm, stride_dsn,
+                       HAS_PERM, HAS_COL_PERM, BM, BN, CHUNK)
 
 
 @triton.jit
@@ -177,6 +202,11 @@ def _dw_kernel(
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=(offs_n < N) & (pid_k == 0))
 
 
+# Unused pointer arguments are passed as None (a constexpr to Triton), never as a
+# placeholder tensor: Inductor's mutation analysis follows every pointer that reaches a
+# store address through a helper call, and would copy (and write back) the placeholder.
+
+
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every output (and G') comes from here: the kernels must write all of it (tests poison it)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -200,40 +230,47 @@ def _launch_config(kind: str, block: int, device: torch.device) -> dict:
     return cfg
 
 
-def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out_dtype) -> torch.Tensor:
-    """y = (x W^T + b) * R on the tiles where R has a nonzero, zeros elsewhere.
+#: The forward finds the active tiles inside the GEMM kernel (one launch) instead of a
+#: separate bits kernel first (two); benchmarks/bench_sbl.py times both.
+FUSED_FORWARD = True
 
-    x: (M, K), W: (N, K), gate: (M, N). Two launches: the bits kernel marks the active
-    tiles in ``bcat`` (zeroed by the caller; kept for the backward) and zero-fills the
-    others, then the GEMM kernel computes only the active ones.
+
+def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out_dtype,
+                  save_product: bool = False):
+    """(y, z): y = (x W^T + b) * R on the tiles where R has a nonzero, zeros elsewhere, and
+    with ``save_product`` z = x W^T + b on the active tiles (else None) for the backward.
+
+    x: (M, K), W: (N, K), gate: (M, N). Sets ``bcat``'s bits (zeroed by the caller; kept
+    for the backward).
     """
     M, K = x.shape
     N = weight.shape[0]
     y = _empty((M, N), out_dtype, x.device)
+    z = _empty((M, N), torch.promote_types(x.dtype, weight.dtype), x.device) if save_product else None
     if M == 0 or N == 0:
-        return y
+        return y, z
     BM, BN = bcat.block_m, bcat.block_n
     Mt, Nt = bcat.grid
-    mark_active_tiles(bcat, gate, mask, threshold, zero_fill=y)
+    if not FUSED_FORWARD:
+        mark_active_tiles(bcat, gate, mask, threshold, zero_fill=y)
     cfg = _launch_config("sddmm", BM, x.device)
     m = mask if mask is not None else gate
     launchable(_sddmm_forward_kernel, x)[(Mt * Nt,)](
-        x, weight, bias if bias is not None else x, gate, m, y,
-        bcat.perm if bcat.perm is not None else x, bcat.col_perm if bcat.col_perm is not None else x,
-        bcat.state,
+        x, weight, bias, gate, m, y, z, bcat.perm, bcat.col_perm, bcat.state,
         M, N, K, Mt, Nt, bcat.n_words, float(threshold),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
-        m.stride(0), m.stride(1), y.stride(0), y.stride(1),
+        m.stride(0), m.stride(1), y.stride(0), y.stride(1), *(z.stride() if z is not None else (0, 0)),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None,
-        HAS_COL_PERM=bcat.col_perm is not None,
-        BM=BM, BN=BN, GROUP_M=8, PRECISION=dot_precision(x), EVEN_K=K % cfg["BK"] == 0, **cfg,
+        HAS_COL_PERM=bcat.col_perm is not None, FIND_TILES=FUSED_FORWARD, SAVE_Z=z is not None,
+        BM=BM, BN=BN, GROUP_M=8, CHUNK=min(32, BM), PRECISION=dot_precision(x), EVEN_K=K % cfg["BK"] == 0, **cfg,
     )
-    return y
+    return y, z
 
 
 def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BCAT,
-                   need_dx: bool, need_dw: bool, need_db: bool, need_ds: bool):
-    """(dx, dW, db, ds) of y = (x W^T + b) * R, each None when not needed."""
+                   need_dx: bool, need_dw: bool, need_db: bool, need_ds: bool, product=None):
+    """(dx, dW, db, ds) of y = (x W^T + b) * R, each None when not needed. ``product``: the
+    forward's saved z (else the kernel recomputes it where ds needs it)."""
     M, K = x.shape
     N = weight.shape[0]
     BM, BN = bcat.block_m, bcat.block_n
@@ -241,23 +278,20 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
     cfg = _launch_config("sddmm", BM, x.device)
     prec = dot_precision(x)
     has_perm, has_col_perm = bcat.perm is not None, bcat.col_perm is not None
-    perm = bcat.perm if has_perm else x
-    col_perm = bcat.col_perm if has_col_perm else x
+    perm, col_perm = bcat.perm, bcat.col_perm
     m = mask if mask is not None else gate
     g = _empty((M, N), x.dtype, x.device)  # G' = dy * R, tile space
-    # inactive tiles of ds are zero: one memset at full bandwidth, the kernel skips them
-    ds = _empty(gate.shape, gate.dtype, x.device).zero_() if need_ds else None
+    ds = _empty(gate.shape, gate.dtype, x.device) if need_ds else None  # the kernel zero-fills skipped tiles
     if M and N:
-        dsp = ds if ds is not None else gate  # a placeholder never written (NEED_DS=False)
         launchable(_sddmm_backward_kernel, x)[(Mt * Nt,)](
-            x, weight, bias if bias is not None else x, gate, m, grad, g, dsp, perm, col_perm,
-            bcat.state,
+            x, weight, bias, gate, m, grad, product, g, ds, perm, col_perm, bcat.state,
             M, N, K, Mt, Nt, bcat.n_words, bcat.dense_min, float(threshold),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
-            m.stride(0), m.stride(1), grad.stride(0), grad.stride(1), dsp.stride(0), dsp.stride(1),
+            m.stride(0), m.stride(1), grad.stride(0), grad.stride(1),
+            *(product.stride() if product is not None else (0, 0)), *(ds.stride() if ds is not None else (0, 0)),
             HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=has_perm,
-            HAS_COL_PERM=has_col_perm, NEED_DS=need_ds,
-            BM=BM, BN=BN, GROUP_M=8, PRECISION=prec, EVEN_K=K % cfg["BK"] == 0, **cfg,
+            HAS_COL_PERM=has_col_perm, NEED_DS=need_ds, HAS_Z=product is not None,
+            BM=BM, BN=BN, GROUP_M=8, CHUNK=min(32, BM), PRECISION=prec, EVEN_K=K % cfg["BK"] == 0, **cfg,
         )
     dx = dw = db = None
     row_counts, row_cols, col_counts, col_rows = bcat.block_lists() if (M and N) else (None,) * 4
@@ -277,7 +311,7 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
         if N and K:
             cfg = _launch_config("dw", BM, x.device)
             launchable(_dw_kernel, x)[(Nt, triton.cdiv(K, cfg["BK"]))](
-                g, x, dw, db if db is not None else x, perm, col_perm, col_counts, col_rows, bcat.state,
+                g, x, dw, db, perm, col_perm, col_counts, col_rows, bcat.state,
                 M, N, K, Mt, bcat.dense_min, x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
                 HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, NEED_DB=need_db, BM=BM, BN=BN, PRECISION=prec,
                 EVEN=(M % BM == 0) and (N % BN == 0) and (K % cfg["BK"] == 0), **cfg,

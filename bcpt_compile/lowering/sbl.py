@@ -74,8 +74,13 @@ def sbl_masked_linear(
     block_size: int,
     density_crossover: float,
     reorder: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, tile_state, row_perm, col_perm); only y is the user's value.
+    save_product: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, tile_state, row_perm, col_perm, product); only y is the user's value.
+
+    ``save_product`` keeps x W^T + b on the active tiles for the gate's gradient (the pass
+    sets it when the gate requires grad): the backward then reads it instead of computing
+    a second SDDMM, for the same memory eager spends saving the linear output.
 
     A ``triton_op``: on CUDA, AOTAutograd traces this body, so Inductor sees the Triton
     launches and runs them with its own launcher (and CUDA graphs) rather than paying
@@ -83,9 +88,9 @@ def sbl_masked_linear(
     op, since the interpreter's kernels cannot run on fake tensors.
     """
     if x.device.type == "cuda":
-        return _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder)
+        return _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder, save_product)
     return torch.ops.bcpt.sbl_masked_linear_cpu(x, weight, bias, gate, mask, threshold, block_size,
-                                                density_crossover, reorder)
+                                                density_crossover, reorder, save_product)
 
 
 @torch.library.custom_op("bcpt::sbl_masked_linear_cpu", mutates_args=())
@@ -99,11 +104,12 @@ def _sbl_masked_linear_cpu(
     block_size: int,
     density_crossover: float,
     reorder: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder)
+    save_product: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder, save_product)
 
 
-def _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder):
+def _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder, save_product):
     _check_inputs(x, weight, bias, gate, mask)
     out_dtype = torch.promote_types(x.dtype, gate.dtype)
     M, N = _tokens_features(gate)
@@ -114,7 +120,8 @@ def _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossov
     if not _use_kernels(x):
         r = torch.where(_keep(gate, mask, threshold, keep_nan=True), gate, 0)
         state = gate.new_zeros(tile_state_size(M, N, block_size), dtype=torch.int32)
-        return F.linear(x, weight, bias).to(out_dtype) * r, state, no_perm(), no_perm()
+        z = F.linear(x, weight, bias)
+        return z.to(out_dtype) * r, state, no_perm(), no_perm(), z if save_product else _no_product(gate)
     from ..kernels.bcat_cluster import defrag_permutations, empty_bcat
     from ..kernels.sbl_block_gemm import sddmm_forward
 
@@ -123,18 +130,25 @@ def _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossov
     if reorder and M and N:
         perm, col_perm = defrag_permutations(g2, m2, threshold, block_size)
     bcat = empty_bcat(g2, block_size, density_crossover, perm=perm, col_perm=col_perm)
-    y = sddmm_forward(x2, weight, bias, g2, m2, threshold, bcat, out_dtype)
+    y, z = sddmm_forward(x2, weight, bias, g2, m2, threshold, bcat, out_dtype, save_product)
     return (y.view(gate.shape), bcat.state,
-            perm if perm is not None else no_perm(), col_perm if col_perm is not None else no_perm())
+            perm if perm is not None else no_perm(), col_perm if col_perm is not None else no_perm(),
+            z.view(gate.shape) if z is not None else _no_product(gate))
 
 
 @_sbl_masked_linear_cpu.register_fake
-def _(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder):
+def _(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder, save_product=False):
     _check_inputs(x, weight, bias, gate, mask)
     M, N = _tokens_features(gate)
     y = gate.new_empty(gate.shape, dtype=torch.promote_types(x.dtype, gate.dtype))
     state = gate.new_empty(tile_state_size(M, N, block_size), dtype=torch.int32)
-    return y, state, gate.new_empty(M if reorder else 0, dtype=torch.int32), gate.new_empty(N if reorder else 0, dtype=torch.int32)
+    z = gate.new_empty(gate.shape, dtype=torch.promote_types(x.dtype, weight.dtype)) if save_product else _no_product(gate)
+    return (y, state, gate.new_empty(M if reorder else 0, dtype=torch.int32),
+            gate.new_empty(N if reorder else 0, dtype=torch.int32), z)
+
+
+def _no_product(gate: Tensor) -> Tensor:
+    return gate.new_empty(0)
 
 
 @torch.library.triton_op("bcpt::sbl_masked_linear_backward", mutates_args=())
@@ -148,13 +162,14 @@ def sbl_masked_linear_backward(
     tile_state: Tensor,
     row_perm: Tensor,
     col_perm: Tensor,
+    product: Tensor,
     threshold: float,
     block_size: int,
     density_crossover: float,
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW, db, ds), an empty tensor for each one not needed; traced like the forward."""
-    args = (grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, threshold, block_size,
+    args = (grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, product, threshold, block_size,
             density_crossover, needs)
     if x.device.type == "cuda":
         return _backward_grads(*args)
@@ -172,21 +187,22 @@ def _sbl_masked_linear_backward_cpu(
     tile_state: Tensor,
     row_perm: Tensor,
     col_perm: Tensor,
+    product: Tensor,
     threshold: float,
     block_size: int,
     density_crossover: float,
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward_grads(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, threshold,
+    return _backward_grads(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, product, threshold,
                            block_size, density_crossover, needs)
 
 
-def _backward_grads(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, threshold, block_size,
-                    density_crossover, needs):
+def _backward_grads(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, product, threshold,
+                    block_size, density_crossover, needs):
     need_dx, need_dw, need_db, need_ds = (bool(n) for n in needs)
     need_db = need_db and bias is not None
     if not _use_kernels(x):
-        grads = _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds)
+        grads = _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds, product)
     else:
         from ..kernels.bcat_cluster import empty_bcat
         from ..kernels.sbl_block_gemm import sddmm_backward
@@ -195,14 +211,14 @@ def _backward_grads(grad, x, weight, bias, gate, mask, tile_state, row_perm, col
         dy2 = grad.reshape(g2.shape)
         bcat = empty_bcat(g2, block_size, density_crossover, state=tile_state,
                           perm=row_perm if row_perm.numel() else None, col_perm=col_perm if col_perm.numel() else None)
-        dx, dw, db, ds = sddmm_backward(dy2, x2, weight, bias, g2, m2, threshold, bcat,
-                                        need_dx, need_dw, need_db, need_ds)
+        dx, dw, db, ds = sddmm_backward(dy2, x2, weight, bias, g2, m2, threshold, bcat, need_dx, need_dw, need_db,
+                                        need_ds, product.view(g2.shape) if product.numel() else None)
         grads = (dx.view(x.shape) if dx is not None else None, dw, db, ds.view(gate.shape) if ds is not None else None)
     wanted = (need_dx, need_dw, need_db, need_ds)
     return tuple(g if w and g is not None else grad.new_empty(0) for g, w in zip(grads, wanted))  # type: ignore[return-value]
 
 
-def _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds):
+def _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds, product):
     g = (grad * torch.where(_keep(gate, mask, threshold, keep_nan=True), gate, 0)).to(x.dtype)
     g2 = g.reshape(-1, g.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
@@ -211,13 +227,14 @@ def _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds):
     db = g2.sum(0).to(bias.dtype) if bias is not None else None
     ds = None
     if need_ds:
-        z = F.linear(x, weight, bias).to(grad.dtype)
+        z = (product if product.numel() else F.linear(x, weight, bias)).to(grad.dtype)
         ds = torch.where(_keep(gate, mask, threshold, keep_nan=False), grad * z, 0).to(gate.dtype)
     return dx, dw, db, ds
 
 
 @_sbl_masked_linear_backward_cpu.register_fake
-def _(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, threshold, block_size, density_crossover, needs):
+def _(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, product, threshold, block_size,
+      density_crossover, needs):
     need_dx, need_dw, need_db, need_ds = (bool(n) for n in needs)
     need_db = need_db and bias is not None
     return (  # one fresh empty per unneeded gradient: outputs must not alias
@@ -229,23 +246,23 @@ def _(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, thresho
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder = inputs
-    _, tile_state, row_perm, col_perm = output
-    ctx.save_for_backward(x, weight, bias, gate, mask, tile_state, row_perm, col_perm)
+    x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder, save_product = inputs
+    _, tile_state, row_perm, col_perm, product = output
+    ctx.save_for_backward(x, weight, bias, gate, mask, tile_state, row_perm, col_perm, product)
     ctx.config = (threshold, block_size, density_crossover)
-    ctx.mark_non_differentiable(tile_state, row_perm, col_perm)
+    ctx.mark_non_differentiable(tile_state, row_perm, col_perm, product)
 
 
 def _backward(ctx, grad, *_aux_grads):
-    x, weight, bias, gate, mask, tile_state, row_perm, col_perm = ctx.saved_tensors
+    x, weight, bias, gate, mask, tile_state, row_perm, col_perm, product = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
     dx, dw, db, ds = torch.ops.bcpt.sbl_masked_linear_backward(
-        grad.contiguous(), x, weight, bias, gate, mask, tile_state, row_perm, col_perm, *ctx.config, needs
+        grad.contiguous(), x, weight, bias, gate, mask, tile_state, row_perm, col_perm, product, *ctx.config, needs
     )
     out = [g if n else None for g, n in zip((dx, dw, db, ds), needs)]
     if out[2] is not None and bias is None:
         out[2] = None
-    return out[0], out[1], out[2], out[3], None, None, None, None, None
+    return out[0], out[1], out[2], out[3], None, None, None, None, None, None
 
 
 sbl_masked_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -166,10 +166,12 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
                 x = graph.call_method("reshape", (x, -1, n_in))
                 shape = graph.call_method("size", (value,))
                 value = graph.call_method("reshape", (value, -1, n_out))
+            gate_value = example_value(gate.value)
+            save_product = bool(gate_value is not None and gate_value.requires_grad)  # ds will be needed
             call = graph.call_function(
                 torch.ops.bcpt.sbl_masked_linear.default,
                 (x, weight, bias, value, mask, gate.threshold,
-                 opts.block_size, float(opts.density_crossover), bool(opts.sbl_reorder)),
+                 opts.block_size, float(opts.density_crossover), bool(opts.sbl_reorder), save_product),
             )
             out = graph.call_function(operator.getitem, (call, 0))  # y; the rest feeds the backward
             if reshaped:
