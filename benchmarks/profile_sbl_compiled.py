@@ -18,7 +18,6 @@ from torch._inductor.utils import run_and_get_code
 from torch.profiler import ProfilerActivity, profile
 
 import bcpt_compile  # noqa: F401
-from bcpt_compile.kernels import sbl_block_gemm as bg
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_sbl import block_mask_gate  # noqa: E402
@@ -58,22 +57,6 @@ def main():
             torch.cuda.synchronize()
         print(f"=== compiled fwd+bwd, block fraction {frac} (5 steps)")
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=16, max_name_column_width=70))
-    # the forward's two variants, side by side (ms, medians of do_bench)
-    from triton.testing import do_bench
-    for frac in (0.1, 1.0):
-        s = block_mask_gate(M, N, frac).requires_grad_()
-        for fused in (True, False):
-            bg.FUSED_FORWARD = fused
-            torch._dynamo.reset()
-            f = torch.compile(sbl, backend="bcpt")
-            with torch.no_grad():
-                t_fwd = do_bench(lambda: f(x, w, s), warmup=50, rep=200, return_mode="median")
-            torch._dynamo.reset()
-            f = torch.compile(sbl, backend="bcpt")
-            t_fb = do_bench(lambda: torch.autograd.grad(f(x, w, s), (x, w, s), dy), warmup=50, rep=200,
-                            return_mode="median")
-            print(f"blocks {frac:.0%} fused_forward={fused}: fwd (no grad) {t_fwd:.3f} ms, fwd+bwd {t_fb:.3f} ms")
-    bg.FUSED_FORWARD = True
 
 
 if __name__ == "__main__":

@@ -57,12 +57,10 @@ def test_fp32_matches_float64(poisoned, M, N, K, reorder):
     _check(*_inputs(M, N, K, torch.float32, seed=M * N), reorder=reorder)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
 @pytest.mark.parametrize("save_product", [True, False], ids=["saved", "recomputed"])
-def test_forward_variants_match_float64(poisoned, monkeypatch, fused, save_product):
-    """Tiles found inside the GEMM kernel or by a bits kernel first; the gate's gradient
-    from the saved product or from a recomputed SDDMM."""
-    monkeypatch.setattr(bg, "FUSED_FORWARD", fused)
+def test_gate_gradient_saved_or_recomputed_matches_float64(poisoned, save_product):
+    """The gate's gradient from the forward's saved product or from a recomputed SDDMM,
+    also through the backward's dense crossover and with reordering."""
     _check(*_inputs(37, 50, 24, torch.float32, seed=3), save_product=save_product)
     _check(*_inputs(37, 50, 24, torch.float32, seed=4), crossover=0.3, reorder=True, save_product=save_product)
 

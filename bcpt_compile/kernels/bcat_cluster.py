@@ -168,11 +168,12 @@ def _popcount(x):
 
 
 @triton.jit
-def claim_tile(s_ptr, m_ptr, state_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, n_words, threshold,
-               stride_sm, stride_sn, stride_mm, stride_mn,
-               HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
+def claim_tile(s_ptr, m_ptr, state_ptr, list_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, Nt, M, N, n_words,
+               threshold, stride_sm, stride_sn, stride_mm, stride_mn,
+               HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, LIST: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr):
-    """Is tile (tile_m, tile_n) of R active? If so, set its bit and count it.
+    """Is tile (tile_m, tile_n) of R active? If so, set its bit and count it, and with LIST
+    append its id (tile_m * Nt + tile_n) to the list at the slot the count hands out.
 
     Reads CHUNK rows at a time and stops at the first nonzero: an active tile usually
     costs one chunk, an inactive one a full read.
@@ -191,7 +192,9 @@ def claim_tile(s_ptr, m_ptr, state_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, 
         i += CHUNK
     if found != 0:
         tl.atomic_or(tile_word(state_ptr, tile_m, tile_n, n_words), 1 << (tile_n % 32))
-        tl.atomic_add(state_ptr, 1)
+        slot = tl.atomic_add(state_ptr, 1)
+        if LIST:
+            tl.store(list_ptr + slot, tile_m * Nt + tile_n)
     return found != 0
 
 
@@ -212,19 +215,20 @@ def zero_fill_tile(y_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, stride_y
 
 @triton.jit
 def _tile_bits_kernel(
-    s_ptr, m_ptr, y_ptr, state_ptr, perm_ptr, col_perm_ptr,
+    s_ptr, m_ptr, y_ptr, state_ptr, list_ptr, perm_ptr, col_perm_ptr,
     M, N, n_words, threshold,
     stride_sm, stride_sn, stride_mm, stride_mn, stride_ym, stride_yn,
     HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, ZERO_FILL: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
+    LIST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """One program per tile. With ZERO_FILL, an inactive tile's output y is written as
-    zeros here, by this light, high-occupancy kernel, so that a GEMM kernel after it
-    touches only active tiles (the split alternative to the fused SBL forward)."""
+    zeros here, by this light, high-occupancy kernel, so that the GEMM kernel after it
+    touches only active tiles: those in the list (LIST), in no fixed order."""
     tile_m = tl.program_id(0)
     tile_n = tl.program_id(1)
-    active = claim_tile(s_ptr, m_ptr, state_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, n_words, threshold,
-                        stride_sm, stride_sn, stride_mm, stride_mn, HAS_MASK, HAS_PERM, HAS_COL_PERM, BM, BN, CHUNK)
+    active = claim_tile(s_ptr, m_ptr, state_ptr, list_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, tl.num_programs(1),
+                        M, N, n_words, threshold, stride_sm, stride_sn, stride_mm, stride_mn,
+                        HAS_MASK, HAS_PERM, HAS_COL_PERM, LIST, BM, BN, CHUNK)
     if ZERO_FILL:
         if not active:
             zero_fill_tile(y_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, stride_ym, stride_yn,
@@ -232,20 +236,21 @@ def _tile_bits_kernel(
 
 
 def mark_active_tiles(bcat: "BCAT", gate: torch.Tensor, mask: Optional[torch.Tensor], threshold: float,
-                      zero_fill: Optional[torch.Tensor] = None) -> None:
+                      zero_fill: Optional[torch.Tensor] = None, tile_list: Optional[torch.Tensor] = None) -> None:
     """Set ``bcat``'s tile bits and count from the gate (in its tile space); optionally write
-    zeros into ``zero_fill`` (same shape as gate) on the inactive tiles."""
+    zeros into ``zero_fill`` (same shape as gate) on the inactive tiles and the active tiles'
+    ids into ``tile_list`` (int32, Mt * Nt; the first ``count`` entries, in no fixed order)."""
     M, N = gate.shape
     if M == 0 or N == 0:
         return
     Mt, Nt = bcat.grid
     src = mask if mask is not None else gate
     launchable(_tile_bits_kernel, gate)[(Mt, Nt)](
-        gate, src, zero_fill, bcat.state, bcat.perm, bcat.col_perm,
+        gate, src, zero_fill, bcat.state, tile_list, bcat.perm, bcat.col_perm,
         M, N, bcat.n_words, float(threshold),
         gate.stride(0), gate.stride(1), src.stride(0), src.stride(1), *(zero_fill.stride() if zero_fill is not None else (0, 0)),
         HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None, HAS_COL_PERM=bcat.col_perm is not None,
-        ZERO_FILL=zero_fill is not None, BM=bcat.block_m, BN=bcat.block_n, CHUNK=min(32, bcat.block_m),
+        ZERO_FILL=zero_fill is not None, LIST=tile_list is not None, BM=bcat.block_m, BN=bcat.block_n, CHUNK=min(32, bcat.block_m),
         num_warps=4,
     )
 

@@ -2,17 +2,17 @@
 
 R = where(keep, s, 0) with keep = mask, or s > threshold (NaN kept, as relu keeps it).
 
-* forward, ``_sddmm_forward_kernel``: one program per output tile; an inactive tile
-  exits at once, an active one is a K-loop GEMM with the gate applied in the epilogue.
+* forward: ``bcat_cluster._tile_bits_kernel`` finds the active tiles (BCAT bits, count and
+  a list) and zero-fills the inactive ones at full bandwidth; then ``_sddmm_forward_kernel``,
+  persistent, walks the list: a K-loop GEMM per tile with the gate applied in the epilogue,
+  and, when the gate will need a gradient, the product x W^T + b saved on those tiles.
 * backward, ``_sddmm_backward_kernel``: per active tile, G' = dy * R (kept in a scratch
-  buffer in tile space) and, when s needs a gradient, ds = dy * (x W^T + b) on keep
-  (a recomputed SDDMM, so no dense product is saved); ds is zero elsewhere (memset).
+  buffer in tile space) and, when s needs a gradient, ds = dy * (x W^T + b) on keep, from
+  the saved product (or a recomputed SDDMM without it); it zero-fills ds's other tiles.
 * ``_dx_kernel`` walks each row tile's active column tiles (dx = G' W),
   ``_dw_kernel`` each column tile's active row tiles (dW = G'^T x, db = colsum G').
 In the backward, once the active count reaches the density crossover (a device-side
-test), every tile counts as active and the same kernels run as fused dense GEMMs.
-The forward's active tiles come from ``bcat_cluster._tile_bits_kernel``, which also
-zero-fills the inactive ones, so the GEMM kernel only ever runs on active tiles.
+test), every tile counts as active and the same kernels run as dense GEMMs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import launchable
-from .bcat_cluster import BCAT, claim_tile, mark_active_tiles, original_index, tile_word, zero_fill_tile
+from .bcat_cluster import BCAT, mark_active_tiles, original_index, tile_word, zero_fill_tile
 from .tile_gemm import dot_precision, grouped_tile, mma, xwt_tile
 
 
@@ -46,38 +46,29 @@ def _tile_is_computed(state_ptr, tile_m, tile_n, n_words, dense_min):
 
 @triton.jit
 def _sddmm_forward_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, perm_ptr, col_perm_ptr, state_ptr,
-    M, N, K, Mt, Nt, n_words, threshold,
+    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, perm_ptr, col_perm_ptr, state_ptr, list_ptr,
+    M, N, K, Nt, threshold,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
     stride_mm, stride_mn, stride_ym, stride_yn, stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
-    FIND_TILES: tl.constexpr, SAVE_Z: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, CHUNK: tl.constexpr,
+    SAVE_Z: tl.constexpr, PROGRAMS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """FIND_TILES: this program first decides whether its tile is active (setting the BCAT
-    bits) and zero-fills it if not, so the memory-bound scan of the inactive tiles overlaps
-    the GEMMs of the active ones in one launch. Otherwise the bits come from
-    ``_tile_bits_kernel``, which zero-filled the inactive tiles already."""
-    tile_m, tile_n = grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
-    if FIND_TILES:
-        active = claim_tile(s_ptr, m_ptr, state_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, n_words,
-                            threshold, stride_sm, stride_sn, stride_mm, stride_mn,
-                            HAS_MASK, HAS_PERM, HAS_COL_PERM, BM, BN, CHUNK)
-        if not active:
-            zero_fill_tile(y_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n, M, N, stride_ym, stride_yn,
-                           HAS_PERM, HAS_COL_PERM, BM, BN, CHUNK)
-    else:
-        word = tl.load(tile_word(state_ptr, tile_m, tile_n, n_words))
-        active = ((word >> (tile_n % 32)) & 1) != 0
-    if active:
+    """Persistent: PROGRAMS programs walk the list of active tiles (its length is the BCAT
+    count, read on the device), so no program is spent on an inactive tile and the grid
+    does not depend on the data."""
+    for t in range(tl.program_id(0), tl.load(state_ptr), PROGRAMS):
+        tile = tl.load(list_ptr + t)
+        tile_m = tile // Nt
+        tile_n = tile % Nt
         offs_m = tile_m * BM + tl.arange(0, BM)
         offs_n = tile_n * BN + tl.arange(0, BN)
         rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
         cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
         inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         z = xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
-                      stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
+                     stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
         if SAVE_Z:  # for the gate's gradient, rounded like the linear output eager saves
             tl.store(z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn,
                      z.to(z_ptr.dtype.element_ty), mask=inside)
@@ -230,9 +221,11 @@ def _launch_config(kind: str, block: int, device: torch.device) -> dict:
     return cfg
 
 
-#: The forward finds the active tiles inside the GEMM kernel (one launch) instead of a
-#: separate bits kernel first (two); benchmarks/bench_sbl.py times both.
-FUSED_FORWARD = True
+def _persistent_programs(device: torch.device) -> int:
+    """Two resident programs per SM for the persistent forward GEMM (a few on CPU)."""
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out_dtype,
@@ -240,8 +233,9 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
     """(y, z): y = (x W^T + b) * R on the tiles where R has a nonzero, zeros elsewhere, and
     with ``save_product`` z = x W^T + b on the active tiles (else None) for the backward.
 
-    x: (M, K), W: (N, K), gate: (M, N). Sets ``bcat``'s bits (zeroed by the caller; kept
-    for the backward).
+    x: (M, K), W: (N, K), gate: (M, N). Two launches: the bits kernel sets ``bcat``'s bits
+    (zeroed by the caller; kept for the backward), lists the active tiles and zero-fills
+    the others at full bandwidth; then a persistent GEMM kernel walks the list.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -251,18 +245,19 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
         return y, z
     BM, BN = bcat.block_m, bcat.block_n
     Mt, Nt = bcat.grid
-    if not FUSED_FORWARD:
-        mark_active_tiles(bcat, gate, mask, threshold, zero_fill=y)
+    tiles = torch.empty(Mt * Nt, dtype=torch.int32, device=x.device)
+    mark_active_tiles(bcat, gate, mask, threshold, zero_fill=y, tile_list=tiles)
     cfg = _launch_config("sddmm", BM, x.device)
+    programs = min(_persistent_programs(x.device), Mt * Nt)
     m = mask if mask is not None else gate
-    launchable(_sddmm_forward_kernel, x)[(Mt * Nt,)](
-        x, weight, bias, gate, m, y, z, bcat.perm, bcat.col_perm, bcat.state,
-        M, N, K, Mt, Nt, bcat.n_words, float(threshold),
+    launchable(_sddmm_forward_kernel, x)[(programs,)](
+        x, weight, bias, gate, m, y, z, bcat.perm, bcat.col_perm, bcat.state, tiles,
+        M, N, K, Nt, float(threshold),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
         m.stride(0), m.stride(1), y.stride(0), y.stride(1), *(z.stride() if z is not None else (0, 0)),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None,
-        HAS_COL_PERM=bcat.col_perm is not None, FIND_TILES=FUSED_FORWARD, SAVE_Z=z is not None,
-        BM=BM, BN=BN, GROUP_M=8, CHUNK=min(32, BM), PRECISION=dot_precision(x), EVEN_K=K % cfg["BK"] == 0, **cfg,
+        HAS_COL_PERM=bcat.col_perm is not None, SAVE_Z=z is not None, PROGRAMS=programs,
+        BM=BM, BN=BN, PRECISION=dot_precision(x), EVEN_K=K % cfg["BK"] == 0, **cfg,
     )
     return y, z
 
