@@ -24,9 +24,18 @@ def compile_inner(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts:
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager(gm, example_inputs)
+    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=dict(opts.inductor_options))
+    patches = {}
+    if hasattr(inductor_config, "static_launch_user_defined_triton_kernels"):
+        # our ops' kernels reach Inductor as user-defined Triton kernels: launched through
+        # Triton's Python launcher they cost ~50 us of host time each on the H100 host we
+        # measure on (benchmarks/cpu_overhead_sbl.py), Inductor's static launcher a fraction.
+        # Kernels it cannot launch fall back to Triton's launcher.
+        patches["static_launch_user_defined_triton_kernels"] = True
+    patches.update(opts.inductor_options)
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def bcpt_backend(
