@@ -1,17 +1,26 @@
-"""DeepEmbed FFN stack on one GPU: eager vs inductor vs bcpt (tables on GPU / on host).
+"""DeepEmbed FFN stack on one GPU: eager vs inductor vs bcpt, tables on the GPU or on the host.
 
 RWKV-8-style layer: ``x = x + value(relu(key(ln(x))) ** 2) * deepemb(idx)`` with a
-(vocab x d) table per layer. Measures, per configuration:
+(vocab x d) table per layer. Configurations (``--only`` picks a subset by substring):
 
-* step time (forward + backward, no optimizer), median over timed steps, CUDA events;
-* GPU memory held by the DeepEmbed tables (parameters on the GPU plus bcpt's row cache);
-* peak GPU memory allocated during a step;
-* bytes copied host -> device per step (bcpt runtime counters);
-* for host tables, the share of host-to-device copy time that overlaps compute kernels on
-  another stream, read from a torch.profiler trace.
+* ``eager gpu``, ``inductor gpu``, ``bcpt gpu``: tables on the GPU (the reference);
+* ``bcpt host fused-sgd``: tables in pinned host memory, ``deepembed_tables="cpu"``, a
+  ``FusedRowOptimizer`` (SGD) on the tables: the step includes the table update;
+* ``bcpt host sparse``: same tables, ``nn.Embedding(sparse=True)``: the tables' ``.grad`` is a
+  sparse COO host tensor of the touched rows (eager semantics of sparse=True);
+* with ``--all``: ``eager host`` and ``bcpt host dense`` (dense (vocab x d) host gradients,
+  eager's semantics for ``sparse=False``; slow by nature).
 
-Run: ``python benchmarks/bench_deepembed.py`` (defaults: 12 layers, vocab 65536, d 1024,
-16 x 1024 tokens, bf16; ``--quick`` for a small smoke run). Prints a markdown table.
+Measured per configuration: step time (forward + backward, median over timed steps, CUDA
+events; no optimizer step except the fused table update), GPU memory held by the tables,
+peak GPU memory, host<->device bytes per step (runtime counters), and from a torch.profiler
+trace: the time of host-table traffic (the zero-copy gather / update kernels on the copy
+stream, plus any memcpy) and the share of it that overlaps compute kernels on other streams.
+For the GPU-table configurations and the host fused one it prints the top CUDA kernels.
+
+Run on the H100: ``python benchmarks/bench_deepembed.py`` (defaults: 12 layers, vocab 65536,
+d 1024, 16 x 1024 tokens, bf16; about 2-3 minutes, mostly compilation). ``--device cpu``
+only checks the script (tiny sizes, Triton interpreter).
 """
 
 from __future__ import annotations
@@ -26,12 +35,12 @@ import tempfile
 import time
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import bcpt_compile  # noqa: E402,F401
-from bcpt_compile import runtime  # noqa: E402
+import bcpt_compile  # noqa: F401
+from bcpt_compile import runtime
 
 
 class Layer(nn.Module):
@@ -75,38 +84,69 @@ def table_bytes_on_gpu(model: nn.Module) -> int:
     return held
 
 
-def copy_overlap(trace_path: str) -> tuple[float, float, float, float]:
-    """(HtoD copy us, of which overlapping compute kernels us, share, HtoD bytes) from a chrome trace."""
-    with open(trace_path) as f:
-        events = json.load(f).get("traceEvents", [])
-    copies, kernels, nbytes = [], [], 0.0
-    for e in events:
-        if e.get("ph") != "X":
-            continue
-        cat, name = e.get("cat", ""), e.get("name", "")
-        span = (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
-        if cat == "gpu_memcpy" and "HtoD" in name:
-            copies.append(span)
-            nbytes += float((e.get("args") or {}).get("bytes", 0))
-        elif cat == "kernel":
-            kernels.append(span)
-    kernels.sort()
+HOST_TRAFFIC_KERNELS = ("_gather_rows_kernel", "_row_update_kernel")
+
+
+def _merge(spans):
     merged: list[list[float]] = []
-    for a, b in kernels:
+    for a, b in sorted(spans):
         if merged and a <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], b)
         else:
             merged.append([a, b])
-    total = sum(b - a for a, b in copies)
-    hidden = 0.0
-    for a, b in copies:
-        for ka, kb in merged:  # fine for a few hundred copies
-            if kb <= a:
-                continue
-            if ka >= b:
-                break
-            hidden += min(b, kb) - max(a, ka)
-    return total, hidden, (hidden / total if total else float("nan")), nbytes
+    return merged
+
+
+def _overlap(a: float, b: float, merged) -> float:
+    out = 0.0
+    for ka, kb in merged:  # fine for a few thousand spans
+        if kb <= a:
+            continue
+        if ka >= b:
+            break
+        out += min(b, kb) - max(a, ka)
+    return out
+
+
+def trace_analysis(trace_path: str, steps: int) -> dict:
+    """Host-table traffic per step from a chrome trace: time of the copy kernels / memcpys, the
+    share overlapping compute kernels on other streams, and the top kernels by time."""
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    traffic, compute, kernel_time = [], {}, {}
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        cat, name = e.get("cat", ""), e.get("name", "")
+        stream = (e.get("args") or {}).get("stream", e.get("tid"))
+        span = (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
+        if cat == "gpu_memcpy" and ("HtoD" in name or "DtoH" in name):
+            traffic.append((span, stream, "memcpy " + ("HtoD" if "HtoD" in name else "DtoH")))
+        elif cat == "kernel":
+            kernel_time[name] = kernel_time.get(name, 0.0) + span[1] - span[0]
+            if any(k in name for k in HOST_TRAFFIC_KERNELS):
+                traffic.append((span, stream, next(k for k in HOST_TRAFFIC_KERNELS if k in name)))
+            else:
+                compute.setdefault(stream, []).append(span)
+    merged_other = {s: _merge([sp for t, spans in compute.items() if t != s for sp in spans])
+                    for s in {s for _, s, _ in traffic}}
+    total = hidden = 0.0
+    per_kind: dict[str, list[float]] = {}
+    for (a, b), stream, kind in traffic:
+        ov = _overlap(a, b, merged_other[stream])
+        total += b - a
+        hidden += ov
+        k = per_kind.setdefault(kind, [0.0, 0.0])
+        k[0] += b - a
+        k[1] += ov
+    top = sorted(kernel_time.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "copy_ms": total / steps / 1000,
+        "hidden": hidden / total if total else float("nan"),
+        "per_kind": {k: (v[0] / steps / 1000, v[1] / v[0] if v[0] else float("nan")) for k, v in per_kind.items()},
+        "top": [(n, t / steps / 1000) for n, t in top],
+        "kernel_ms": sum(kernel_time.values()) / steps / 1000,
+    }
 
 
 def run_config(name, build, args, x, idx, gy):
@@ -117,8 +157,8 @@ def run_config(name, build, args, x, idx, gy):
         torch.cuda.empty_cache()
     runtime.reset_stats()
     t0 = time.time()
-    model, fn, tables = build()
-    first = []
+    model, fn, host, extra = build()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
         xs = x.detach().requires_grad_()
@@ -127,17 +167,16 @@ def run_config(name, build, args, x, idx, gy):
         for p in model.parameters():
             p.grad = None
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.warmup):
-        s = time.time()
         step()
         sync()
-        first.append(time.time() - s)
+    warm_s = time.time() - t0
     runtime.reset_stats()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    steps = args.steps if "dense" not in name and "eager host" not in name else max(2, args.steps // 3)
     times = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -149,18 +188,25 @@ def run_config(name, build, args, x, idx, gy):
             s = time.perf_counter()
             step()
             times.append(1e3 * (time.perf_counter() - s))
+    sync()
     stats = runtime.stats()
     row = {
         "config": name,
         "step_ms": statistics.median(times),
         "tables_gib": table_bytes_on_gpu(model) / 2 ** 30,
         "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan"),
-        "copied_mib": stats.bytes_copied / args.steps / 2 ** 20,
+        "h2d_mib": stats.bytes_copied / steps / 2 ** 20,
+        "d2h_mib": stats.grad_bytes_to_host / steps / 2 ** 20,
+        "rows_updated": stats.rows_updated / steps,
+        "waits": f"{stats.waits_ready}/{stats.waits}" if stats.waits else "",
+        "syncs": stats.sync_gathers,
         "hidden": float("nan"),
-        "warmup_s": sum(first),
+        "warm_s": warm_s,
+        "extra": extra,
     }
-    if tables == "cpu":
-        row["waits_ready"] = f"{stats.waits_ready}/{stats.waits}"
+    if stats.rows_updated:  # fused update: read + write of each updated row
+        row["upd_mib"] = 2 * stats.rows_updated / steps * args.d * x.element_size() / 2 ** 20
+    if args.trace and (host or name in ("bcpt gpu", "inductor gpu")):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "trace.json")
             activities = [torch.profiler.ProfilerActivity.CPU]
@@ -171,12 +217,9 @@ def run_config(name, build, args, x, idx, gy):
                     step()
                 sync()
             prof.export_chrome_trace(path)
-            total, hidden, share, nbytes = copy_overlap(path)
-        row["hidden"] = share
-        row["copy_ms"] = total / 2 / 1000
-        row["trace_mib"] = nbytes / 2 / 2 ** 20
-    print(f"[bench] {name}: {row['step_ms']:.2f} ms/step, built+warmed in {time.time() - t0:.0f} s", file=sys.stderr)
-    del model, fn
+            row.update(trace_analysis(path, 2))
+    print(f"[bench] {name}: {row['step_ms']:.2f} ms/step (built + warmed in {warm_s:.0f} s, "
+          f"total {time.time() - t0:.0f} s)", file=sys.stderr)
     return row
 
 
@@ -190,14 +233,18 @@ def main():
     ap.add_argument("--zipf", type=float, default=1.1, help="token frequency exponent (0: uniform)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--cache-rows", type=int, default=0, help="bcpt device row cache per table (host tables)")
-    ap.add_argument("--only", default="", help="comma-separated subset of configs")
+    ap.add_argument("--cache-rows", type=int, default=0, help="bcpt device row cache per table (host tables; "
+                    "> 0 uses the host-bookkept path)")
+    ap.add_argument("--only", default="", help="comma-separated substrings of config names")
+    ap.add_argument("--all", action="store_true", help="also the dense-gradient host configs (slow)")
+    ap.add_argument("--no-trace", dest="trace", action="store_false", help="skip the profiler traces")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    ap.add_argument("--device", default="cuda", help="cuda; 'cpu' only checks the script (TRITON_INTERPRET=1, --quick)")
+    ap.add_argument("--device", default="cuda", help="cuda; 'cpu' only checks the script (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     if args.quick:
         args.layers, args.vocab, args.d, args.batch, args.seq, args.steps = 2, 4096, 256, 2, 256, 3
     if args.device == "cpu":  # a check of the script itself, not a measurement
+        os.environ.setdefault("TRITON_INTERPRET", "1")
         args.layers, args.vocab, args.d, args.batch, args.seq, args.steps, args.warmup = 2, 64, 32, 2, 16, 1, 1
     else:
         assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -211,60 +258,88 @@ def main():
     gy = torch.randn(x.shape, generator=gen).to(dev, dtype)
     runtime.configure(cache_rows=args.cache_rows)
 
-    def model_on(tables: str):
+    def model_on(tables: str, sparse: bool = False):
         torch.manual_seed(0)
         m = Stack(args.layers, args.d, args.vocab).to(dev, dtype)
-        if tables == "cpu":
-            runtime.offload_tables(m, lambda name, mod: name.endswith("deepemb"))
+        if tables == "host":
+            runtime.offload_tables(m, lambda name, mod: name.endswith("deepemb"), sparse=sparse)
         return m
 
     def eager(tables):
         def build():
             m = model_on(tables)
-            return m, m, tables
+            return m, m, tables == "host", None
         return build
 
-    def compiled(tables, backend, options=None):
+    def compiled(tables, backend, grad="dense"):
         def build():
-            m = model_on(tables)
-            kw = {"options": options} if options else {}
-            return m, torch.compile(m, backend=backend, **kw), tables
+            m = model_on(tables, sparse=(grad == "sparse"))
+            extra = None
+            if grad == "fused-sgd":
+                extra = runtime.FusedRowOptimizer([l.deepemb for l in m.layers], kind="sgd", lr=1e-4)
+            kw = {"options": {"deepembed_tables": "cpu"}} if tables == "host" else {}
+            return m, torch.compile(m, backend=backend, **kw), tables == "host", extra
         return build
 
     configs = {
-        "eager (tables on GPU)": eager("gpu"),
-        "inductor (tables on GPU)": compiled("gpu", "inductor"),
-        "bcpt, deepembed_tables=gpu": compiled("gpu", "bcpt"),
-        "eager (tables on host)": eager("cpu"),
-        "bcpt, deepembed_tables=cpu": compiled("cpu", "bcpt", {"deepembed_tables": "cpu"}),
+        "eager gpu": eager("gpu"),
+        "inductor gpu": compiled("gpu", "inductor"),
+        "bcpt gpu": compiled("gpu", "bcpt"),
+        "bcpt host fused-sgd": compiled("host", "bcpt", "fused-sgd"),
+        "bcpt host sparse": compiled("host", "bcpt", "sparse"),
     }
+    if args.all:
+        configs["eager host"] = eager("host")
+        configs["bcpt host dense"] = compiled("host", "bcpt", "dense")
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     rows = []
+    t_start = time.time()
     for name, build in configs.items():
         if only and not any(o in name for o in only):
             continue
         try:
             rows.append(run_config(name, build, args, x, idx, gy))
-        except Exception as exc:  # keep the other rows
+        except Exception as exc:  # noqa: BLE001  keep the other rows
+            import traceback
+
+            traceback.print_exc()
             print(f"[bench] {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            rows.append({"config": name, "error": f"{type(exc).__name__}: {str(exc)[:80]}"})
+            rows.append({"config": name, "error": f"{type(exc).__name__}: {str(exc)[:100]}"})
+        finally:
+            for r in rows[-1:]:
+                if r.get("extra") is not None:
+                    r["extra"].remove()
     distinct = idx_cpu.unique().numel()
     gpu_name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (script check only)"
+    esize = x.element_size()
     print(f"\n{args.layers} layers, vocab {args.vocab}, d {args.d}, {args.batch}x{args.seq} tokens "
-          f"({distinct} distinct, zipf {args.zipf}), {dtype}, {gpu_name}, "
-          f"torch {torch.__version__}; fwd+bwd, median of {args.steps} steps\n")
-    print("| config | step ms | tables on GPU GiB | peak GPU GiB | H2D MiB/step (runtime) | H2D MiB/step (trace) "
-          "| copy ms/step | copy hidden | waits ready |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"({distinct} distinct, zipf {args.zipf}), {dtype}, {gpu_name}, torch {torch.__version__}; "
+          f"fwd+bwd, median of {args.steps} steps; {time.time() - t_start:.0f} s in all")
+    print(f"distinct rows per step and table: {distinct} = {distinct * args.d * esize / 2 ** 20:.1f} MiB; "
+          f"a dense (vocab x d) table gradient is {args.vocab * args.d * esize / 2 ** 20:.0f} MiB per table\n")
+    ref = next((r["step_ms"] for r in rows if r.get("config") == "eager gpu" and "error" not in r), None)
+    print("| config | step ms | vs eager gpu | tables on GPU GiB | peak GPU GiB | H2D rows MiB/step "
+          "| D2H grad MiB/step | fused update MiB/step | host traffic ms/step | hidden | waits ready | sync gathers |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
-            print(f"| {r['config']} | failed: {r['error']} | | | | | | | |")
+            print(f"| {r['config']} | failed: {r['error']} | | | | | | | | | | |")
             continue
+        vs = f"{r['step_ms'] / ref:.3f}x" if ref else ""
         hidden = "" if r["hidden"] != r["hidden"] else f"{100 * r['hidden']:.0f} %"
-        copy_ms = f"{r['copy_ms']:.2f}" if "copy_ms" in r else ""
-        trace_mib = f"{r['trace_mib']:.1f}" if "trace_mib" in r else ""
-        print(f"| {r['config']} | {r['step_ms']:.2f} | {r['tables_gib']:.3f} | {r['peak_gib']:.2f} | "
-              f"{r['copied_mib']:.1f} | {trace_mib} | {copy_ms} | {hidden} | {r.get('waits_ready', '')} |")
+        copy_ms = f"{r['copy_ms']:.2f}" if r.get("copy_ms") else ""
+        upd = f"{r['upd_mib']:.1f}" if "upd_mib" in r else ""
+        print(f"| {r['config']} | {r['step_ms']:.2f} | {vs} | {r['tables_gib']:.3f} | {r['peak_gib']:.2f} | "
+              f"{r['h2d_mib']:.1f} | {r['d2h_mib']:.1f} | {upd} | {copy_ms} | {hidden} | {r['waits']} | {r['syncs']} |")
+    for r in rows:
+        if r.get("per_kind"):
+            parts = ", ".join(f"{k}: {ms:.2f} ms/step, {100 * h:.0f} % hidden" for k, (ms, h) in r["per_kind"].items())
+            print(f"\n{r['config']} host traffic: {parts}")
+    for r in rows:
+        if "top" in r:
+            print(f"\n{r['config']}: top CUDA kernels (ms/step, of {r['kernel_ms']:.2f} ms of kernel time)")
+            for n, ms in r["top"]:
+                print(f"  {ms:8.3f}  {n[:110]}")
 
 
 if __name__ == "__main__":

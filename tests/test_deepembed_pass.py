@@ -3,8 +3,8 @@
 import expecttest
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import bcpt_compile
 from bcpt_compile.options import BcptOptions
@@ -103,10 +103,11 @@ def forward(self, L_self_modules_key_parameters_weight_, L_x_, L_self_modules_va
     l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
     l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
     l_idx_ = L_idx_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, False)
     linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
     r = torch.relu(linear)
     k = r ** 2
-    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, l_idx_, False)
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, l_idx_, False, row_plan_default, False)
     getitem = deepembed_linear_default[0]
     return (getitem,)
 """)
@@ -120,10 +121,11 @@ def forward(self, L_self_modules_key_parameters_weight_, L_x_, L_self_modules_va
     l_self_modules_value_parameters_bias_ = L_self_modules_value_parameters_bias_
     l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
     l_idx_ = L_idx_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, False)
     linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
     r = torch.relu(linear)
     k = r * r
-    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, l_self_modules_value_parameters_bias_, l_self_modules_deepemb_parameters_weight_, l_idx_, False)
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, l_self_modules_value_parameters_bias_, l_self_modules_deepemb_parameters_weight_, l_idx_, False, row_plan_default, False)
     getitem = deepembed_linear_default[0]
     return (getitem,)
 """)
@@ -136,10 +138,11 @@ def forward(self, L_self_modules_key_parameters_weight_, L_x_, L_self_modules_va
     l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
     l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
     l_idx_ = L_idx_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, True)
     linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
     r = torch.relu(linear)
     k = torch.square(r)
-    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, l_idx_, True)
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, l_idx_, True, row_plan_default, False)
     getitem_1 = deepembed_linear_default[0]
     return (getitem_1,)
 """)
@@ -155,10 +158,11 @@ def forward(self, L_self_parameters_K_, L_x_, L_self_parameters_s_emb_, L_idx_, 
     l_self_parameters_s2_ = L_self_parameters_s2_
     l_self_parameters_s0_ = L_self_parameters_s0_
     l_self_parameters_v_ = L_self_parameters_V_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, True)
     matmul_1 = l_x_ @ l_self_parameters_s1_
     unsqueeze = matmul_1.unsqueeze(-2)
     reshape = torch.reshape(unsqueeze, (-1, 4))
-    deepembed_rowmix_default = torch.ops.bcpt.deepembed_rowmix.default(reshape, l_self_parameters_s_emb_, l_idx_, 4, True)
+    deepembed_rowmix_default = torch.ops.bcpt.deepembed_rowmix.default(reshape, l_self_parameters_s_emb_, l_idx_, 4, True, row_plan_default, False)
     reshape_as = deepembed_rowmix_default.reshape_as(unsqueeze)
     mix = reshape_as.squeeze(-2)
     t = torch.t(l_self_parameters_k_)
@@ -181,9 +185,10 @@ def forward(self, L_self_parameters_K_, L_x_, L_self_parameters_s_emb_, L_idx_, 
     l_self_parameters_s2_ = L_self_parameters_s2_
     l_self_parameters_s0_ = L_self_parameters_s0_
     l_self_parameters_v_ = L_self_parameters_V_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, False)
     matmul_1 = l_x_ @ l_self_parameters_s1_
     reshape = torch.reshape(matmul_1, (-1, 4))
-    deepembed_rowmix_default = torch.ops.bcpt.deepembed_rowmix.default(reshape, l_self_parameters_s_emb_, l_idx_, 4, False)
+    deepembed_rowmix_default = torch.ops.bcpt.deepembed_rowmix.default(reshape, l_self_parameters_s_emb_, l_idx_, 4, False, row_plan_default, False)
     reshape_as = deepembed_rowmix_default.reshape_as(matmul_1)
     t = torch.t(l_self_parameters_k_)
     reshape_1 = torch.reshape(reshape_as, (-1, 4))
@@ -285,9 +290,12 @@ def test_near_misses_have_reasons():
     def broadcast(x, w, table, idx):
         return F.linear(torch.relu(x) ** 2, w) * F.embedding(idx[0], table)
 
+    def sparse(x, w, table, idx):
+        return F.linear(torch.relu(x) ** 2, w) * F.embedding(idx, table, sparse=True)
+
     w, table = torch.randn(D, D), torch.randn(VOCAB, D)
     reasons = {}
-    for fn in (no_sqrelu, padding, broadcast):
+    for fn in (no_sqrelu, padding, broadcast, sparse):
         torch._dynamo.reset()
         report = bcpt_compile.explain(fn, x, w, table, idx)
         assert report.counts["deepembed"] == 0
@@ -295,6 +303,7 @@ def test_near_misses_have_reasons():
     assert "squared relu" in reasons["no_sqrelu"]
     assert "padding_idx" in reasons["padding"]
     assert "broadcasts" in reasons["broadcast"]
+    assert "sparse=True on a table used in place" in reasons["sparse"]
 
 
 @pytest.mark.parametrize("emb", ["functional", "index"])
@@ -424,8 +433,8 @@ def test_cuda_inductor_matches_eager(dtype, tables):
     d, hid, vocab, shape = 256, 1024, 1000, (2, 384)
     eager = nn.ModuleList()
     for _ in range(3):
-        layer = nn.ModuleDict(dict(key=nn.Linear(d, hid, bias=False), value=nn.Linear(hid, d, bias=False),
-                                   deepemb=nn.Embedding(vocab, d)))
+        layer = nn.ModuleDict({"key": nn.Linear(d, hid, bias=False), "value": nn.Linear(hid, d, bias=False),
+                               "deepemb": nn.Embedding(vocab, d)})
         nn.init.uniform_(layer.deepemb.weight, 0.5, 1.5)
         eager.append(layer)
 
@@ -455,7 +464,7 @@ def test_cuda_inductor_matches_eager(dtype, tables):
     y.float().square().mean().backward()
     ye = ref(x, idx)
     ye.float().square().mean().backward()
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
     torch.testing.assert_close(y.float(), ye.float(), **tol)
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         g = p.grad.float().to(q.device)
@@ -464,7 +473,8 @@ def test_cuda_inductor_matches_eager(dtype, tables):
     if tables == "cpu":
         s = runtime.stats()
         assert s.prefetches == 3 and s.waits == 3 and s.sync_gathers == 0
-        assert s.bytes_copied >= 3 * idx.unique().numel() * d * torch.finfo(dtype).bits // 8
+        assert s.bytes_copied == 3 * idx.unique().numel() * d * torch.finfo(dtype).bits // 8
+        assert s.uva_gathers == 3  # zero-copy from the pinned tables
 
 
 @pytest.mark.parametrize("model_cls", [OutScale, HiddenScale])

@@ -6,25 +6,39 @@ Output scale (RWKV-8 demo), ``y = (h V^T + b) * T[idx]``:
   the multiply run in the GEMM epilogue, so the (tokens x d) embedding never exists in
   memory. The unscaled product ``z`` is written as well, because the backward needs it
   for the table's gradient and writing it here is cheaper than a second GEMM later.
-* ``_out_backward_kernel``: elementwise ``gh = dy * T[idx]`` (feeds the two dense GEMMs
-  dh = gh V, dV = gh^T h, which stay on cuBLAS) and ``ge = dy * z`` (the table gradient
-  per token, still to be summed per index).
+  On CUDA the first call per shape times it against cuBLAS for ``z`` plus
+  ``_scale_rows_kernel`` (``y = z * T[idx]``, one elementwise pass) and keeps the faster.
+* ``_gh_kernel``: elementwise ``gh = dy * T[idx]`` (feeds the two dense GEMMs dh = gh V,
+  dV = gh^T h, which stay on cuBLAS).
 
 Hidden scale (RWKV-7 DeepEmbed), ``b[t] = a[t] @ S[idx[t]].view(r, r)``:
 
 * ``_rowmix_forward_kernel`` / ``_rowmix_dx_kernel`` gather each token's r x r matrix from
   its table row without ever materialising the (tokens x r x r) gather.
 
-Both table gradients are row-sparse: only rows named by ``idx`` get a value.
-``_segment_sum_kernel`` sums the per-token contributions of each distinct index in a fixed
-order (tokens sorted stably by index, summed in fixed blocks), so the result is bitwise
-reproducible, unlike a scatter-add with atomics. It needs no host sync: a program per
-sorted position works only if it heads a run of equal indices.
+Table gradients are row-sparse. ``_plan_segment_sum_kernel`` sums the per-token
+contributions of each distinct row in a fixed order, from a *row plan* (below) built once
+per ``idx`` and shared by every layer: one program per (distinct row, column slab) walks
+that row's tokens. It computes the per-token contribution on the fly (``dy * z`` for the
+output scale, the outer product ``a (x) db`` for the hidden scale), so no (tokens x d) fp32
+buffer is written. Deterministic (bitwise reproducible), no atomics, no host sync.
+
+Host tables: ``_gather_rows_kernel`` copies a plan's distinct rows from a table in pinned
+host memory straight into device memory (zero-copy: the kernel reads the host pages over
+PCIe through their mapped device address), sized by the plan's device-side count, so no
+host sync is needed to learn how many rows to copy. ``_row_update_kernel`` applies an SGD or
+SparseAdam row update to the host table (and its host optimizer state) the same way.
+
+Row plan layout (built by ``bcpt_compile.runtime.plan``), one int64 tensor of 4M + 2:
+``[U | uniq (M) | inv (M) | order (M) | starts (M + 1)]``: U distinct rows; ``uniq`` the
+distinct rows ascending (padded past U with the largest); ``inv[t]`` token t's slot
+(``uniq[inv[t]] == idx[t]``); ``order`` the tokens sorted stably by row; slot u's tokens are
+``order[starts[u]:starts[u + 1]]`` (``starts[u] = M`` for u >= U).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
 
 import torch
 import triton
@@ -37,14 +51,23 @@ from .tile_gemm import xwt_tile
 
 
 @triton.jit
+def _wrap_rows(ids, V, WRAP: tl.constexpr):
+    """``weight[idx]`` rules: a negative index counts from the end (the range is checked elsewhere)."""
+    ids = ids.to(tl.int64)
+    if WRAP:
+        ids = tl.where(ids < 0, ids + V, ids)
+    return ids
+
+
+@triton.jit
 def _out_forward_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, idx_ptr, y_ptr, z_ptr,
-    M, N, K,
+    M, N, K, V,
     stride_hm, stride_hk, stride_wn, stride_wk, stride_tv, stride_tn,
     stride_ym, stride_yn, stride_zm, stride_zn,
-    HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr, WRAP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     Mt = tl.cdiv(M, BM)
     Nt = tl.cdiv(N, BN)
@@ -53,83 +76,116 @@ def _out_forward_kernel(
     offs_n = tile_n * BN + tl.arange(0, BN)
     rows = offs_m.to(tl.int64)
     acc = xwt_tile(h_ptr, w_ptr, b_ptr, rows, offs_n.to(tl.int64), offs_m, offs_n, M, N, K,
-                   stride_hm, stride_hk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, False)
+                   stride_hm, stride_hk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if STORE_Z:
         z = acc.to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + rows[:, None] * stride_zm + offs_n[None, :] * stride_zn, z, mask=inside)
-    ids = tl.load(idx_ptr + offs_m, mask=offs_m < M, other=0).to(tl.int64)
+    ids = _wrap_rows(tl.load(idx_ptr + offs_m, mask=offs_m < M, other=0), V, WRAP)
     e = tl.load(t_ptr + ids[:, None] * stride_tv + offs_n[None, :] * stride_tn, mask=inside, other=0.0)
     y = acc * e.to(tl.float32)
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _out_backward_kernel(
-    dy_ptr, z_ptr, t_ptr, idx_ptr, gh_ptr, ge_ptr,
-    M, N,
-    stride_dym, stride_dyn, stride_zm, stride_zn, stride_tv, stride_tn,
-    NEED_GH: tl.constexpr, NEED_GE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr,
+def _scale_rows_kernel(
+    z_ptr, t_ptr, idx_ptr, y_ptr,
+    M, N, V,
+    stride_zm, stride_zn, stride_tv, stride_tn, stride_ym, stride_yn,
+    WRAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
+    """y = z * T[idx] (the epilogue of the cuBLAS variant of the forward)."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    rows = offs_m.to(tl.int64)
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ids = _wrap_rows(tl.load(idx_ptr + offs_m, mask=offs_m < M, other=0), V, WRAP)
+    z = tl.load(z_ptr + rows[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=inside, other=0.0)
+    e = tl.load(t_ptr + ids[:, None] * stride_tv + offs_n[None, :] * stride_tn, mask=inside, other=0.0)
+    y = z.to(tl.float32) * e.to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _gh_kernel(
+    dy_ptr, t_ptr, idx_ptr, gh_ptr,
+    M, N, V,
+    stride_dym, stride_dyn, stride_tv, stride_tn,
+    WRAP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """gh = dy * T[idx], rounded to gh's dtype as eager's mul backward rounds."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     rows = offs_m.to(tl.int64)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=inside, other=0.0)
-    dy = dy.to(tl.float32)
-    if NEED_GH:
-        ids = tl.load(idx_ptr + offs_m, mask=offs_m < M, other=0).to(tl.int64)
-        e = tl.load(t_ptr + ids[:, None] * stride_tv + offs_n[None, :] * stride_tn, mask=inside, other=0.0)
-        tl.store(gh_ptr + rows[:, None] * N + offs_n[None, :], (dy * e.to(tl.float32)).to(gh_ptr.dtype.element_ty),
-                 mask=inside)
-    if NEED_GE:
-        z = tl.load(z_ptr + rows[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=inside, other=0.0)
-        tl.store(ge_ptr + rows[:, None] * N + offs_n[None, :], dy * z.to(tl.float32), mask=inside)
+    ids = _wrap_rows(tl.load(idx_ptr + offs_m, mask=offs_m < M, other=0), V, WRAP)
+    e = tl.load(t_ptr + ids[:, None] * stride_tv + offs_n[None, :] * stride_tn, mask=inside, other=0.0)
+    tl.store(gh_ptr + rows[:, None] * N + offs_n[None, :], (dy.to(tl.float32) * e.to(tl.float32)).to(gh_ptr.dtype.element_ty),
+             mask=inside)
 
 
 @triton.jit
-def _segment_sum_kernel(
-    vals_ptr, sorted_ptr, order_ptr, out_ptr,
-    M, W, stride_vm, stride_ov,
+def _plan_segment_sum_kernel(
+    a_ptr, b_ptr, plan_ptr, out_ptr,
+    M, W, R,
+    stride_am, stride_ak, stride_bm, stride_bk, stride_om,
+    MODE: tl.constexpr, DEST_UNIQ: tl.constexpr, ZERO_TAIL: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr,
 ):
-    j = tl.program_id(0)
-    offs = tl.program_id(1) * BW + tl.arange(0, BW)
-    cur = tl.load(sorted_ptr + j)
-    prev = tl.load(sorted_ptr + j - 1, mask=j > 0, other=-1)
-    if (j == 0) | (prev != cur):
-        # this program heads the run of `cur`: sum it BT tokens at a time (the run is a
-        # prefix of each block, ids being sorted), so a frequent token is not a serial tail
+    """out[dest(u), cols] = sum over slot u's tokens t (in plan order) of v[t, cols].
+
+    v = a[t] (MODE 0), a[t] * b[t] (MODE 1), or the flattened outer product
+    a[t, c // R] * b[t, c % R] (MODE 2). dest(u) = uniq[u] (DEST_UNIQ) or u. With ZERO_TAIL,
+    rows u >= U (slots no token uses) are written with zeros.
+    """
+    u = tl.program_id(0)
+    cols = tl.program_id(1) * BW + tl.arange(0, BW)
+    in_w = cols < W
+    count = tl.load(plan_ptr)
+    if u < count:
+        s = tl.load(plan_ptr + 1 + 3 * M + u)
+        e = tl.load(plan_ptr + 2 + 3 * M + u)
         acc = tl.zeros((BW,), dtype=tl.float32)
-        k = j
-        nxt = cur
-        while nxt == cur:
-            offs_t = k + tl.arange(0, BT)
-            same = tl.load(sorted_ptr + offs_t, mask=offs_t < M, other=-1) == cur
-            t = tl.load(order_ptr + offs_t, mask=same, other=0).to(tl.int64)
-            v = tl.load(vals_ptr + t[:, None] * stride_vm + offs[None, :],
-                        mask=same[:, None] & (offs[None, :] < W), other=0.0)
-            acc += tl.sum(v.to(tl.float32), axis=0)
-            k += BT
-            nxt = tl.load(sorted_ptr + k, mask=k < M, other=-1)
-        tl.store(out_ptr + cur.to(tl.int64) * stride_ov + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < W)
+        if MODE == 2:
+            ka = (cols // R).to(tl.int64)
+            kb = (cols % R).to(tl.int64)
+        else:
+            ka = cols.to(tl.int64)
+            kb = cols.to(tl.int64)
+        for k in range(s, e, BT):
+            offs = k + tl.arange(0, BT)
+            live = offs < e
+            t = tl.load(plan_ptr + 1 + 2 * M + offs, mask=live, other=0)
+            m2 = live[:, None] & in_w[None, :]
+            v = tl.load(a_ptr + t[:, None] * stride_am + ka[None, :] * stride_ak, mask=m2, other=0.0).to(tl.float32)
+            if MODE != 0:
+                v2 = tl.load(b_ptr + t[:, None] * stride_bm + kb[None, :] * stride_bk, mask=m2, other=0.0)
+                v = v * v2.to(tl.float32)
+            acc += tl.sum(v, axis=0)
+        if DEST_UNIQ:
+            dest = tl.load(plan_ptr + 1 + u)
+        else:
+            dest = u.to(tl.int64)
+        tl.store(out_ptr + dest * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=in_w)
+    elif ZERO_TAIL:
+        tl.store(out_ptr + u.to(tl.int64) * stride_om + cols, tl.zeros((BW,), dtype=out_ptr.dtype.element_ty), mask=in_w)
 
 
 @triton.jit
 def _rowmix_forward_kernel(
     a_ptr, t_ptr, idx_ptr, b_ptr,
-    M, R, stride_am, stride_ar, stride_tv, stride_tw, stride_bm, stride_br,
-    BM: tl.constexpr, BR: tl.constexpr,
+    M, R, V, stride_am, stride_ar, stride_tv, stride_tw, stride_bm, stride_br,
+    WRAP: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_j = tl.arange(0, BR)
     rows = offs_m.to(tl.int64)
     in_m = offs_m < M
-    ids = tl.load(idx_ptr + offs_m, mask=in_m, other=0).to(tl.int64)
+    ids = _wrap_rows(tl.load(idx_ptr + offs_m, mask=in_m, other=0), V, WRAP)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     inside = in_m[:, None] & (offs_j[None, :] < R)
-    for i in range(0, R):
+    for i in range(R):
         a_i = tl.load(a_ptr + rows * stride_am + i * stride_ar, mask=in_m, other=0.0).to(tl.float32)
         e = tl.load(t_ptr + ids[:, None] * stride_tv + (i * R + offs_j[None, :]) * stride_tw, mask=inside, other=0.0)
         acc += a_i[:, None] * e.to(tl.float32)
@@ -139,22 +195,88 @@ def _rowmix_forward_kernel(
 @triton.jit
 def _rowmix_dx_kernel(
     db_ptr, t_ptr, idx_ptr, da_ptr,
-    M, R, stride_dbm, stride_dbr, stride_tv, stride_tw,
-    BM: tl.constexpr, BR: tl.constexpr,
+    M, R, V, stride_dbm, stride_dbr, stride_tv, stride_tw,
+    WRAP: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_j = tl.arange(0, BR)
     rows = offs_m.to(tl.int64)
     in_m = offs_m < M
     inside = in_m[:, None] & (offs_j[None, :] < R)
-    ids = tl.load(idx_ptr + offs_m, mask=in_m, other=0).to(tl.int64)
+    ids = _wrap_rows(tl.load(idx_ptr + offs_m, mask=in_m, other=0), V, WRAP)
     db = tl.load(db_ptr + rows[:, None] * stride_dbm + offs_j[None, :] * stride_dbr, mask=inside, other=0.0)
     db = db.to(tl.float32)
-    for i in range(0, R):
+    for i in range(R):
         e = tl.load(t_ptr + ids[:, None] * stride_tv + (i * R + offs_j[None, :]) * stride_tw, mask=inside, other=0.0)
         da_i = tl.sum(db * e.to(tl.float32), axis=1)
         tl.store(da_ptr + rows * R + i, da_i.to(da_ptr.dtype.element_ty), mask=in_m)
 
+
+@triton.jit
+def _gather_rows_kernel(
+    t_ptr, plan_ptr, rows_ptr, stats_ptr,
+    M, W, stride_tv, stride_tw, stride_rm, row_bytes,
+    BS: tl.constexpr, BW: tl.constexpr,
+):
+    """rows[s] = table[uniq[s]] for the plan's first U slots; the table may be pinned host memory."""
+    pid_s = tl.program_id(0)
+    pid_w = tl.program_id(1)
+    count = tl.load(plan_ptr)
+    if pid_s * BS < count:
+        slots = pid_s * BS + tl.arange(0, BS)
+        live = slots < count
+        ids = tl.load(plan_ptr + 1 + slots, mask=live, other=0)
+        cols = pid_w * BW + tl.arange(0, BW)
+        m2 = live[:, None] & (cols[None, :] < W)
+        v = tl.load(t_ptr + ids[:, None] * stride_tv + cols[None, :] * stride_tw, mask=m2, other=0.0)
+        tl.store(rows_ptr + slots.to(tl.int64)[:, None] * stride_rm + cols[None, :], v, mask=m2)
+    if (pid_s == 0) & (pid_w == 0):  # device-side counters: rows requested, rows copied, bytes
+        tl.atomic_add(stats_ptr, count)
+        tl.atomic_add(stats_ptr + 1, count)
+        tl.atomic_add(stats_ptr + 2, count * row_bytes)
+
+
+@triton.jit
+def _row_update_kernel(
+    t_ptr, g_ptr, plan_ptr, m_ptr, v_ptr, step_ptr, stats_ptr,
+    W, stride_tv, stride_gm, stride_sv,
+    lr, beta1, beta2, eps, log_beta1, log_beta2,
+    ADAM: tl.constexpr, BS: tl.constexpr, BW: tl.constexpr,
+):
+    """table[uniq[s]] -= update(grad[s]) for the plan's first U slots (SGD, or SparseAdam's rule
+    with moments m, v kept per table row). Reads and writes the table in place, wherever it lives."""
+    pid_s = tl.program_id(0)
+    count = tl.load(plan_ptr)
+    if pid_s * BS < count:
+        slots = pid_s * BS + tl.arange(0, BS)
+        live = slots < count
+        ids = tl.load(plan_ptr + 1 + slots, mask=live, other=0)
+        cols = tl.program_id(1) * BW + tl.arange(0, BW)
+        m2 = live[:, None] & (cols[None, :] < W)
+        g = tl.load(g_ptr + slots.to(tl.int64)[:, None] * stride_gm + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        w_ptrs = t_ptr + ids[:, None] * stride_tv + cols[None, :]
+        w = tl.load(w_ptrs, mask=m2, other=0.0).to(tl.float32)
+        if ADAM:
+            t = tl.load(step_ptr).to(tl.float32) + 1.0
+            bc1 = 1.0 - tl.exp(t * log_beta1)
+            bc2 = 1.0 - tl.exp(t * log_beta2)
+            step_size = lr * tl.sqrt(bc2) / bc1
+            s_off = ids[:, None] * stride_sv + cols[None, :]
+            m = tl.load(m_ptr + s_off, mask=m2, other=0.0)
+            v = tl.load(v_ptr + s_off, mask=m2, other=0.0)
+            m = m + (g - m) * (1.0 - beta1)
+            v = v + (g * g - v) * (1.0 - beta2)
+            tl.store(m_ptr + s_off, m, mask=m2)
+            tl.store(v_ptr + s_off, v, mask=m2)
+            w = w - step_size * (m / (tl.sqrt(v) + eps))
+        else:
+            w = w - lr * g
+        tl.store(w_ptrs, w.to(t_ptr.dtype.element_ty), mask=m2)
+    if (pid_s == 0) & (tl.program_id(1) == 0):
+        tl.atomic_add(stats_ptr, count)  # rows updated
+
+
+# ------------------------------------------------------------------ launch helpers
 
 def _out_config(device: torch.device) -> dict:
     if device.type != "cuda":
@@ -170,51 +292,139 @@ _CUDA_GEMM_CONFIGS = [
     triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
 ]
 _autotune_ok = [True]
+_TUNED: dict = {}
+
+
+def _even_k(meta: dict) -> bool:
+    return meta["K"] % meta["BK"] == 0
 
 
 def _launch_gemm(kernel, M: int, N: int, device: torch.device, args: tuple, kwargs: dict) -> None:
-    """Launch a tiled epilogue GEMM: autotuned on CUDA, the fixed config elsewhere or on failure."""
+    """Launch a tiled epilogue GEMM: autotuned on CUDA, the fixed config elsewhere or on failure.
+
+    ``EVEN_K`` (no mask on the K loop, so loads pipeline) is derived from each config's BK.
+    """
     if device.type == "cuda" and _autotune_ok[0]:
         tuned = _TUNED.get(kernel)
         if tuned is None:
-            tuned = _TUNED[kernel] = triton.autotune(configs=_CUDA_GEMM_CONFIGS, key=["M", "N", "K"])(kernel)
+            tuned = _TUNED[kernel] = triton.autotune(configs=_CUDA_GEMM_CONFIGS, key=["M", "N", "K"])(
+                triton.heuristics({"EVEN_K": _even_k})(kernel))
         try:
             tuned[lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)](*args, **kwargs)
             return
-        except Exception as exc:  # pragma: no cover - depends on the GPU / Triton build
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - depends on the GPU / Triton build
             import warnings
 
             warnings.warn(f"bcpt.deepembed: autotuning failed ({type(exc).__name__}: {exc}); using a fixed tile")
             _autotune_ok[0] = False
     cfg = _out_config(device)
-    kernel[(triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)](*args, **kwargs, **cfg)
+    K = args[9]  # both epilogue GEMMs take (ptrs x 7, M, N, K, ...)
+    kernel[(triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)](
+        *args, **kwargs, **cfg, EVEN_K=K % cfg["BK"] == 0)
 
 
-_TUNED: dict = {}
+def _ew_blocks(t: torch.Tensor) -> tuple[int, int]:
+    return (64, 128) if t.is_cuda else (16, 16)
 
 
-def out_scale_forward(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], table: torch.Tensor,
-                      idx: torch.Tensor, out_dtype: torch.dtype, store_z: bool = True):
-    """(y, z) with z = h W^T + b (in h's dtype, or None) and y = z * table[idx]. h: (M, K), idx: (M,) in range."""
+# ------------------------------------------------------------------ output scale
+
+# forward variant per (M, N, K, dtypes, bias, device): "fused" (Triton GEMM + epilogue) or
+# "split" (cuBLAS GEMM, then _scale_rows_kernel); decided on CUDA by timing both once
+_FORWARD_CHOICE: dict = {}
+
+
+def _forward_impl(key, fused, split) -> str:
+    forced = os.environ.get("BCPT_DEEPEMBED_FORWARD", "")
+    if forced in ("fused", "split"):
+        return forced
+    choice = _FORWARD_CHOICE.get(key)
+    if choice is not None:
+        return choice
+    if torch.cuda.is_current_stream_capturing():
+        return "fused"  # no timing inside a CUDA graph capture; decided on a later eager call
+    try:
+        from triton.testing import do_bench
+
+        t_fused = do_bench(fused, warmup=5, rep=25)
+        t_split = do_bench(split, warmup=5, rep=25)
+        choice = "fused" if t_fused <= t_split else "split"
+    except Exception:  # noqa: BLE001  # pragma: no cover - timing is an optimisation only
+        choice = "fused"
+    _FORWARD_CHOICE[key] = choice
+    return choice
+
+
+def out_scale_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor,
+                      idx: torch.Tensor, out_dtype: torch.dtype, store_z: bool = True, wrap: bool = False,
+                      impl: str | None = None):
+    """(y, z) with z = h W^T + b (in h's dtype, or None) and y = z * table[idx].
+
+    h: (M, K); idx: (M,) in range (negatives allowed with ``wrap``, as ``weight[idx]``).
+    ``impl``: "fused" or "split"; default: "fused" off CUDA, the faster one on CUDA.
+    """
     M, K = h.shape
     N = weight.shape[0]
+    V = table.shape[0]
     y = torch.empty((M, N), dtype=out_dtype, device=h.device)
-    z = torch.empty((M, N), dtype=h.dtype, device=h.device) if store_z else None
     if M == 0 or N == 0:
-        return y, z
+        return y, (torch.empty((M, N), dtype=h.dtype, device=h.device) if store_z else None)
     if K == 0:
-        y.copy_((bias.expand(M, N) if bias is not None else torch.zeros_like(y)) * table[idx])
-        if z is not None:
-            z.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(z))
-        return y, z
-    zz = z if z is not None else y
-    _launch_gemm(_out_forward_kernel, M, N, h.device, (
-        h, weight, bias if bias is not None else h, table, idx, y, zz,
-        M, N, K,
-        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), table.stride(0), table.stride(1),
-        y.stride(0), y.stride(1), zz.stride(0), zz.stride(1),
-    ), dict(HAS_BIAS=bias is not None, STORE_Z=z is not None, GROUP_M=8, PRECISION=_dot_precision(h)))
+        z = (bias.expand(M, N) if bias is not None else torch.zeros((M, N), dtype=h.dtype, device=h.device)).contiguous()
+        rows = torch.where(idx < 0, idx + V, idx) if wrap else idx
+        y.copy_(z * table[rows])
+        return y, (z if store_z else None)
+
+    def fused():
+        z = torch.empty((M, N), dtype=h.dtype, device=h.device) if store_z else None
+        zz = z if z is not None else y
+        _launch_gemm(_out_forward_kernel, M, N, h.device, (
+            h, weight, bias if bias is not None else h, table, idx, y, zz,
+            M, N, K, V,
+            h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), table.stride(0), table.stride(1),
+            y.stride(0), y.stride(1), zz.stride(0), zz.stride(1),
+        ), {"HAS_BIAS": bias is not None, "STORE_Z": z is not None, "WRAP": wrap, "GROUP_M": 8,
+            "PRECISION": _dot_precision(h)})
+        return z
+
+    def split():
+        z = torch.nn.functional.linear(h, weight, bias)
+        BM, BN = _ew_blocks(h)
+        _scale_rows_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+            z, table, idx, y, M, N, V, z.stride(0), z.stride(1), table.stride(0), table.stride(1),
+            y.stride(0), y.stride(1), WRAP=wrap, BM=BM, BN=BN, num_warps=4)
+        return z if store_z else None
+
+    if impl is None:
+        if h.is_cuda:
+            key = (M, N, K, h.dtype, table.dtype, out_dtype, bias is not None, h.device)
+            impl = _forward_impl(key, fused, split)
+        else:
+            impl = "fused"
+    z = fused() if impl == "fused" else split()
     return y, z
+
+
+def plan_segment_sum(a: torch.Tensor, b: torch.Tensor | None, plan: torch.Tensor, out: torch.Tensor, mode: int,
+                     r: int = 1, dest_uniq: bool = True, zero_tail: bool = False) -> torch.Tensor:
+    """Row-sparse table gradient from a row plan (see the module docstring); returns ``out``.
+
+    mode 0: out[dest(u)] = sum of a[t]; mode 1: of a[t] * b[t]; mode 2: of the flattened
+    outer products a[t] (x) b[t] (r x r). dest(u) = uniq[u] (``dest_uniq``) or u. Rows no
+    slot names are left alone, or zeroed (``zero_tail``, slot-indexed ``out`` of M rows).
+    """
+    M = (plan.numel() - 2) // 4
+    W = out.shape[1]
+    if M == 0 or W == 0:
+        return out
+    bb = b if b is not None else a
+    BT, BW = (32, 128) if out.is_cuda else (4, 16)
+    _plan_segment_sum_kernel[(M, triton.cdiv(W, BW))](
+        a, bb, plan, out, M, W, r, a.stride(0), a.stride(1), bb.stride(0), bb.stride(1), out.stride(0),
+        MODE=mode, DEST_UNIQ=dest_uniq, ZERO_TAIL=zero_tail, BT=BT, BW=BW,
+        num_warps=4 if out.is_cuda else 1,
+    )
+    return out
 
 
 def segment_sum_rows(vals: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -222,39 +432,43 @@ def segment_sum_rows(vals: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -
 
     vals: (M, W) float, idx: (M,) int in range, out: (V, W), zeroed by the caller.
     """
-    M, W = vals.shape
-    if M == 0 or W == 0:
-        return out
-    sorted_idx, order = torch.sort(idx, stable=True)
-    BT, BW = (32, 128) if vals.is_cuda else (4, 16)
-    _segment_sum_kernel[(M, triton.cdiv(W, BW))](
-        vals, sorted_idx, order, out, M, W, vals.stride(0), out.stride(0), BT=BT, BW=BW,
-        num_warps=4 if vals.is_cuda else 1,
-    )
-    return out
+    from ..runtime.plan import build_plan
+
+    return plan_segment_sum(vals, None, build_plan(idx.reshape(-1).to(torch.int64)), out, 0)
+
+
+def _table_grad(table: torch.Tensor, slots: bool) -> torch.Tensor:
+    # a dense table gets eager's dense gradient (zeros off idx); a slot-indexed row buffer
+    # (host tables) is written whole by the kernel (zeros past the distinct count)
+    if slots:
+        return torch.empty_like(table, memory_format=torch.contiguous_format)
+    return torch.zeros_like(table, memory_format=torch.contiguous_format)
 
 
 def out_scale_backward(grad: torch.Tensor, z: torch.Tensor, table: torch.Tensor, idx: torch.Tensor,
-                       need_gh: bool, need_table: bool):
-    """(gh, dtable): gh = dy * table[idx] in z's dtype, dtable row-sparse (zeros off idx)."""
+                       plan: torch.Tensor, need_gh: bool, need_table: bool, slots: bool = False, wrap: bool = False):
+    """(gh, dtable): gh = dy * table[idx] in z's dtype; dtable row-sparse from the plan.
+
+    ``slots``: table is a slot-indexed row buffer (row u holds the plan's uniq[u]); else the
+    table itself, whose gradient is dense with zeros off idx.
+    """
     M, N = grad.shape
-    gh = torch.empty((M, N), dtype=z.dtype, device=grad.device) if need_gh else None
-    ge = torch.empty((M, N), dtype=torch.float32, device=grad.device) if need_table else None
-    if M and N and (need_gh or need_table):
-        BM, BN = (64, 128) if grad.is_cuda else (16, 16)
-        _out_backward_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-            grad, z, table, idx, gh if gh is not None else grad, ge if ge is not None else grad,
-            M, N, grad.stride(0), grad.stride(1), z.stride(0), z.stride(1), table.stride(0), table.stride(1),
-            NEED_GH=need_gh, NEED_GE=need_table, BM=BM, BN=BN, num_warps=4,
-        )
-    dtable = None
+    gh = dtable = None
+    if need_gh:
+        gh = torch.empty((M, N), dtype=z.dtype, device=grad.device)
+        if M and N:
+            BM, BN = _ew_blocks(grad)
+            _gh_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+                grad, table, idx, gh, M, N, table.shape[0], grad.stride(0), grad.stride(1),
+                table.stride(0), table.stride(1), WRAP=wrap, BM=BM, BN=BN, num_warps=4)
     if need_table:
-        dtable = torch.zeros_like(table, memory_format=torch.contiguous_format)
-        segment_sum_rows(ge, idx, dtable)
+        dtable = _table_grad(table, slots)
+        plan_segment_sum(grad, z, plan, dtable, 1, dest_uniq=not slots, zero_tail=slots)
     return gh, dtable
 
 
-def rowmix_forward(a: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, r: int, out_dtype: torch.dtype) -> torch.Tensor:
+def rowmix_forward(a: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, r: int, out_dtype: torch.dtype,
+                   wrap: bool = False) -> torch.Tensor:
     """b[t] = a[t] @ table[idx[t]].view(r, r). a: (M, r)."""
     M = a.shape[0]
     b = torch.empty((M, r), dtype=out_dtype, device=a.device)
@@ -262,15 +476,16 @@ def rowmix_forward(a: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, r: i
         return b.zero_()
     BM = 64 if a.is_cuda else 16
     _rowmix_forward_kernel[(triton.cdiv(M, BM),)](
-        a, table, idx, b, M, r, a.stride(0), a.stride(1), table.stride(0), table.stride(1),
-        b.stride(0), b.stride(1), BM=BM, BR=triton.next_power_of_2(r), num_warps=4,
+        a, table, idx, b, M, r, table.shape[0], a.stride(0), a.stride(1), table.stride(0), table.stride(1),
+        b.stride(0), b.stride(1), WRAP=wrap, BM=BM, BR=triton.next_power_of_2(r), num_warps=4,
     )
     return b
 
 
 def rowmix_backward(grad: torch.Tensor, a: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, r: int,
-                    need_a: bool, need_table: bool):
-    """(da, dtable) of b = rowmix(a, table, idx); dtable row-sparse, summed deterministically."""
+                    plan: torch.Tensor, need_a: bool, need_table: bool, slots: bool = False, wrap: bool = False):
+    """(da, dtable) of b = rowmix(a, table, idx); dtable row-sparse from the plan (outer products
+    a[t] (x) db[t] summed per row, computed in the kernel)."""
     M = a.shape[0]
     da = dtable = None
     if need_a:
@@ -278,17 +493,62 @@ def rowmix_backward(grad: torch.Tensor, a: torch.Tensor, table: torch.Tensor, id
         if M and r:
             BM = 64 if a.is_cuda else 16
             _rowmix_dx_kernel[(triton.cdiv(M, BM),)](
-                grad, table, idx, da, M, r, grad.stride(0), grad.stride(1), table.stride(0), table.stride(1),
-                BM=BM, BR=triton.next_power_of_2(r), num_warps=4,
+                grad, table, idx, da, M, r, table.shape[0], grad.stride(0), grad.stride(1),
+                table.stride(0), table.stride(1), WRAP=wrap, BM=BM, BR=triton.next_power_of_2(r), num_warps=4,
             )
         else:
             da.zero_()
     if need_table:
-        dtable = torch.zeros_like(table, memory_format=torch.contiguous_format)
-        # per-token outer products a[t] (x) db[t] are the table row's gradient, r*r wide
-        outer = (a.float()[:, :, None] * grad.float()[:, None, :]).reshape(M, r * r)
-        segment_sum_rows(outer, idx, dtable)
+        dtable = _table_grad(table, slots)
+        plan_segment_sum(a, grad, plan, dtable, 2, r=r, dest_uniq=not slots, zero_tail=slots)
     return da, dtable
+
+
+# ------------------------------------------------------------------ host-table rows
+
+def _row_blocks(t: torch.Tensor) -> tuple[int, int]:
+    return (16, 256) if t.is_cuda else (4, 16)
+
+
+def gather_rows_into(table: torch.Tensor, plan: torch.Tensor, rows: torch.Tensor, stats: torch.Tensor) -> None:
+    """rows[:U] = table[uniq[:U]] (U and uniq read from the plan on the device); adds
+    (U, U, U * row bytes) to the int64 ``stats`` counters. ``table`` may be pinned host memory."""
+    M, W = rows.shape
+    if M == 0 or W == 0:
+        return
+    BS, BW = _row_blocks(rows)
+    _gather_rows_kernel[(triton.cdiv(M, BS), triton.cdiv(W, BW))](
+        table, plan, rows, stats, M, W, table.stride(0), table.stride(1), rows.stride(0),
+        W * table.element_size(), BS=BS, BW=BW, num_warps=4,
+    )
+
+
+def row_update(table: torch.Tensor, grad_rows: torch.Tensor, plan: torch.Tensor, *, lr: float, adam: bool,
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+               exp_avg: torch.Tensor | None = None, exp_avg_sq: torch.Tensor | None = None,
+               step: torch.Tensor | None = None, stats: torch.Tensor | None = None) -> None:
+    """In place: table[uniq[s]] -= SGD / SparseAdam update of grad_rows[s], for the plan's U slots.
+
+    ``exp_avg`` / ``exp_avg_sq`` (float32, table-shaped) and ``step`` (1-element int64, read
+    here; the caller increments it after) are the Adam state; U is added to ``stats[0]``.
+    """
+    import math
+
+    M, W = grad_rows.shape
+    if M == 0 or W == 0:
+        return
+    BS, BW = _row_blocks(grad_rows)
+    b1, b2 = betas
+    m = exp_avg if adam else table
+    v = exp_avg_sq if adam else table
+    if stats is None:
+        stats = torch.zeros(1, dtype=torch.int64, device=grad_rows.device)
+    _row_update_kernel[(triton.cdiv(M, BS), triton.cdiv(W, BW))](
+        table, grad_rows, plan, m, v, step if adam else plan, stats, W, table.stride(0), grad_rows.stride(0),
+        m.stride(0) if adam else 0, float(lr), float(b1), float(b2), float(eps),
+        math.log(b1) if b1 > 0 else float("-inf"), math.log(b2) if b2 > 0 else float("-inf"),
+        ADAM=adam, BS=BS, BW=BW, num_warps=4,
+    )
 
 
 # ------------------------------------------------------------------ hidden producer
@@ -316,7 +576,7 @@ def _hidden_forward_kernel(
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bm, stride_br, stride_s2r, stride_s2n,
     HAS_S0: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     Mt = tl.cdiv(M, BM)
     Nt = tl.cdiv(N, BN)
@@ -325,11 +585,11 @@ def _hidden_forward_kernel(
     offs_n = tile_n * BN + tl.arange(0, BN)
     rows = offs_m.to(tl.int64)
     acc = xwt_tile(x_ptr, w_ptr, w_ptr, rows, offs_n.to(tl.int64), offs_m, offs_n, M, N, K,
-                   stride_xm, stride_xk, stride_wn, stride_wk, False, BM, BN, BK, PRECISION, False)
+                   stride_xm, stride_xk, stride_wn, stride_wk, False, BM, BN, BK, PRECISION, EVEN_K)
     c = _scale_tile(b_ptr, s2_ptr, s0_ptr, rows, offs_m, offs_n, M, N, R,
                     stride_bm, stride_br, stride_s2r, stride_s2n, HAS_S0, BM, BN, BR, PRECISION)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    relu = tl.where((acc > 0) | (acc != acc), acc, 0.0)  # relu keeps NaN, as torch.relu does
+    relu = tl.where((acc > 0) | (acc != acc), acc, 0.0)  # noqa: PLR0124  relu keeps NaN, as torch.relu does
     out = rows[:, None] * N + offs_n[None, :]
     tl.store(u_ptr + out, acc.to(u_ptr.dtype.element_ty), mask=inside)
     tl.store(k_ptr + out, (relu * relu * c).to(k_ptr.dtype.element_ty), mask=inside)
@@ -369,7 +629,8 @@ def hidden_forward(x, weight, b, s2, s0):
         x, weight, b, s2, s0 if s0 is not None else s2, k, u, M, N, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b.stride(0), b.stride(1),
         s2.stride(0), s2.stride(1),
-    ), dict(HAS_S0=s0 is not None, BR=max(16, triton.next_power_of_2(R)), GROUP_M=8, PRECISION=_dot_precision(x)))
+    ), {"HAS_S0": s0 is not None, "BR": max(16, triton.next_power_of_2(R)), "GROUP_M": 8,
+        "PRECISION": _dot_precision(x)})
     return k, u
 
 

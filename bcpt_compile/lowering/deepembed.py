@@ -7,17 +7,23 @@ kernel writes it from the accumulator for free, where recomputing it would cost 
 ``bcpt::deepembed_rowmix``: ``b[t] = a[t] @ table[idx[t]].view(r, r)`` (hidden-scale form).
 
 Both gradients for the table are row-sparse and summed per distinct index in a fixed order
-(deterministic); they are returned dense (zeros off ``idx``) because that is what eager's
-embedding backward gives and what optimizers and ``.grad`` accumulation expect.
+(deterministic), from a row plan (``bcpt_compile.runtime.plan``) that the pass builds once
+per ``idx`` and hands to every layer (``plan``; built in the backward when absent). For a
+table they are returned dense (zeros off ``idx``) because that is what eager's embedding
+backward gives and what optimizers and ``.grad`` accumulation expect. With ``slots=True`` the
+"table" is the slot-indexed row buffer of a host table (row u holds the plan's u-th distinct
+row, ``idx`` the tokens' slots) and its gradient has the same layout.
 
 ``indexing`` selects whose rules ``idx`` follows: ``weight[idx]`` (negative indices wrap,
 ``IndexError: index ... is out of bounds``) or ``F.embedding`` (no negatives,
 ``index out of range in self``), so that a bad index fails exactly as it does in eager.
+When a plan is passed, ``bcpt.row_plan`` has already checked ``idx`` (once for all layers);
+the kernels only wrap negatives.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,7 @@ from torch import Tensor
 
 from ..kernels import triton_runs_on
 from ..runtime import ops as _runtime_ops  # noqa: F401  registers bcpt::row_plan / gather_rows / prefetch / wait
+from ..runtime.plan import build_plan
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -71,6 +78,23 @@ def checked_index(idx: Tensor, rows: int, indexing: bool) -> Tensor:
     return flat
 
 
+def _rows_of(idx: Tensor, rows: int, indexing: bool, plan) -> tuple[Tensor, bool]:
+    """(flat idx, wrap): checked and wrapped here without a plan; with one (already checked by
+    ``bcpt.row_plan``) only flattened, negatives left for the kernel to wrap."""
+    if plan is None:
+        return checked_index(idx, rows, indexing), False
+    check_index_dtype(idx, indexing)
+    return idx.reshape(-1), indexing
+
+
+def _wrapped(flat: Tensor, rows: int, wrap: bool) -> Tensor:
+    return torch.where(flat < 0, flat + rows, flat) if wrap else flat
+
+
+def _backward_plan(flat: Tensor, rows: int, wrap: bool, plan):
+    return plan if plan is not None else build_plan(_wrapped(flat, rows, wrap))
+
+
 def _check_linear(h: Tensor, weight: Tensor, bias, table: Tensor, idx: Tensor) -> None:
     if weight.dim() != 2 or table.dim() != 2:
         raise ValueError("bcpt.deepembed_linear: weight and table must be 2-D")
@@ -90,24 +114,24 @@ def _use_kernels(t: Tensor) -> bool:
 
 @torch.library.custom_op("bcpt::deepembed_linear", mutates_args=())
 def deepembed_linear(h: Tensor, weight: Tensor, bias: Tensor | None, table: Tensor, idx: Tensor,
-                     indexing: bool) -> tuple[Tensor, Tensor]:
+                     indexing: bool, plan: Tensor | None = None, slots: bool = False) -> tuple[Tensor, Tensor]:
     _check_linear(h, weight, bias, table, idx)
-    flat = checked_index(idx, table.shape[0], indexing)
+    flat, wrap = _rows_of(idx, table.shape[0], indexing, plan)
     out_dtype = torch.promote_types(h.dtype, table.dtype)
     h2 = h.reshape(-1, h.shape[-1])
     if _use_kernels(h):
         from ..kernels.deepembed import out_scale_forward
 
-        y, z = out_scale_forward(h2, weight, bias, table, flat, out_dtype)
+        y, z = out_scale_forward(h2, weight, bias, table, flat, out_dtype, wrap=wrap)
     else:
         z = F.linear(h2, weight, bias)
-        y = z.to(out_dtype) * table[flat]
+        y = z.to(out_dtype) * table[_wrapped(flat, table.shape[0], wrap)]
     n = weight.shape[0]
     return y.view(*h.shape[:-1], n), z.view(*h.shape[:-1], n)
 
 
 @deepembed_linear.register_fake
-def _(h, weight, bias, table, idx, indexing):
+def _(h, weight, bias, table, idx, indexing, plan=None, slots=False):
     _check_linear(h, weight, bias, table, idx)
     check_index_dtype(idx, indexing)
     shape = (*h.shape[:-1], weight.shape[0])
@@ -116,11 +140,12 @@ def _(h, weight, bias, table, idx, indexing):
 
 @torch.library.custom_op("bcpt::deepembed_linear_backward", mutates_args=())
 def deepembed_linear_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, table: Tensor,
-                              idx: Tensor, z: Tensor, indexing: bool,
-                              needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                              idx: Tensor, z: Tensor, indexing: bool, needs: Sequence[bool],
+                              plan: Tensor | None = None, slots: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     need_dh, need_dw, need_db, need_dt = (bool(n) for n in needs)
     need_db = need_db and bias is not None
-    flat = checked_index(idx, table.shape[0], indexing)
+    rows = table.shape[0]
+    flat, wrap = _rows_of(idx, rows, indexing, plan)
     n = weight.shape[0]
     g2 = grad.reshape(-1, n)
     z2 = z.reshape(-1, n)
@@ -129,8 +154,10 @@ def deepembed_linear_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Ten
     if _use_kernels(grad):
         from ..kernels.deepembed import out_scale_backward
 
-        gh, dtable = out_scale_backward(g2.contiguous(), z2, table, flat, need_gh, need_dt)
+        plan = _backward_plan(flat, rows, wrap, plan) if need_dt else plan
+        gh, dtable = out_scale_backward(g2.contiguous(), z2, table, flat, plan, need_gh, need_dt, slots=slots, wrap=wrap)
     else:
+        flat = _wrapped(flat, rows, wrap)
         gh = (g2 * table[flat]).to(z.dtype) if need_gh else None
         dtable = None
         if need_dt:
@@ -143,7 +170,7 @@ def deepembed_linear_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Ten
 
 
 @deepembed_linear_backward.register_fake
-def _(grad, h, weight, bias, table, idx, z, indexing, needs):
+def _(grad, h, weight, bias, table, idx, z, indexing, needs, plan=None, slots=False):
     need_dh, need_dw, need_db, need_dt = (bool(n) for n in needs)
     need_db = need_db and bias is not None
     c = torch.contiguous_format
@@ -156,21 +183,21 @@ def _(grad, h, weight, bias, table, idx, z, indexing, needs):
 
 
 def _linear_setup(ctx, inputs, output):
-    h, weight, bias, table, idx, indexing = inputs
+    h, weight, bias, table, idx, indexing, plan, slots = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(h, weight, bias, table, idx, output[1])
-    ctx.indexing = indexing
+    ctx.save_for_backward(h, weight, bias, table, idx, output[1], plan)
+    ctx.indexing, ctx.slots = indexing, slots
 
 
 def _linear_backward(ctx, grad, _grad_z):
-    h, weight, bias, table, idx, z = ctx.saved_tensors
+    h, weight, bias, table, idx, z, plan = ctx.saved_tensors
     needs = [ctx.needs_input_grad[i] for i in range(4)]
     dh, dw, db, dt = torch.ops.bcpt.deepembed_linear_backward(
-        grad.contiguous(), h, weight, bias, table, idx, z, ctx.indexing, needs)
+        grad.contiguous(), h, weight, bias, table, idx, z, ctx.indexing, needs, plan, ctx.slots)
     out = [g if n else None for g, n in zip((dh, dw, db, dt), needs)]
     if bias is None:
         out[2] = None
-    return out[0], out[1], out[2], out[3], None, None
+    return out[0], out[1], out[2], out[3], None, None, None, None
 
 
 deepembed_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -187,19 +214,21 @@ def _check_rowmix(a: Tensor, table: Tensor, idx: Tensor, r: int) -> None:
 
 
 @torch.library.custom_op("bcpt::deepembed_rowmix", mutates_args=())
-def deepembed_rowmix(a: Tensor, table: Tensor, idx: Tensor, r: int, indexing: bool) -> Tensor:
+def deepembed_rowmix(a: Tensor, table: Tensor, idx: Tensor, r: int, indexing: bool,
+                     plan: Tensor | None = None, slots: bool = False) -> Tensor:
     _check_rowmix(a, table, idx, r)
-    flat = checked_index(idx, table.shape[0], indexing)
+    flat, wrap = _rows_of(idx, table.shape[0], indexing, plan)
     out_dtype = torch.promote_types(a.dtype, table.dtype)
     if _use_kernels(a):
         from ..kernels.deepembed import rowmix_forward
 
-        return rowmix_forward(a, table, flat, r, out_dtype)
-    return (a.to(out_dtype).unsqueeze(1) @ table[flat].view(-1, r, r).to(out_dtype)).squeeze(1)
+        return rowmix_forward(a, table, flat, r, out_dtype, wrap=wrap)
+    rows = table[_wrapped(flat, table.shape[0], wrap)]
+    return (a.to(out_dtype).unsqueeze(1) @ rows.view(-1, r, r).to(out_dtype)).squeeze(1)
 
 
 @deepembed_rowmix.register_fake
-def _(a, table, idx, r, indexing):
+def _(a, table, idx, r, indexing, plan=None, slots=False):
     _check_rowmix(a, table, idx, r)
     check_index_dtype(idx, indexing)
     return a.new_empty((a.shape[0], r), dtype=torch.promote_types(a.dtype, table.dtype))
@@ -207,14 +236,18 @@ def _(a, table, idx, r, indexing):
 
 @torch.library.custom_op("bcpt::deepembed_rowmix_backward", mutates_args=())
 def deepembed_rowmix_backward(grad: Tensor, a: Tensor, table: Tensor, idx: Tensor, r: int, indexing: bool,
-                              needs: Sequence[bool]) -> tuple[Tensor, Tensor]:
+                              needs: Sequence[bool], plan: Tensor | None = None,
+                              slots: bool = False) -> tuple[Tensor, Tensor]:
     need_da, need_dt = (bool(n) for n in needs)
-    flat = checked_index(idx, table.shape[0], indexing)
+    rows = table.shape[0]
+    flat, wrap = _rows_of(idx, rows, indexing, plan)
     if _use_kernels(grad):
         from ..kernels.deepembed import rowmix_backward
 
-        da, dt = rowmix_backward(grad.contiguous(), a, table, flat, r, need_da, need_dt)
+        plan = _backward_plan(flat, rows, wrap, plan) if need_dt else plan
+        da, dt = rowmix_backward(grad.contiguous(), a, table, flat, r, plan, need_da, need_dt, slots=slots, wrap=wrap)
     else:
+        flat = _wrapped(flat, rows, wrap)
         g = grad.float()
         da = (g.unsqueeze(1) @ table[flat].view(-1, r, r).float().transpose(1, 2)).squeeze(1).to(a.dtype) if need_da else None
         dt = None
@@ -225,7 +258,7 @@ def deepembed_rowmix_backward(grad: Tensor, a: Tensor, table: Tensor, idx: Tenso
 
 
 @deepembed_rowmix_backward.register_fake
-def _(grad, a, table, idx, r, indexing, needs):
+def _(grad, a, table, idx, r, indexing, needs, plan=None, slots=False):
     need_da, need_dt = (bool(n) for n in needs)
     c = torch.contiguous_format
     return (torch.empty_like(a, memory_format=c) if need_da else _unneeded(grad),
@@ -233,16 +266,18 @@ def _(grad, a, table, idx, r, indexing, needs):
 
 
 def _rowmix_setup(ctx, inputs, output):
-    a, table, idx, r, indexing = inputs
-    ctx.save_for_backward(a, table, idx)
+    a, table, idx, r, indexing, plan, slots = inputs
+    ctx.save_for_backward(a, table, idx, plan)
     ctx.config = (r, indexing)
+    ctx.slots = slots
 
 
 def _rowmix_backward(ctx, grad):
-    a, table, idx = ctx.saved_tensors
+    a, table, idx, plan = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-    da, dt = torch.ops.bcpt.deepembed_rowmix_backward(grad.contiguous(), a, table, idx, *ctx.config, needs)
-    return (da if needs[0] else None), (dt if needs[1] else None), None, None, None
+    da, dt = torch.ops.bcpt.deepembed_rowmix_backward(grad.contiguous(), a, table, idx, *ctx.config, needs,
+                                                       plan, ctx.slots)
+    return (da if needs[0] else None), (dt if needs[1] else None), None, None, None, None, None
 
 
 deepembed_rowmix.register_autograd(_rowmix_backward, setup_context=_rowmix_setup)

@@ -13,9 +13,15 @@ Two forms are matched on the Dynamo graph:
 The squared relu is required on the output-scale form: it is what makes the pattern an
 FFN and not any ``linear * embedding``, whose owner may want its own kernel.
 
+Every rewritten site gets the row plan of its ``idx`` (``bcpt.row_plan``, inserted once per
+``idx`` right after the graph inputs and shared by all layers): it checks ``idx`` once and
+groups the tokens by row for the row-sparse table gradients (one sort per step, not per layer).
+
 With ``deepembed_tables="cpu"`` a table that lives on the host is reached through
-``bcpt.row_plan`` (once per ``idx``) and ``bcpt.gather_rows``; the prefetch pass then
-splits every gather into a prefetch at the graph input and a wait before its use.
+``bcpt.gather_rows(table, plan, device, grad_mode)``; the prefetch pass then splits every
+gather into a prefetch at the graph input and a wait before its use. ``grad_mode`` says how
+the table's gradient is delivered (``runtime/ops.py``): "dense" as eager, "sparse" for
+``nn.Embedding(sparse=True)``, "fused:<key>" for a table with a ``FusedRowOptimizer``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import operator
-from typing import Optional, Union
 
 import torch
 import torch.fx
@@ -31,7 +36,17 @@ import torch.nn.functional as F
 
 from ..options import BcptOptions
 from ..report import Report
-from .canonical import Node, arg, erase_unused, example_value, is_function, is_method, linear_of, mul_operands, relu_input
+from .canonical import (
+    Node,
+    arg,
+    erase_unused,
+    example_value,
+    is_function,
+    is_method,
+    linear_of,
+    mul_operands,
+    relu_input,
+)
 
 FAMILY = "deepembed"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -45,7 +60,7 @@ def _is_device_like(v: object) -> bool:
     return isinstance(v, (torch.device, str))
 
 
-def device_move_input(node: object) -> Optional[Node]:
+def device_move_input(node: object) -> Node | None:
     """x for ``x.to(device)``, ``x.cuda()``, ``x.cpu()`` (no dtype change), else None."""
     if not isinstance(node, Node):
         return None
@@ -55,9 +70,10 @@ def device_move_input(node: object) -> Optional[Node]:
         ):
             return node.args[0]
         return None
-    if is_method(node, "to") or is_function(node, torch.Tensor.to):
-        if all(_is_device_like(a) for a in node.args[1:]) and set(node.kwargs) <= {"device", "non_blocking", "copy"}:
-            return node.args[0]
+    if ((is_method(node, "to") or is_function(node, torch.Tensor.to))
+            and all(_is_device_like(a) for a in node.args[1:])
+            and set(node.kwargs) <= {"device", "non_blocking", "copy"}):
+        return node.args[0]
     return None
 
 
@@ -69,7 +85,7 @@ def strip_moves(node: object) -> object:
         node = src
 
 
-def squared_relu_of(node: object) -> Optional[Node]:
+def squared_relu_of(node: object) -> Node | None:
     """The relu node r for ``r ** 2``, ``torch.pow(r, 2)``, ``r * r``, ``torch.square(r)``."""
     if not isinstance(node, Node):
         return None
@@ -94,9 +110,10 @@ class Gather:
     table: Node
     idx: Node
     indexing: bool
+    sparse: bool = False  # F.embedding(..., sparse=True): eager gives a sparse COO gradient
 
 
-def gather_of(node: object) -> Union[Gather, str, None]:
+def gather_of(node: object) -> Gather | str | None:
     """The table gather behind ``node`` (device moves skipped); a reason when it cannot be fused."""
     node = strip_moves(node)
     if not isinstance(node, Node):
@@ -109,9 +126,7 @@ def gather_of(node: object) -> Union[Gather, str, None]:
             return "embedding with max_norm (renormalises table rows in place)"
         if arg(node, 5, "scale_grad_by_freq", False):
             return "embedding with scale_grad_by_freq"
-        if arg(node, 6, "sparse", False):
-            return "embedding with sparse=True (keeps its sparse-gradient path)"
-        g = Gather(table, strip_moves(idx), indexing=False)
+        g = Gather(table, strip_moves(idx), indexing=False, sparse=bool(arg(node, 6, "sparse", False)))
     elif is_function(node, operator.getitem) and isinstance(node.args[1], Node):
         g = Gather(node.args[0], strip_moves(node.args[1]), indexing=True)
     elif (is_function(node, torch.index_select) or is_method(node, "index_select")) and arg(node, 1, "dim") == 0:
@@ -128,7 +143,7 @@ def gather_of(node: object) -> Union[Gather, str, None]:
 
 # ------------------------------------------------------------------ checks shared by both forms
 
-def _dtype_reason(**vals: Optional[torch.Tensor]) -> Optional[str]:
+def _dtype_reason(**vals: torch.Tensor | None) -> str | None:
     for name, v in vals.items():
         if v is None:
             return "shapes unknown (no example values)"
@@ -137,18 +152,52 @@ def _dtype_reason(**vals: Optional[torch.Tensor]) -> Optional[str]:
     return None
 
 
-def _placement(table_val: torch.Tensor, compute: torch.device, opts: BcptOptions) -> Union[str, tuple[str, str]]:
+def _placement(table_val: torch.Tensor, compute: torch.device, opts: BcptOptions,
+               sparse: bool = False) -> str | tuple[str, str]:
     """("direct" | "host", note) or a refusal reason."""
+    where = _where(table_val, compute, opts)
+    if sparse and not isinstance(where, str) and where[0] == "direct":
+        return ("embedding with sparse=True on a table used in place keeps eager's sparse-gradient path "
+                "(host tables with deepembed_tables='cpu' are rewritten)")
+    return where
+
+
+def _where(table_val: torch.Tensor, compute: torch.device, opts: BcptOptions) -> str | tuple[str, str]:
     if table_val.device == compute:
         if opts.deepembed_tables == "cpu" and compute.type != "cpu":
-            return ("direct", f"table is already on {compute}; move it to the host with "
-                              "bcpt_compile.runtime.offload_tables to prefetch it")
+            return ("direct", (f"table is already on {compute}; move it to the host with "
+                               "bcpt_compile.runtime.offload_tables to prefetch it"))
         return ("host", "") if opts.deepembed_tables == "cpu" else ("direct", "")
     if table_val.device.type == "cpu" and compute.type == "cuda":
         if opts.deepembed_tables == "cpu":
             return ("host", "")
         return "table is in host memory; deepembed_tables='cpu' prefetches its rows"
     return f"table on {table_val.device} and compute on {compute}"
+
+
+def _real_tensor(node: Node) -> torch.Tensor | None:
+    """The tensor a placeholder / get_attr stands for (Dynamo keeps it on the node), if any."""
+    try:
+        if node.op == "placeholder":
+            ex = getattr(node.meta.get("grapharg"), "example", None)
+            return ex if isinstance(ex, torch.Tensor) else None
+        if node.op == "get_attr":
+            obj = node.graph.owning_module
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            return obj if isinstance(obj, torch.Tensor) else None
+    except (AttributeError, ReferenceError, TypeError):  # a dead reference or a missing attribute
+        return None
+    return None
+
+
+def grad_mode_of(g: Gather) -> str:
+    from ..runtime.fused import mode_for
+
+    fused = mode_for(_real_tensor(g.table))
+    if fused is not None:
+        return fused
+    return "sparse" if g.sparse else "dense"
 
 
 class _Rewriter:
@@ -170,22 +219,30 @@ class _Rewriter:
         return node
 
     def table_operands(self, g: Gather, at: Node, compute: torch.device, host: bool):
-        """(table, idx, indexing) for the fused op: the table itself, or host rows gathered to compute."""
-        if not host:
-            return g.table, g.idx, g.indexing
+        """(table, idx, indexing, plan, slots) for the fused op: the table itself, or the host
+        table's rows gathered to ``compute`` (slot-indexed, ``idx`` the tokens' slots)."""
         rows = example_value(g.table).shape[0]
-        key = (g.idx, rows, g.indexing)
+        idx = g.idx
+        key = (idx, rows, g.indexing)
         plan = self.plans.get(key)
         if plan is None:
-            with self.graph.inserting_after(self._after_inputs(g.idx)):
-                plan = self.graph.call_function(torch.ops.bcpt.row_plan.default, (g.idx, rows, g.indexing))
+            where = self._after_inputs(idx)
+            if example_value(idx).device != compute:  # ids on the host, compute on the GPU
+                with self.graph.inserting_after(where):
+                    idx = where = self.graph.call_method("to", (idx, str(compute)))
+            with self.graph.inserting_after(where):
+                plan = self.graph.call_function(torch.ops.bcpt.row_plan.default, (idx, rows, g.indexing))
             self.plans[key] = plan
+        idx = plan.args[0]
+        if not host:
+            return g.table, idx, g.indexing, plan, False
         with self.graph.inserting_before(at):
-            got = self.graph.call_function(torch.ops.bcpt.gather_rows.default, (g.table, plan, str(compute)))
+            got = self.graph.call_function(torch.ops.bcpt.gather_rows.default,
+                                           (g.table, plan, str(compute), grad_mode_of(g)))
             got.meta["stack_trace"] = at.meta.get("stack_trace")
             rows_node = self.graph.call_function(operator.getitem, (got, 0))
             inv_node = self.graph.call_function(operator.getitem, (got, 1))
-        return rows_node, inv_node, False
+        return rows_node, inv_node, False, plan, True
 
     # -------------------------------------------------------------- output-scale form
 
@@ -211,11 +268,11 @@ class _Rewriter:
         where, note = reason
         if note:
             self.report.add_miss("prefetch", mul, note)
-        table, idx, indexing = self.table_operands(g, mul, compute, where == "host")
+        table, idx, indexing, plan, slots = self.table_operands(g, mul, compute, where == "host")
         with self.graph.inserting_before(mul):
             weight = self.graph.call_function(torch.t, (lin.weight,)) if lin.weight_is_kn else lin.weight
             call = self.graph.call_function(torch.ops.bcpt.deepembed_linear.default,
-                                            (lin.x, weight, lin.bias, table, idx, indexing))
+                                            (lin.x, weight, lin.bias, table, idx, indexing, plan, slots))
             out = self.graph.call_function(operator.getitem, (call, 0))
         out.meta.update({k: v for k, v in mul.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack")})
         self.report.add_site(FAMILY, mul, "bcpt.deepembed_linear", [lin.x, lin.weight, g.table, g.idx])
@@ -242,7 +299,7 @@ class _Rewriter:
             return f"value input {h.dtype} and weight {w.dtype} differ"
         if y.dtype != torch.promote_types(z.dtype, t.dtype):
             return "the product's dtype is not the promotion of its operands"
-        return _placement(t, y.device, self.opts)
+        return _placement(t, y.device, self.opts, g.sparse)
 
     # -------------------------------------------------------------- hidden-scale form
 
@@ -269,10 +326,11 @@ class _Rewriter:
         r = example_value(ev_node).shape[-1]
         if note:
             self.report.add_miss("prefetch", mm, note)
-        table, idx, indexing = self.table_operands(g, mm, out_val.device, where == "host")
+        table, idx, indexing, plan, slots = self.table_operands(g, mm, out_val.device, where == "host")
         with self.graph.inserting_before(mm):
             a2 = self.graph.call_function(torch.reshape, (a_node, (-1, r)))
-            call = self.graph.call_function(torch.ops.bcpt.deepembed_rowmix.default, (a2, table, idx, r, indexing))
+            call = self.graph.call_function(torch.ops.bcpt.deepembed_rowmix.default,
+                                            (a2, table, idx, r, indexing, plan, slots))
             out = self.graph.call_method("reshape_as", (call, a_node))  # a @ E keeps a's shape
         out.meta.update({k: v for k, v in mm.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack")})
         self.report.add_site(FAMILY, mm, "bcpt.deepembed_rowmix", [a_node, g.table, g.idx])
@@ -356,7 +414,7 @@ class _Rewriter:
             return f"a {tuple(a.shape)} is not one r-vector per token for rows {tuple(ev.shape)}"
         if a.dtype != t.dtype:
             return f"a {a.dtype} and table {t.dtype} differ"
-        return _placement(t, y.device, self.opts)
+        return _placement(t, y.device, self.opts, g.sparse)
 
 
 def rewrite_deepembed(gm: torch.fx.GraphModule, opts: BcptOptions, report: Report) -> None:
@@ -369,7 +427,25 @@ def rewrite_deepembed(gm: torch.fx.GraphModule, opts: BcptOptions, report: Repor
             rw.output_scale(node)
         else:
             rw.hidden_scale(node)
+    _one_fused_update_per_table(gm, report)
     if opts.enabled("prefetch"):
         from .prefetch import insert_prefetch_hints
 
         insert_prefetch_hints(gm, opts, report)
+
+
+def _one_fused_update_per_table(gm: torch.fx.GraphModule, report: Report) -> None:
+    """A table with a fused row optimizer used by several sites would be updated once per
+    site: those gathers return a sparse gradient instead, which AccumulateGrad sums and the
+    optimizer's hook applies once, as in eager."""
+    gathers: dict[Node, list[Node]] = {}
+    for n in gm.graph.nodes:
+        if is_function(n, torch.ops.bcpt.gather_rows.default) and str(n.args[3]).startswith("fused:"):
+            gathers.setdefault(n.args[0], []).append(n)
+    for nodes in gathers.values():
+        if len(nodes) > 1:
+            for n in nodes:
+                n.args = (*n.args[:3], "sparse")
+            report.add_miss("prefetch", nodes[0], f"table with a FusedRowOptimizer used {len(nodes)} times in one "
+                                                  "graph: sparse gradient, applied once by the optimizer's hook "
+                                                  "(one sync per use)")

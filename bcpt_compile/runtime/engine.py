@@ -1,26 +1,34 @@
 """BCPT-Runtime: row gathers from host-resident tables, overlapped with compute.
 
-A *plan* is the host-side index bookkeeping for one ``idx``: its distinct rows (sorted) and
-each token's position among them. A *gather* moves those rows of one table to the compute
-device. On CUDA it runs in a per-device worker thread and copy stream:
+A *plan* (``plan.py``) lists the distinct rows of one ``idx`` on idx's device. A *gather*
+moves those rows of one table to the compute device, into a slot-indexed ``(M, W)`` buffer
+(slot u holds the plan's u-th distinct row; only the first U slots are written).
 
-1. ``index_select`` of the missing rows into a pinned staging buffer (host; the thread
-   releases the GIL, so the Python thread that launches kernels keeps going);
-2. an async host-to-device copy on the device's copy stream; rows already held by the
-   device cache are copied device-to-device on the same stream;
-3. an event recorded after the copy. ``wait`` makes the compute stream wait on that
-   event and calls ``record_stream`` on the results, which were allocated on the copy
-   stream and are used and freed on the compute stream.
+Fast path (CUDA, table in pinned host memory, no row cache): ``_gather_rows_kernel`` reads
+the rows straight from the pinned table through its mapped device address (zero-copy /
+UVA) and writes them to device memory, on the device's copy stream. The number of rows is
+read by the kernel from the plan, so nothing waits for the host: the copy stream waits for
+the compute stream (the plan is ready, earlier updates of the table are done), the kernel
+runs, an event is recorded; ``wait`` makes the compute stream wait on that event. The
+buffers are allocated on the compute stream, which only touches them after that wait, so
+no ``record_stream`` is needed. No host sync, static shapes: CUDA-graph capturable. The same
+kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 
-Staging buffers come in a ring of two per table and are reused only after their previous
-copy's event has completed, so a copy never reads a buffer that is being refilled.
-On CPU devices every step is a plain gather, which is what makes this path testable there.
+Fallback (a table that is not pinned, ``configure(uva=False)``, or a row cache): the plan's
+distinct rows are copied to pinned host memory asynchronously (an event, not a sync, on the
+launching thread); a per-device worker thread waits for it, ``index_select``s the rows the
+cache misses into a pinned staging buffer (ring of two per table, reused only after its
+previous copy finished) and copies them host-to-device on the copy stream; cache hits are
+copied device-to-device. The worker owns caches and staging rings.
 
 The cache is bounded (``configure(cache_rows=...)``, per table) and keyed by (table, row);
 each slot keeps an access count and the step it was last used in, and eviction takes the
 least recently used slots, fewest accesses first. A table's cache is dropped when the
 table's version counter moves (an optimizer step writes the table in place), so cached
 rows are never stale; in training this means the cache only helps within a step.
+
+Counters: host-side for the fallback, device-side (int64, added by the kernel) for the fast
+path; ``stats()`` reads both (a sync: call it outside hot loops).
 """
 
 from __future__ import annotations
@@ -29,11 +37,13 @@ import concurrent.futures
 import dataclasses
 import itertools
 import threading
-from typing import Optional
+import warnings
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .plan import plan_tokens, views
 
 
 @dataclasses.dataclass
@@ -45,9 +55,13 @@ class RuntimeStats:
     waits_ready: int = 0  # copy already complete when its wait ran (fully hidden)
     rows_requested: int = 0  # distinct rows asked for, summed over gathers
     rows_copied: int = 0  # rows that crossed from host to device memory
-    bytes_copied: int = 0  # host-to-device bytes (rows and token positions)
+    bytes_copied: int = 0  # host-to-device bytes of table rows
     cache_hits: int = 0
     cache_misses: int = 0
+    rows_updated: int = 0  # table rows written back by fused row optimizers
+    uva_gathers: int = 0  # gathers done by the zero-copy kernel
+    grad_bytes_to_host: int = 0  # device-to-host bytes of table gradients (dense / sparse modes)
+    fused_updates: int = 0  # row updates applied by a fused row optimizer
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,6 +71,7 @@ class RuntimeStats:
 class _Config:
     cache_rows: int = 0  # per table; 0: no device cache (tables use no device memory)
     threaded: bool = True
+    uva: bool = True  # zero-copy gathers from pinned tables on CUDA
 
 
 _config = _Config()
@@ -64,8 +79,9 @@ _stats = RuntimeStats()
 _lock = threading.Lock()
 
 
-def configure(*, cache_rows: Optional[int] = None, threaded: Optional[bool] = None) -> None:
-    """Set the device cache size (rows per table) and whether CUDA gathers run in a worker thread."""
+def configure(*, cache_rows: int | None = None, threaded: bool | None = None, uva: bool | None = None) -> None:
+    """Device cache size (rows per table; > 0 uses the host-bookkept fallback path), whether
+    fallback gathers run in a worker thread, and whether pinned tables use zero-copy gathers."""
     if cache_rows is not None:
         if cache_rows < 0:
             raise ValueError(f"cache_rows must be >= 0, got {cache_rows}")
@@ -73,42 +89,39 @@ def configure(*, cache_rows: Optional[int] = None, threaded: Optional[bool] = No
         _caches.clear()
     if threaded is not None:
         _config.threaded = bool(threaded)
+    if uva is not None:
+        _config.uva = bool(uva)
 
 
 def stats() -> RuntimeStats:
-    return dataclasses.replace(_stats)
+    out = dataclasses.replace(_stats)
+    for state in list(_devices.values()):
+        requested, copied, nbytes, updated = (int(v) for v in state.counters.tolist())
+        out.rows_requested += requested
+        out.rows_copied += copied
+        out.bytes_copied += nbytes
+        out.rows_updated += updated
+    return out
 
 
 def reset_stats() -> None:
     global _stats
     _stats = RuntimeStats()
+    for state in list(_devices.values()):
+        state.counters.zero_()
 
 
-def _count(**kw: int) -> None:
+def count(**kw: int) -> None:
     with _lock:
         for k, v in kw.items():
             setattr(_stats, k, getattr(_stats, k) + v)
 
 
-# ------------------------------------------------------------------ plans
-
-def make_plan(flat_idx_cpu: Tensor) -> Tensor:
-    """[U, uniq (padded to M), inverse (M)] as one int64 CPU tensor of length 2M + 1."""
-    m = flat_idx_cpu.numel()
-    plan = torch.zeros(2 * m + 1, dtype=torch.int64)
-    if m:
-        uniq, inv = torch.unique(flat_idx_cpu.to(torch.int64), sorted=True, return_inverse=True)
-        plan[0] = uniq.numel()
-        plan[1:1 + uniq.numel()] = uniq
-        plan[1 + m:] = inv
-    _count(plans=1)
-    return plan
-
-
-def split_plan(plan: Tensor) -> tuple[Tensor, Tensor]:
-    m = (plan.numel() - 1) // 2
-    u = int(plan[0])
-    return plan[1:1 + u], plan[1 + m:]
+def host_plan(plan: Tensor) -> tuple[int, Tensor]:
+    """(U, the U distinct rows on the host): a sync when the plan is on a GPU."""
+    v = views(plan)
+    u = int(v.count)
+    return u, v.uniq[:u].to("cpu")
 
 
 # ------------------------------------------------------------------ device cache
@@ -152,8 +165,10 @@ class RowCache:
 _caches = WeakIdKeyDictionary()  # tensors compare elementwise, so key by identity
 
 
-def _cache_for(table: Tensor, device: torch.device) -> Optional[RowCache]:
-    if _config.cache_rows <= 0:
+def _cache_for(table: Tensor, device: torch.device) -> RowCache | None:
+    from .fused import mode_for
+
+    if _config.cache_rows <= 0 or mode_for(table) is not None:  # fused updates do not move the version
         return None
     per_table = _caches.setdefault(table, {})
     cache = per_table.get(device)
@@ -170,6 +185,9 @@ class _Device:
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bcpt-copy-{device}")
         self.staging = WeakIdKeyDictionary()
+        # device-side counters: rows requested, rows copied, bytes copied, rows updated
+        self.counters = torch.zeros(4, dtype=torch.int64, device=device)
+        self.uva_failed = False
 
     def staging_for(self, table: Tensor, rows: int) -> Tensor:
         """A pinned buffer of at least ``rows`` rows whose previous copy has finished."""
@@ -193,38 +211,85 @@ class _Device:
 _devices: dict[torch.device, _Device] = {}
 
 
-def _device_state(device: torch.device) -> _Device:
+def normal_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def device_state(device: torch.device) -> _Device:
+    device = normal_device(device)
     state = _devices.get(device)
     if state is None:
         state = _devices[device] = _Device(device)
     return state
 
 
+def _kernel_path(table: Tensor, device: torch.device) -> bool:
+    """Whether the gather kernel serves this table: a pinned host table on CUDA (zero-copy), or
+    any CPU table under the Triton interpreter; never with a row cache."""
+    if _config.cache_rows > 0 or table.dim() != 2:
+        return False
+    if device.type == "cuda":
+        return (_config.uva and table.device.type == "cpu" and table.is_pinned()
+                and not device_state(device).uva_failed)
+    from ..kernels import triton_runs_on
+
+    return table.device == device and triton_runs_on(table)
+
+
+def _plan_on(plan: Tensor, device: torch.device) -> Tensor:
+    return plan if plan.device == device else plan.to(device, non_blocking=True)
+
+
+def _kernel_gather(table: Tensor, plan: Tensor, device: torch.device):
+    """(rows, pos, event): the zero-copy gather, started on the copy stream (CUDA)."""
+    from ..kernels.deepembed import gather_rows_into
+
+    state = device_state(device)
+    plan = _plan_on(plan, state.device)
+    m = plan_tokens(plan)
+    rows = torch.empty((m, table.shape[1]), dtype=table.dtype, device=state.device)
+    pos = views(plan).inv.clone()
+    event = None
+    if state.copy_stream is None:
+        gather_rows_into(table, plan, rows, state.counters)
+    else:
+        compute = torch.cuda.current_stream(state.device)
+        state.copy_stream.wait_stream(compute)  # the plan is ready; earlier writes to the table are done
+        with torch.cuda.device(state.device), torch.cuda.stream(state.copy_stream):
+            gather_rows_into(table, plan, rows, state.counters)
+            event = torch.cuda.Event()
+            event.record(state.copy_stream)
+    count(uva_gathers=1)
+    return rows, pos, event
+
+
 @torch.no_grad()  # a data move: the table's gradient comes from the ops' own backward
-def _gather(table: Tensor, plan: Tensor, device: torch.device):
-    """(rows (M, W) on device, inverse (M,) on device, event or None). Rows past U are unset."""
-    uniq, inv = split_plan(plan)
-    m, u = inv.numel(), uniq.numel()
+def _host_gather(table: Tensor, uniq_host, inv: Tensor, device: torch.device):
+    """(rows (M, W), pos (M,), event or None) through host bookkeeping. ``uniq_host``: the
+    distinct rows on the host, or a callable returning them (waits for their copy)."""
+    if callable(uniq_host):
+        uniq_host = uniq_host()
+    m, u = inv.numel(), uniq_host.numel()
     width, esize = table.shape[1], table.element_size()
-    state = _device_state(device) if device.type == "cuda" else None
+    state = device_state(device) if device.type == "cuda" else None
     if state is None:
         rows = torch.empty((m, width), dtype=table.dtype, device=device)
         cache = _cache_for(table, device)
     else:
-        # allocated on the copy stream, which writes them; wait() hands them to the compute
+        # allocated on the copy stream, which writes them; finish() hands them to the compute
         # stream with record_stream, so the allocator never reuses them under a pending copy
         with torch.cuda.device(device), torch.cuda.stream(state.copy_stream):
             rows = torch.empty((m, width), dtype=table.dtype, device=device)
             cache = _cache_for(table, device)
-    slots = cache.lookup(uniq) if cache is not None else torch.full((u,), -1, dtype=torch.int64)
+    slots = cache.lookup(uniq_host) if cache is not None else torch.full((u,), -1, dtype=torch.int64)
     hit = slots >= 0
     miss_pos = (~hit).nonzero().flatten()
-    miss_ids = uniq[miss_pos]
+    miss_ids = uniq_host[miss_pos]
     n_miss, n_hit = miss_ids.numel(), int(hit.sum())
-    _count(rows_requested=u, cache_hits=n_hit if cache is not None else 0,
-           cache_misses=n_miss if cache is not None else 0)
+    count(rows_requested=u, cache_hits=n_hit if cache is not None else 0,
+          cache_misses=n_miss if cache is not None else 0)
     if state is None:  # host compute: the copies are plain gathers
         rows[miss_pos] = table.index_select(0, miss_ids).to(device)
         if n_hit:
@@ -232,13 +297,11 @@ def _gather(table: Tensor, plan: Tensor, device: torch.device):
         if cache is not None:
             take, new_slots = cache.admit(miss_ids)
             cache.buf[new_slots] = table.index_select(0, take).to(device)
-        _count(rows_copied=n_miss)
+        count(rows_copied=n_miss, bytes_copied=n_miss * width * esize)
         return rows, inv.to(device, copy=True), None
     staging = state.staging_for(table, n_miss)
     torch.index_select(table, 0, miss_ids, out=staging[:n_miss])
-    inv_pinned = inv.pin_memory()
     with torch.cuda.device(device), torch.cuda.stream(state.copy_stream):
-        inv_dev = inv_pinned.to(device, non_blocking=True)
         if n_hit == 0 and cache is None:
             rows[:u].copy_(staging[:n_miss], non_blocking=True)
         else:
@@ -253,19 +316,67 @@ def _gather(table: Tensor, plan: Tensor, device: torch.device):
         event = torch.cuda.Event()
         event.record(state.copy_stream)
     state.mark_staging(table, staging, event)
-    _count(rows_copied=n_miss, bytes_copied=n_miss * width * esize + inv.numel() * 8)
-    return rows, inv_dev, event
+    count(rows_copied=n_miss, bytes_copied=n_miss * width * esize)
+    return rows, inv, event
 
 
-def _finish(rows: Tensor, inv: Tensor, event) -> tuple[Tensor, Tensor]:
+def _host_gather_job(table: Tensor, plan: Tensor, device: torch.device):
+    """Start a fallback gather: a job (future or result) giving (rows, pos, event)."""
+    device = normal_device(device)
+    inv = views(plan).inv
+    if plan.device.type == "cuda":
+        # the distinct rows reach the host asynchronously; the worker waits for their event
+        m = plan_tokens(plan)
+        head = torch.empty(1 + m, dtype=torch.int64, pin_memory=True)
+        head.copy_(plan[:1 + m], non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(plan.device))
+
+        def uniq_host():
+            ready.synchronize()
+            return head[1:1 + int(head[0])]
+    else:
+        _, uniq = host_plan(plan)
+
+        def uniq_host():
+            return uniq
+    pos = inv.to(device, non_blocking=True) if inv.device != device else inv.clone()
+    if device.type == "cuda" and _config.threaded:
+        fut = device_state(device).pool.submit(_host_gather, table, uniq_host, pos, device)
+        return fut
+    return _host_gather(table, uniq_host, pos, device)
+
+
+def _start_job(table: Tensor, plan: Tensor, device: torch.device):
+    """("kernel", (rows, pos, event)) or ("host", a future of or the result of _host_gather)."""
+    device = normal_device(device)
+    if _kernel_path(table, device):
+        try:
+            return "kernel", _kernel_gather(table, plan, device)
+        except ValueError as exc:  # Triton could not map the host pointer: use the fallback
+            if device.type != "cuda":
+                raise
+            device_state(device).uva_failed = True
+            warnings.warn(f"bcpt.runtime: zero-copy gather from pinned host memory failed ({exc}); "
+                          "falling back to host-side gathers (one sync per step)")
+    return "host", _host_gather_job(table, plan, device)
+
+
+def _result(job) -> tuple[Tensor, Tensor]:
+    kind, payload = job
+    if isinstance(payload, concurrent.futures.Future):
+        payload = payload.result()
+    rows, pos, event = payload
     if event is not None:
-        ready = event.query()
-        _count(waits_ready=int(ready))
         stream = torch.cuda.current_stream(rows.device)
+        if not torch.cuda.is_current_stream_capturing():
+            count(waits_ready=int(event.query()))
         stream.wait_event(event)
-        rows.record_stream(stream)
-        inv.record_stream(stream)
-    return rows, inv
+        if kind == "host":  # allocated on the copy stream, used and freed on this one
+            rows.record_stream(stream)
+    else:
+        count(waits_ready=1)
+    return rows, pos
 
 
 # ------------------------------------------------------------------ tickets (prefetch handles)
@@ -278,15 +389,12 @@ _MAX_TICKETS = 4096
 def start(table: Tensor, plan: Tensor, device: torch.device) -> int:
     """Begin gathering ``plan``'s rows of ``table`` to ``device``; returns a ticket for ``finish``."""
     ticket = next(_next_ticket)
-    if device.type == "cuda" and _config.threaded:
-        job = _device_state(device).pool.submit(_gather, table, plan, device)
-    else:
-        job = _gather(table, plan, device)
+    job = _start_job(table, plan, device)
     with _lock:
         _tickets[ticket] = (job, table, plan, device)
         while len(_tickets) > _MAX_TICKETS:  # a graph that raised between prefetch and wait
             _tickets.pop(next(iter(_tickets)))
-    _count(prefetches=1)
+    count(prefetches=1)
     return ticket
 
 
@@ -298,16 +406,12 @@ def finish(ticket: int, table: Tensor, plan: Tensor, device: torch.device) -> tu
     """The rows of ``start``; gathers synchronously when the ticket is unknown."""
     with _lock:
         entry = _tickets.pop(ticket, None)
-    _count(waits=1)
+    count(waits=1)
     if entry is None or not _same(entry[1], table) or not _same(entry[2], plan):
         return gather_now(table, plan, device)
-    job = entry[0]
-    result = job.result() if isinstance(job, concurrent.futures.Future) else job
-    return _finish(*result)
+    return _result(entry[0])
 
 
 def gather_now(table: Tensor, plan: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-    _count(sync_gathers=1)
-    if device.type == "cuda" and _config.threaded:  # the worker owns the caches and staging rings
-        return _finish(*_device_state(device).pool.submit(_gather, table, plan, device).result())
-    return _finish(*_gather(table, plan, device))
+    count(sync_gathers=1)
+    return _result(_start_job(table, plan, device))

@@ -9,11 +9,11 @@ are the same program.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class OffloadedEmbedding(nn.Embedding):
@@ -32,14 +32,18 @@ def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     return host
 
 
-def offload_tables(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None,
-                   pin: bool = True) -> list[str]:
+def offload_tables(model: nn.Module, select: Callable[[str, nn.Module], bool] | None = None,
+                   pin: bool = True, sparse: bool | None = None) -> list[str]:
     """Turn the selected ``nn.Embedding`` submodules into host-resident ``OffloadedEmbedding``.
 
     ``select(name, module)`` picks the tables (default: every embedding whose name does not
     end in ``emb``/``wte``/``tok``, i.e. not the token embedding of the model's input).
     The parameter object is kept (its ``.data`` moves), so optimizers built before or after
-    see the same parameter. Returns the qualified names moved.
+    see the same parameter. ``pin`` (default) puts the tables in pinned memory, which the
+    zero-copy gathers need. ``sparse=True`` sets ``nn.Embedding.sparse``: the tables' gradient
+    becomes a sparse COO tensor of the touched rows (eager and compiled alike), for
+    ``torch.optim.SparseAdam`` / ``SGD``, instead of a dense (vocab x d) host tensor.
+    Returns the qualified names moved.
     """
     if select is None:
         def select(name: str, mod: nn.Module) -> bool:
@@ -50,5 +54,7 @@ def offload_tables(model: nn.Module, select: Optional[Callable[[str, nn.Module],
         if type(mod) is nn.Embedding and select(name, mod):
             mod.weight.data = _host_copy(mod.weight.data, pin)
             mod.__class__ = OffloadedEmbedding
+            if sparse is not None:
+                mod.sparse = bool(sparse)
             moved.append(name)
     return moved
