@@ -10,7 +10,8 @@ from triton.compiler import ASTSource
 from bcpt_compile.kernels import bcat_cluster as bc
 from bcpt_compile.kernels import sbl_block_gemm as bg
 
-FLOAT_POINTERS = {"x_ptr", "w_ptr", "b_ptr", "s_ptr", "y_ptr", "dy_ptr", "g_ptr", "ds_ptr", "dx_ptr", "dw_ptr", "db_ptr"}
+FLOAT_POINTERS = {"x_ptr", "w_ptr", "b_ptr", "s_ptr", "y_ptr", "z_ptr", "dy_ptr", "g_ptr", "ds_ptr", "dx_ptr", "dw_ptr",
+                  "db_ptr"}
 BOOL_POINTERS = {"m_ptr"}
 
 
@@ -27,24 +28,32 @@ def _signature(kernel, constexprs, float_ptr):
 
 
 TILE = dict(BM=128, BN=128, PRECISION="tf32")
+NO_PERMS = dict(HAS_PERM=False, HAS_COL_PERM=False, perm_ptr=None, col_perm_ptr=None)
+# unused pointers are None (constexpr), as the launchers pass them
 CASES = [
     (bc._column_keys_kernel, dict(HAS_MASK=False, ROWS=32, BN=128)),
     (bc._row_tile_bits_kernel, dict(HAS_MASK=True, HAS_COL_PERM=True, ROWS=32, BN=128)),
-    (bc._row_tile_bits_kernel, dict(HAS_MASK=False, HAS_COL_PERM=False, ROWS=32, BN=128)),
-    (bc._tile_bits_kernel, dict(HAS_MASK=False, HAS_PERM=False, HAS_COL_PERM=False, ZERO_FILL=True, BM=128, BN=128, CHUNK=32)),
-    (bc._tile_bits_kernel, dict(HAS_MASK=True, HAS_PERM=True, HAS_COL_PERM=True, ZERO_FILL=False, BM=128, BN=128, CHUNK=32)),
+    (bc._row_tile_bits_kernel, dict(HAS_MASK=False, HAS_COL_PERM=False, inv_col_ptr=None, ROWS=32, BN=128)),
+    (bc._tile_bits_kernel, dict(HAS_MASK=False, ZERO_FILL=True, LIST=True, BM=128, BN=128, CHUNK=32, **NO_PERMS)),
+    (bc._tile_bits_kernel, dict(HAS_MASK=True, HAS_PERM=True, HAS_COL_PERM=True, ZERO_FILL=False, y_ptr=None,
+                                LIST=False, list_ptr=None, BM=128, BN=128, CHUNK=32)),
     (bc._tile_bits_from_rows_kernel, dict(BM=128, WORDS=2)),
     (bc._compact_kernel, dict(TILES=64)),
-    (bg._sddmm_forward_kernel, dict(TILE, BK=64, HAS_BIAS=True, HAS_MASK=False, HAS_PERM=True, HAS_COL_PERM=True, GROUP_M=8,
-                                    EVEN_K=False)),
-    (bg._sddmm_forward_kernel, dict(TILE, BK=64, HAS_BIAS=False, HAS_MASK=True, HAS_PERM=False, HAS_COL_PERM=False,
-                                    GROUP_M=8, EVEN_K=True)),
-    (bg._sddmm_backward_kernel, dict(TILE, BK=64, HAS_BIAS=True, HAS_MASK=True, HAS_PERM=False, HAS_COL_PERM=False,
-                                     NEED_DS=True, GROUP_M=8, EVEN_K=True)),
+    (bg._sddmm_forward_kernel, dict(TILE, BK=64, HAS_BIAS=True, HAS_MASK=False, HAS_PERM=True, HAS_COL_PERM=True,
+                                    SAVE_Z=True, PROGRAMS=264, EVEN_K=False)),
+    (bg._sddmm_forward_kernel, dict(TILE, BK=128, HAS_BIAS=False, b_ptr=None, HAS_MASK=True, SAVE_Z=False, z_ptr=None,
+                                    PROGRAMS=264, EVEN_K=True, **NO_PERMS)),
+    (bg._sddmm_backward_kernel, dict(TILE, BK=64, HAS_BIAS=True, HAS_MASK=True, NEED_DS=True, HAS_Z=True,
+                                     GROUP_M=8, CHUNK=32, EVEN_K=True, **NO_PERMS)),
+    (bg._sddmm_backward_kernel, dict(TILE, BK=64, HAS_BIAS=False, b_ptr=None, HAS_MASK=False, HAS_PERM=True,
+                                     HAS_COL_PERM=True, NEED_DS=True, HAS_Z=False, z_ptr=None, GROUP_M=8, CHUNK=32,
+                                     EVEN_K=False)),
+    (bg._sddmm_backward_kernel, dict(TILE, BK=128, HAS_BIAS=True, HAS_MASK=False, NEED_DS=False, ds_ptr=None,
+                                     HAS_Z=False, z_ptr=None, GROUP_M=8, CHUNK=32, EVEN_K=True, **NO_PERMS)),
     (bg._dx_kernel, dict(TILE, BK=128, HAS_PERM=True, HAS_COL_PERM=True, EVEN=False)),
-    (bg._dx_kernel, dict(TILE, BK=128, HAS_PERM=False, HAS_COL_PERM=False, EVEN=True)),
-    (bg._dw_kernel, dict(TILE, BK=128, HAS_PERM=True, HAS_COL_PERM=False, NEED_DB=True, EVEN=False)),
-    (bg._dw_kernel, dict(TILE, BK=128, HAS_PERM=False, HAS_COL_PERM=False, NEED_DB=False, EVEN=True)),
+    (bg._dx_kernel, dict(TILE, BK=128, EVEN=True, **NO_PERMS)),
+    (bg._dw_kernel, dict(TILE, BK=128, HAS_PERM=True, HAS_COL_PERM=False, col_perm_ptr=None, NEED_DB=True, EVEN=False)),
+    (bg._dw_kernel, dict(TILE, BK=256, NEED_DB=False, db_ptr=None, EVEN=True, **NO_PERMS)),
 ]
 
 
