@@ -46,14 +46,14 @@ def _table(B, Hkv, nq, nkb, kmax, seed=0, empty_rows=()):
     return idx.int().contiguous(), cnt.int().contiguous()
 
 
-def _poisoned_fwd(mode, q, k, v, idx, cnt, qb, bn, causal, window, scale):
+def _poisoned_fwd(mode, q, k, v, idx, cnt, qb, bn, causal, window, scale, own=False):
     o = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), dtype=torch.float32)
-    K._launch(True, mode, q, k, v, idx, cnt, qb, bn, causal, window, scale, {"o": o, "lse": lse})
+    K._launch(True, mode, q, k, v, idx, cnt, qb, bn, causal, window, scale, {"o": o, "lse": lse, "own": own})
     return o, lse
 
 
-def _poisoned_bwd(mode, do, q, k, v, o, lse, idx, cnt, qb, bn, causal, window, scale, atomic=False):
+def _poisoned_bwd(mode, do, q, k, v, o, lse, idx, cnt, qb, bn, causal, window, scale, atomic=False, own=False):
     """Key-centric dk/dv (default) write every element: poisoned; the atomic fallback accumulates into zeros."""
     dq = torch.full_like(q, float("nan"))
     if atomic:
@@ -64,7 +64,7 @@ def _poisoned_bwd(mode, do, q, k, v, o, lse, idx, cnt, qb, bn, causal, window, s
     delta = torch.full(lse.shape, float("nan")) if exact else (do.double() * o.double()).sum(-1).float().contiguous()
     K._launch(False, mode, q, k, v, idx, cnt, qb, bn, causal, window, scale,
               {"do": do, "lse": lse.contiguous(), "delta": delta, "dq": dq, "dk": dk, "dv": dv, "atomic": atomic,
-               "exact_delta": exact})
+               "exact_delta": exact, "own": own})
     return dq, dk, dv
 
 
@@ -111,6 +111,41 @@ def test_selected_attention_matches_float64(B, H, Hkv, T, D, qb, causal, dtype):
     dq, dk, dv = _poisoned_bwd(K.MODE_SELECTED, do, q, k, v, o, lse, idx, cnt, qb, bs, causal, 0, scale)
     vis = selected_visibility(idx, cnt, T, bs, qb, causal)
     _check_all((o, lse, dq, dk.to(dtype), dv.to(dtype)), _reference(q, k, v, do, vis, scale), dtype)
+
+
+@pytest.mark.parametrize(
+    "H,Hkv,T,qb,causal,dtype",
+    [
+        (4, 2, 70, 1, False, torch.float32),   # NSA's fine branch: entries whole, own block causal
+        (4, 2, 70, 1, True, torch.float32),    # entries causal too
+        (2, 1, 45, 16, False, torch.float32),  # per query block
+        (16, 1, 50, 1, False, torch.bfloat16),  # 16 heads of one token in a tile, as in NSA
+    ],
+)
+def test_own_block_is_one_more_causal_step(H, Hkv, T, qb, causal, dtype):
+    """``own_block``: after its table entries each query also sees its own key block, causally.
+    Random tables list the own block too in some rows: it is then seen twice (whole, then
+    causally), as NSA's gather spelling does; the reference counts multiplicity."""
+    bs = 16
+    q, k, v, do = _inputs(1, H, Hkv, T, 32, dtype, seed=H)
+    idx, cnt = _table(1, Hkv, math.ceil(T / qb), math.ceil(T / bs), kmax=3, seed=H)
+    vis = selected_visibility(idx, cnt, T, bs, qb, causal, own_block=True)
+    assert (vis > 1).any(), "the test must include rows that list their own block"
+    o, lse = _poisoned_fwd(K.MODE_SELECTED, q, k, v, idx, cnt, qb, bs, causal, 0, 0.2, own=True)
+    dq, dk, dv = _poisoned_bwd(K.MODE_SELECTED, do, q, k, v, o, lse, idx, cnt, qb, bs, causal, 0, 0.2, own=True)
+    _check_all((o, lse, dq, dk.to(dtype), dv.to(dtype)), _reference(q, k, v, do, vis, 0.2), dtype)
+
+
+def test_duplicate_entries_are_attended_twice_by_kernels_and_reference():
+    """A block listed twice counts twice (a gathered-KV spelling attends both copies)."""
+    q, k, v, do = _inputs(1, 2, 1, 40, 16, torch.float32, seed=21)
+    idx = torch.tensor([[0, 0, -1], [1, 0, 1], [2, 2, 2]], dtype=torch.int32).view(1, 1, 3, 3)
+    cnt = torch.tensor([3, 3, 2], dtype=torch.int32).view(1, 1, 3)
+    vis = selected_visibility(idx, cnt, 40, 16, 16, False)
+    assert vis[0, 0, 0, 0] == 2 and vis[0, 0, 20, 16] == 2 and vis[0, 0, 20, 0] == 1 and vis[0, 0, 39, 32] == 2
+    o, lse = _poisoned_fwd(K.MODE_SELECTED, q, k, v, idx, cnt, 16, 16, False, 0, 0.25)
+    dq, dk, dv = _poisoned_bwd(K.MODE_SELECTED, do, q, k, v, o, lse, idx, cnt, 16, 16, False, 0, 0.25)
+    _check_all((o, lse, dq, dk, dv), _reference(q, k, v, do, vis, 0.25), torch.float32)
 
 
 def test_atomic_dkv_fallback_matches_float64():
@@ -213,13 +248,130 @@ def test_custom_op_autograd_matches_reference_on_plain_cpu(monkeypatch):
 
     q, k, v, do = _inputs(1, 4, 2, 37, 16, torch.float32, seed=9)
     idx, cnt = _table(1, 2, 3, 3, kmax=2, seed=9)
+    tok_idx, tok_cnt = _table(1, 2, 37, 3, kmax=2, seed=10)
     results = []
     for kernels in (True, False):
         monkeypatch.setattr(A, "_use_kernels", lambda t, kernels=kernels: kernels)
         qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
         out = torch.ops.bcpt.nsa_selected_attention(qq, kk, vv, idx, cnt, 16, 16, True, 0.25)[0]
         out2 = torch.ops.bcpt.sliding_window_attention(qq, kk, vv, 11, 0.25)[0]
-        (out * do).sum().add((out2 * do).sum()).backward()
-        results.append((out.detach(), out2.detach(), qq.grad, kk.grad, vv.grad))
+        out3 = torch.ops.bcpt.nsa_selected_attention(qq, kk, vv, tok_idx, tok_cnt, 16, 1, False, 0.25, True)[0]
+        (out * do).sum().add((out2 * do).sum()).add((out3 * do).sum()).backward()
+        results.append((out.detach(), out2.detach(), out3.detach(), qq.grad, kk.grad, vv.grad))
     for a, b in zip(*results):
         assert _rel(a, b.double()) <= 1e-5
+
+
+def test_per_token_backward_self_check_refuses_a_wrong_dk(monkeypatch):
+    """The per-token backward checks itself once per configuration before its first use on a
+    GPU (its dk failed on the H100): a wrong dk raises instead of passing silently."""
+    from bcpt_compile.lowering import attention as A
+
+    q, k, _, _ = _inputs(1, 2, 1, 8, 16, torch.float32)
+    monkeypatch.setattr(A, "_PER_TOKEN_CHECKED", {})
+    A._check_per_token_backward(q, k, 16, False, True)  # the real kernels: passes
+    assert max(A._PER_TOKEN_CHECKED.values()) <= 1e-5
+    good = K.selected_attention_bwd
+
+    def wrong_dk(*args, **kwargs):
+        dq, dk, dv = good(*args, **kwargs)
+        return dq, dk * 1.2, dv
+
+    monkeypatch.setattr(K, "selected_attention_bwd", wrong_dk)
+    monkeypatch.setattr(A, "_PER_TOKEN_CHECKED", {})
+    with pytest.raises(NotImplementedError, match="self-check"):
+        A._check_per_token_backward(q, k, 16, False, True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("own_block", [False, True])
+def test_cuda_per_token_backward_at_the_failing_h100_size(own_block):
+    """The H100 failure: per-token selection, bf16, T 8192, H 16, Hkv 1, D 128, 16 blocks of 64,
+    dk relative error 2.2e-1 with the transposed-register wgmma dk (fixed in _bwd_dkv_kernel).
+    Reference: float32 autograd, one head at a time."""
+    T, H, D, bs, topk = 8192, 16, 128, 64, 16
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, do = (torch.randn((1, h, T, D), generator=g, device=dev, dtype=torch.bfloat16) for h in (H, 1, 1, H))
+    qb = torch.arange(T, device=dev) // bs
+    imp = torch.rand((1, 1, T, T // bs), generator=g, device=dev)
+    imp = imp.masked_fill(torch.arange(T // bs, device=dev) > qb[:, None], float("-inf"))
+    imp.scatter_(-1, qb.view(1, 1, T, 1), 2.0)
+    top = imp.topk(topk, dim=-1)
+    idx = torch.where(torch.isinf(top.values), -1, top.indices).int().contiguous()
+    if own_block:
+        idx = torch.where(idx == qb.view(1, 1, T, 1), -1, idx).contiguous()
+    cnt = torch.full((1, 1, T), topk, dtype=torch.int32, device=dev)
+    scale = D ** -0.5
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = torch.ops.bcpt.nsa_selected_attention(qq, kk, vv, idx, cnt, bs, 1, not own_block, scale, own_block)[0]
+    out.backward(do)
+    vis = selected_visibility(idx, cnt, T, bs, 1, not own_block, own_block)
+    kf, vf = (t.float().requires_grad_(True) for t in (k, v))
+    errs = {"out": 0.0, "dq": 0.0}
+    for h in range(H):
+        qh = q[:, h:h + 1].float().requires_grad_(True)
+        ref = reference_attention(qh, kf, vf, vis, scale)[0]
+        ref.backward(do[:, h:h + 1].float())
+        for name, got, want in (("out", out[:, h:h + 1], ref), ("dq", qq.grad[:, h:h + 1], qh.grad)):
+            errs[name] = max(errs[name], ((got.float() - want).abs().max() / want.abs().max()).item())
+    for name, got, want in (("dk", kk.grad, kf.grad), ("dv", vv.grad, vf.grad)):
+        errs[name] = ((got.float() - want).abs().max() / want.abs().max()).item()
+    assert all(e <= 1e-2 for e in errs.values()), errs
+
+
+_HOPPER_CHILD = r'''
+import inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bcpt_compile.kernels import nsa_attention as K
+
+def compile_(kernel, constexprs, warps, fp):
+    params = inspect.signature(kernel.fn).parameters
+    constexprs = {k: v for k, v in constexprs.items() if k in params}
+    sig = {n: "constexpr" if n in constexprs else
+           ("*fp32" if n in ("lse_ptr", "delta_ptr") else "*i32" if n in ("idx_ptr", "cnt_ptr", "off_ptr", "rows_ptr")
+            else fp) if n.endswith("_ptr") else "fp32" if n in ("qk_scale", "sm_scale") else "i32" for n in params}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
+
+token = dict(MODE=0, CAUSAL=True, QB=1, GH=16, BLOCK_N=64, D=128, BLOCK_D=128, PRECISION="tf32", OWN=0,
+             ATOMIC_DKV=False, EXACT_DELTA=True)
+cases = {"fwd": (K._fwd_kernel, dict(token, CAUSAL=False, OWN=1), 4),
+         "dq": (K._bwd_kernel, dict(token, CAUSAL=False, OWN=1), 4),
+         "dkv_token": (K._bwd_dkv_kernel, token, 8),
+         "dkv_token_own": (K._bwd_dkv_kernel, dict(token, CAUSAL=False, OWN=1), 8),
+         "dkv_block": (K._bwd_dkv_kernel, dict(token, QB=64, GH=1), 8),
+         "dkv_window": (K._bwd_dkv_kernel, dict(token, MODE=1, QB=64, GH=1), 8)}
+out = {name: [l for l in compile_(k, c, w, "*bf16").asm["ttgir"].splitlines() if "warp_group_dot " in l or "tt.trans" in l]
+       for name, (k, c, w) in cases.items()}
+print(json.dumps(out))
+'''
+
+
+def test_kernels_compile_for_hopper_and_dkv_wgmma_reads_no_register_operands():
+    """Compile for sm_90 with Triton's bundled ptxas (no GPU needed). The dk/dv products of the
+    key-centric backward must take both wgmma operands from shared memory: the per-token dk
+    that failed on the H100 was ``tl.dot(tl.trans(dS), q)``, a register tensor transposed
+    from the MMA layout into ``#linear`` feeding a register-operand wgmma (the pattern Triton
+    3.4 to 3.7.0 miscompile on Hopper; this test fails on that kernel)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _HOPPER_CHILD], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ir = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, lines in ir.items():
+        if not name.startswith("dkv"):
+            continue
+        dots = [line for line in lines if "warp_group_dot " in line]
+        assert len(dots) >= 2, (name, lines)  # dk and dv (the per-block tiles use wgmma for s and dp too)
+        for line in dots:
+            assert "#ttg.dot_op" not in line, (name, "register operand", line)
+        assert not any("tt.trans" in line and "#linear" in line for line in lines), (name, lines)

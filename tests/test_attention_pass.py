@@ -103,6 +103,47 @@ def selected_sdpa_gqa(q, k, v, imp):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+TF = 64  # the per-token spellings below cut keys into T // S blocks
+NBF = TF // S
+
+
+def nsa_fine_einsum(q, k, v, imp):
+    """native-sparse-attention's fine branch written by hand: top-2 blocks per token plus the
+    token's own block (causal), gathered, 4-D einsums, one concatenated mask."""
+    b, h, t, d = q.shape
+    val, idx = imp.topk(2, dim=-1)
+    own = (torch.arange(t) // S).view(1, 1, t, 1).expand(b, h, t, 1)
+    gidx = torch.cat([idx, own], dim=-1)[..., None, None].expand(b, h, t, 3, S, d)
+    kk = k.view(b, h, NBF, S, d).unsqueeze(2).expand(b, h, t, NBF, S, d).gather(3, gidx).flatten(3, 4)
+    vv = v.view(b, h, NBF, S, d).unsqueeze(2).expand(b, h, t, NBF, S, d).gather(3, gidx).flatten(3, 4)
+    s = torch.einsum("bhtd,bhtjd->bhtj", q, kk) * d ** -0.5
+    tril = torch.ones(S, S, dtype=torch.bool).tril().repeat(NBF, 1).expand(b, h, t, S)
+    keep = torch.cat([(val > 0.05).repeat_interleave(S, -1), tril], -1)
+    return torch.einsum("bhtj,bhtjd->bhtd", s.masked_fill(~keep, float("-inf")).softmax(-1), vv)
+
+
+def nsa_fine_matmul(q, k, v, imp):
+    """Per-token top-2 blocks, no own block (non-causal), torch.gather, matmuls on (..., 1, D)
+    rows, torch.where with a finite fill."""
+    b, h, t, d = q.shape
+    val, idx = torch.topk(imp, 2, dim=-1)
+    gidx = idx.unsqueeze(-1).unsqueeze(-1).expand(b, h, t, 2, S, d)
+    kk = torch.gather(k.view(b, h, 1, NBF, S, d).expand(b, h, t, NBF, S, d), 3, gidx).reshape(b, h, t, 2 * S, d)
+    vv = torch.gather(v.view(b, h, 1, NBF, S, d).expand(b, h, t, NBF, S, d), 3, gidx).reshape(b, h, t, 2 * S, d)
+    s = q.unsqueeze(-2) @ kk.transpose(-1, -2) / math.sqrt(d)
+    keep = (val > 0.05).repeat_interleave(S, -1).unsqueeze(-2)
+    return (torch.softmax(torch.where(keep, s, -1e9), dim=-1) @ vv).squeeze(-2)
+
+
+def _per_token_inputs(dtype=torch.float32, seed=0):
+    """q, k, v at T = TF and a per-token block importance whose best block is always valid."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, TF, D, generator=g).to(dtype) for _ in range(3))
+    imp = torch.rand(B, H, TF, NBF, generator=g)
+    imp[..., seed % NBF] = 0.9
+    return [q, k, v], imp
+
+
 # --------------------------------------------------------------------------- helpers
 
 def _compiled_vs_eager(fn, tensors, extra=(), rtol=1e-4):
@@ -276,6 +317,128 @@ def forward(self, L_q_, L_k_, L_v_):
 """)
         _compiled_vs_eager(window_sdpa_gqa_additive, [q, k, v])
 
+    def test_per_token_selection_gathered_einsum_becomes_own_block_selected_attention(self):
+        """The gathers, the concatenated mask and the own block's tril are proven on probes;
+        the op gets the top-k indices (invalid entries -1) and sees the own block itself."""
+        (q, k, v), imp = _per_token_inputs()
+        self.assertExpectedInline(rewritten_graph(nsa_fine_einsum, q, k, v, imp), """\
+def forward(self, L_q_, L_imp_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_imp_ = L_imp_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    topk = l_imp_.topk(2, dim = -1)
+    val = topk[0]
+    idx = topk[1]
+    gt = val > 0.05
+    where = torch.where(gt, idx, -1)
+    topk_to_indices = bcpt_compile_lowering_attention_topk_to_indices(where, 1, 2)
+    getitem_3 = topk_to_indices[0]
+    getitem_4 = topk_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_3, getitem_4, 16, 1, False, 0.25, True)
+    getitem_5 = nsa_selected_attention_default[0]
+    return (getitem_5,)
+""")
+        _compiled_vs_eager(nsa_fine_einsum, [q, k, v], (imp,))
+
+    def test_per_token_selection_gathered_matmul_without_own_block(self):
+        (q, k, v), imp = _per_token_inputs(seed=1)
+        self.assertExpectedInline(rewritten_graph(nsa_fine_matmul, q, k, v, imp), """\
+def forward(self, L_q_, L_imp_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_imp_ = L_imp_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    topk = torch.topk(l_imp_, 2, dim = -1)
+    val = topk[0]
+    idx = topk[1]
+    gt = val > 0.05
+    where_1 = torch.where(gt, idx, -1)
+    topk_to_indices = bcpt_compile_lowering_attention_topk_to_indices(where_1, 1, 2)
+    getitem_2 = topk_to_indices[0]
+    getitem_3 = topk_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_2, getitem_3, 16, 1, False, 0.25, False)
+    getitem_4 = nsa_selected_attention_default[0]
+    return (getitem_4,)
+""")
+        _compiled_vs_eager(nsa_fine_matmul, [q, k, v], (imp,))
+
+    def test_per_token_selection_bf16(self):
+        (q, k, v), imp = _per_token_inputs(torch.bfloat16, seed=2)
+        _compiled_vs_eager(nsa_fine_einsum, [q, k, v], (imp,), rtol=1e-2)
+
+    def test_per_token_near_misses_name_their_reason(self):
+        (q, k, v), imp = _per_token_inputs(seed=3)
+
+        def misses(q, k, v, imp):
+            b, h, t, d = q.shape
+            val, idx = imp.topk(2, dim=-1)
+            own = (torch.arange(t) // S).view(1, 1, t, 1).expand(b, h, t, 1)
+            gidx = torch.cat([idx, own], dim=-1)[..., None, None].expand(b, h, t, 3, S, d)
+            kk = k.view(b, h, 1, NBF, S, d).expand(b, h, t, NBF, S, d).gather(3, gidx).flatten(3, 4)
+            vv = v.view(b, h, 1, NBF, S, d).expand(b, h, t, NBF, S, d).gather(3, gidx).flatten(3, 4)
+            valid = (val > 0.05).repeat_interleave(S, -1)
+            tril = torch.ones(S, S, dtype=torch.bool).tril().repeat(NBF, 1).expand(b, h, t, S)
+            ones = torch.ones(b, h, t, S, dtype=torch.bool)
+
+            def attend(kk, keep):
+                s = torch.einsum("bhtd,bhtjd->bhtj", q, kk).masked_fill(~keep, float("-inf"))
+                return torch.einsum("bhtj,bhtjd->bhtd", s.softmax(-1), vv)
+
+            return (attend(kk, torch.cat([valid, ones], -1)),                        # own block whole
+                    attend(kk * 2.0, torch.cat([valid, tril], -1)),                  # keys scaled after the gather
+                    attend(kk, torch.cat([valid.roll(S, -1), tril], -1)))            # validity of another slot
+
+        report = explain(misses, q, k, v, imp)
+        self.assertEqual(report.counts["attention"], 0)
+        self.assertExpectedInline("\n".join(sorted(m.reason for m in report.misses)), """\
+gathered attention: a constant key block is visible that is not the query's own block up to itself
+gathered attention: a selected slot is not masked by its own entry's validity
+gathered attention: the values are gathered but the keys are computed on after their gather (e.g. differentiable top-k gates)""")
+
+    def test_per_token_selection_with_zero_padded_keys(self):
+        """T = 56 is padded to 4 blocks of 16 with F.pad: the op masks the padding, eager
+        attends it (score 0, value 0) when the partial block is selected, so a top-k that can
+        pick it is refused and one over the 3 whole blocks is rewritten."""
+        g = torch.Generator().manual_seed(6)
+        q, k, v = (torch.randn(B, H, 56, D, generator=g) for _ in range(3))
+        imp = torch.rand(B, H, 56, 4, generator=g)
+
+        def padded(q, k, v, imp, blocks):
+            b, h, t, d = q.shape
+            k, v = (F.pad(x, (0, 0, 0, 64 - t)) for x in (k, v))
+            idx = imp[..., :blocks].topk(2, dim=-1).indices[..., None, None].expand(b, h, t, 2, S, d)
+            kk = k.view(b, h, 1, 4, S, d).expand(b, h, t, 4, S, d).gather(3, idx).flatten(3, 4)
+            vv = v.view(b, h, 1, 4, S, d).expand(b, h, t, 4, S, d).gather(3, idx).flatten(3, 4)
+            return torch.einsum("bhtj,bhtjd->bhtd", torch.einsum("bhtd,bhtjd->bhtj", q, kk).softmax(-1), vv)
+
+        def all_blocks(q, k, v, imp):
+            return padded(q, k, v, imp, 4)
+
+        def whole_blocks(q, k, v, imp):
+            return padded(q, k, v, imp, 3)
+
+        report = explain(all_blocks, q, k, v, imp)
+        self.assertEqual([m.reason for m in report.misses], [
+            "gathered attention: the last, partial key block can be selected, and eager attends its zero padding"])
+        self.assertEqual(report.counts["attention"], 0)
+        torch._dynamo.reset()
+        self.assertEqual([s.op for s in explain(whole_blocks, q, k, v, imp).sites], ["bcpt.nsa_selected_attention"])
+        _compiled_vs_eager(whole_blocks, [q, k, v], (imp,))
+
+    def test_explain_counts_per_token_sites(self):
+        (q, k, v), imp = _per_token_inputs(seed=4)
+
+        def model(q, k, v, imp):
+            return nsa_fine_einsum(q, k, v, imp) + nsa_fine_matmul(q, k, v, imp) + F.scaled_dot_product_attention(
+                q, k, v, attn_mask=torch.ones(TF, TF, dtype=torch.bool).tril().triu(-15))
+
+        report = explain(model, q, k, v, imp)
+        self.assertEqual(report.counts["attention"], 3)
+        self.assertEqual([s.op for s in report.sites], ["bcpt.nsa_selected_attention", "bcpt.nsa_selected_attention",
+                                                        "bcpt.sliding_window_attention"])
+        self.assertEqual(report.misses, [])
+
     def test_plain_and_causal_attention_stay_dense_and_are_not_reported(self):
         q, k, v = _qkv()
 
@@ -415,19 +578,70 @@ def forward(self, L_q_, L_k_, L_v_):
         self.assertEqual([m.reason for m in report.misses],
                          ["windowed attention is not a causal contiguous window (look-forward or gaps)"])
 
-    def test_native_sparse_attention_sliding_branch_gqa(self):
+    def _nsa(self, **kw):
         import pytest
 
         nsa = pytest.importorskip("native_sparse_attention_pytorch")
         torch.manual_seed(0)
-        mod = nsa.SparseAttention(dim=32, dim_head=16, heads=4, kv_heads=2, sliding_window_size=16,
-                                  compress_block_size=16, compress_block_sliding_stride=8,
-                                  selection_block_size=16, num_selected_blocks=2, causal=True).eval()
-        x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(9))
-        report = explain(mod, x)
+        args = {"dim": 32, "dim_head": 16, "heads": 4, "kv_heads": 2, "sliding_window_size": 16,
+                "compress_block_size": 16, "compress_block_sliding_stride": 8, "selection_block_size": 16,
+                "num_selected_blocks": 2, "causal": True}
+        return nsa.SparseAttention(**{**args, **kw}).eval()
+
+    def test_native_sparse_attention_fine_and_sliding_branches_gqa(self):
+        """SparseAttention(causal=True), GQA 4:2, T = 70 (padded to 80 inside): the fine branch
+        (per-token top-k gathers + own block under a tril) becomes per-token selected attention
+        with its top-k indices, the sliding branch the window kernel; the compressed branch
+        stays. The snapshot is the rewritten region of the (long) graph."""
+        mod = self._nsa()
+        x = torch.randn(1, 70, 32, generator=torch.Generator().manual_seed(9))
+        graphs, report = rewritten_graphs(mod, x)
+        lines = graphs[0].splitlines()
+        first = next(i for i, line in enumerate(lines) if line.strip().startswith("topk ="))
+        last = next(i for i, line in enumerate(lines) if "sliding_window_attention" in line)
+        self.assertExpectedInline("\n".join(lines[first:last + 1]), """\
+    topk = importance_scores_5.topk(2, dim = -1)
+    selected_importance_values = topk[0]
+    selected_block_indices = topk[1]
+    fmask = selected_importance_values > 1e-10
+    where = torch.where(fmask, selected_block_indices, -1)
+    topk_to_indices = bcpt_compile_lowering_attention_topk_to_indices(where, 1, 2)
+    getitem_30 = topk_to_indices[0]
+    getitem_31 = topk_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(rotated_q_1, rotated_k_1, tensor_5, getitem_30, getitem_31, 16, 1, False, 0.25, True)
+    getitem_32 = nsa_selected_attention_default[0]
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(rotated_q_1, rotated_k_1, tensor_5, 17, 0.25)""")
+        shapes = "float32[1,4,70,16] float32[1,2,70,16] float32[1,2,70,16]"
         self.assertEqual([(s.op, s.shapes) for s in report.sites],
-                         [("bcpt.sliding_window_attention", "float32[1,4,64,16] float32[1,2,64,16] float32[1,2,64,16]")])
+                         [("bcpt.nsa_selected_attention", shapes), ("bcpt.sliding_window_attention", shapes)])
+        self.assertEqual(report.misses, [])
         self._module_vs_eager(mod, x)
+
+    def test_native_sparse_attention_non_causal_fine_branch(self):
+        """causal=False (the package default): no own block, the selected blocks only; the
+        non-causal sliding window is a near-miss."""
+        mod = self._nsa(causal=False, compress_block_sliding_stride=16, heads=2, kv_heads=2)
+        x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(3))
+        report = explain(mod, x)
+        self.assertEqual([s.op for s in report.sites], ["bcpt.nsa_selected_attention"])
+        self.assertEqual([m.reason for m in report.misses],
+                         ["windowed attention is not a causal contiguous window (look-forward or gaps)"])
+        torch._dynamo.reset()
+        self._module_vs_eager(mod, x)
+
+    def test_native_sparse_attention_fine_branch_near_misses(self):
+        """Differentiable top-k gates scale the gathered keys; per-query-head selection under GQA
+        has more selections than the kernel's KV groups."""
+        x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(4))
+        reasons = []
+        for kw in ({"use_diff_topk": True}, {"query_heads_share_selected_kv": False}):
+            torch._dynamo.reset()
+            _, report = rewritten_graphs(self._nsa(**kw), x)
+            self.assertEqual([s.op for s in report.sites], ["bcpt.sliding_window_attention"])
+            reasons += [m.reason for m in report.misses]
+        self.assertExpectedInline("\n".join(reasons), """\
+gathered attention: the values are gathered but the keys are computed on after their gather (e.g. differentiable top-k gates)
+gathered attention: each of the 4 query heads selects its own blocks, but K/V have 2 heads (the kernel serves a KV group with one selection)""")
 
 
 def _banded_sdpa_autocast(q, k, v):

@@ -8,7 +8,9 @@ Two masks, one kernel body:
   intersected with causality (``j <= i``). ``NQ`` rows are per query block of
   ``query_block`` tokens (``query_block = 1``: per token, as native-sparse-attention does).
   Negative indices are padding and ignored; valid entries should be distinct (top-k's are): a
-  duplicate is attended twice, as a gathered-KV spelling would.
+  duplicate is attended twice, as a gathered-KV spelling would. With ``OWN`` each query tile
+  also sees its own key block causally, as one more step after its entries (NSA's fine branch:
+  selected blocks whole, the own block up to the query).
 * **sliding window**: key ``j`` is visible to query ``i`` when ``0 <= i - j < window``.
   The key tiles are an arithmetic range, so no index table exists.
 
@@ -33,7 +35,9 @@ Backward, two kernels, both deterministic (no atomics):
 * ``_bwd_dkv_kernel`` (key-centric) owns one key tile of one KV head and walks the query
   tiles that see it, summing over all heads of the group: an arithmetic range for the
   window, and for selected blocks the key block's slice of the inverse (CSR) selection
-  table that ``inverse_table`` builds on the device (stable sort, no sync).
+  table that ``inverse_table`` builds on the device (stable sort, no sync), then (``OWN``)
+  the query tiles inside the block. It accumulates dk^T and dv^T, so that no transposed
+  register tensor is a dot's left operand (a Hopper miscompile, see the kernel).
 
 An atomic-add dk/dv variant of ``_bwd_kernel`` is kept for debugging (``extra["atomic"]``).
 """
@@ -53,17 +57,26 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _key_block(it, m0, idx_row_ptr, sik, T, NKB, window,
-               MODE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key-tile number of loop step ``it`` and whether it is a real tile."""
+def _key_block(it, n_tab, m0, idx_row_ptr, sik, T, NKB, window,
+               MODE: tl.constexpr, BLOCK_N: tl.constexpr, OWN: tl.constexpr):
+    """Key-tile number of loop step ``it``, whether it is a real tile, and whether it is the
+    query tile's own block (OWN: the step after the ``n_tab`` table entries, seen causally)."""
     if MODE == 0:
-        kb = tl.load(idx_row_ptr + it * sik)
-        ok = (kb >= 0) & (kb < NKB)
-        kb = tl.where(ok, kb, 0)
+        if OWN:
+            own = it >= n_tab
+            kb = tl.load(idx_row_ptr + it * sik, mask=it < n_tab, other=0)
+            ok = own | ((kb >= 0) & (kb < NKB))
+            kb = tl.where(own, m0 // BLOCK_N, tl.where(ok, kb, 0))
+        else:
+            own = False
+            kb = tl.load(idx_row_ptr + it * sik)
+            ok = (kb >= 0) & (kb < NKB)
+            kb = tl.where(ok, kb, 0)
     else:
+        own = False
         kb = tl.maximum(m0 - window + 1, 0) // BLOCK_N + it
         ok = kb >= 0
-    return kb, ok
+    return kb, ok, own
 
 
 @triton.jit
@@ -79,10 +92,13 @@ def _num_steps(m0, cnt_ptr, KMAX, T, window, MODE: tl.constexpr, QB: tl.constexp
 
 
 @triton.jit
-def _visible(t, row_ok, offs_n, ok, T, window, MODE: tl.constexpr, CAUSAL: tl.constexpr):
+def _visible(t, row_ok, offs_n, ok, own, T, window, MODE: tl.constexpr, CAUSAL: tl.constexpr,
+             OWN: tl.constexpr):
     vis = row_ok[:, None] & (offs_n[None, :] < T) & ok
     if CAUSAL:
         vis = vis & (offs_n[None, :] <= t[:, None])
+    elif OWN:
+        vis = vis & ((offs_n[None, :] <= t[:, None]) | ~own)
     if MODE == 1:
         vis = vis & (t[:, None] - offs_n[None, :] < window)
     return vis
@@ -107,6 +123,7 @@ def _fwd_kernel(
     sib, sih, siq, sik, scb, sch, scq,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, QB: tl.constexpr, GH: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    OWN: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -123,7 +140,8 @@ def _fwd_kernel(
     m0 = pid_q * QB
     idx_row = idx_ptr + b * sib + hkv.to(tl.int64) * sih + pid_q.to(tl.int64) * siq
     cnt = cnt_ptr + b * scb + hkv.to(tl.int64) * sch + pid_q.to(tl.int64) * scq
-    n_steps = _num_steps(m0, cnt, KMAX, T, window, MODE, QB, BLOCK_N)
+    n_tab = _num_steps(m0, cnt, KMAX, T, window, MODE, QB, BLOCK_N)
+    n_steps = n_tab + OWN
     k_base = k_ptr + b * skb + hkv.to(tl.int64) * skh
     v_base = v_ptr + b * svb + hkv.to(tl.int64) * svh
 
@@ -131,14 +149,14 @@ def _fwd_kernel(
     l_i = tl.zeros((QB * GH,), tl.float32)
     acc = tl.zeros((QB * GH, BLOCK_D), tl.float32)
     for it in range(0, n_steps):
-        kb, ok = _key_block(it, m0, idx_row, sik, T, NKB, window, MODE, BLOCK_N)
+        kb, ok, own = _key_block(it, n_tab, m0, idx_row, sik, T, NKB, window, MODE, BLOCK_N, OWN)
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         n64 = offs_n.to(tl.int64)
         kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
         k = tl.load(k_base + n64[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + n64[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
         s = _mma(q, tl.trans(k), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION) * qk_scale
-        vis = _visible(t, row_ok, offs_n, ok, T, window, MODE, CAUSAL)
+        vis = _visible(t, row_ok, offs_n, ok, own, T, window, MODE, CAUSAL, OWN)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -170,7 +188,7 @@ def _bwd_kernel(
     sib, sih, siq, sik, scb, sch, scq,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, QB: tl.constexpr, GH: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    ATOMIC_DKV: tl.constexpr, EXACT_DELTA: tl.constexpr,
+    ATOMIC_DKV: tl.constexpr, EXACT_DELTA: tl.constexpr, OWN: tl.constexpr,
 ):
     """dq, stored per program; with ATOMIC_DKV also dk, dv (float32) by atomic adds (debug/fallback)."""
     pid_q = tl.program_id(0)
@@ -193,7 +211,8 @@ def _bwd_kernel(
     m0 = pid_q * QB
     idx_row = idx_ptr + b * sib + hkv.to(tl.int64) * sih + pid_q.to(tl.int64) * siq
     cnt = cnt_ptr + b * scb + hkv.to(tl.int64) * sch + pid_q.to(tl.int64) * scq
-    n_steps = _num_steps(m0, cnt, KMAX, T, window, MODE, QB, BLOCK_N)
+    n_tab = _num_steps(m0, cnt, KMAX, T, window, MODE, QB, BLOCK_N)
+    n_steps = n_tab + OWN
     k_base = k_ptr + b * skb + hkv.to(tl.int64) * skh
     v_base = v_ptr + b * svb + hkv.to(tl.int64) * svh
     dk_base = dk_ptr + b * sdkb + hkv.to(tl.int64) * sdkh
@@ -204,14 +223,14 @@ def _bwd_kernel(
         # rounding error (~2^-8 relative) straight into dS = P (dP - delta)
         delta = tl.zeros((QB * GH,), tl.float32)
         for it in range(0, n_steps):
-            kb, ok = _key_block(it, m0, idx_row, sik, T, NKB, window, MODE, BLOCK_N)
+            kb, ok, own = _key_block(it, n_tab, m0, idx_row, sik, T, NKB, window, MODE, BLOCK_N, OWN)
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
             n64 = offs_n.to(tl.int64)
             kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
             k = tl.load(k_base + n64[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
             v = tl.load(v_base + n64[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
             s = _mma(q, tl.trans(k), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION) * qk_scale
-            vis = _visible(t, row_ok, offs_n, ok, T, window, MODE, CAUSAL)
+            vis = _visible(t, row_ok, offs_n, ok, own, T, window, MODE, CAUSAL, OWN)
             p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
             dp = _mma(do, tl.trans(v), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION)
             delta += tl.sum(p * dp, 1)
@@ -221,14 +240,14 @@ def _bwd_kernel(
 
     dq = tl.zeros((QB * GH, BLOCK_D), tl.float32)
     for it in range(0, n_steps):
-        kb, ok = _key_block(it, m0, idx_row, sik, T, NKB, window, MODE, BLOCK_N)
+        kb, ok, own = _key_block(it, n_tab, m0, idx_row, sik, T, NKB, window, MODE, BLOCK_N, OWN)
         offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         n64 = offs_n.to(tl.int64)
         kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
         k = tl.load(k_base + n64[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + n64[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
         s = _mma(q, tl.trans(k), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION) * qk_scale
-        vis = _visible(t, row_ok, offs_n, ok, T, window, MODE, CAUSAL)
+        vis = _visible(t, row_ok, offs_n, ok, own, T, window, MODE, CAUSAL, OWN)
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _mma(do, tl.trans(v), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION)
         ds = p * (dp - delta[:, None])
@@ -236,16 +255,16 @@ def _bwd_kernel(
             dq = _mma(ds, k, dq, PRECISION)
         else:
             dq = _mma(ds.to(k.dtype), k, dq, PRECISION)
-        if ATOMIC_DKV:
+        if ATOMIC_DKV:  # transposed products, as in _bwd_dkv_kernel (see there)
             if PRECISION == "upcast":
-                dv_c = _mma(tl.trans(p), do, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), PRECISION)
-                dk_c = _mma(tl.trans(ds), q, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), PRECISION)
+                dv_c = _mma(tl.trans(do), p, tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
+                dk_c = _mma(tl.trans(q), ds, tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
             else:
-                dv_c = _mma(tl.trans(p.to(do.dtype)), do, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), PRECISION)
-                dk_c = _mma(tl.trans(ds.to(q.dtype)), q, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), PRECISION)
-            upd = kv_mask & ok
-            tl.atomic_add(dv_base + n64[:, None] * sdkt + offs_d[None, :] * sdkd, dv_c, mask=upd)
-            tl.atomic_add(dk_base + n64[:, None] * sdkt + offs_d[None, :] * sdkd, dk_c * sm_scale, mask=upd)
+                dv_c = _mma(tl.trans(do), p.to(do.dtype), tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
+                dk_c = _mma(tl.trans(q), ds.to(q.dtype), tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
+            upd = (offs_n[None, :] < T) & d_ok[:, None] & ok
+            tl.atomic_add(dv_base + n64[None, :] * sdkt + offs_d[:, None] * sdkd, dv_c, mask=upd)
+            tl.atomic_add(dk_base + n64[None, :] * sdkt + offs_d[:, None] * sdkd, dk_c * sm_scale, mask=upd)
     tl.store(dq_ptr + b * sdqb + h64[:, None] * sdqh + t64[:, None] * sdqt + offs_d[None, :] * sdqd,
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=rmask)
 
@@ -260,11 +279,22 @@ def _bwd_dkv_kernel(
     s_off_bh, s_rows_bh,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, QB: tl.constexpr, GH: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    OWN: tl.constexpr,
 ):
     """dk, dv of one key tile, summed over the query tiles that see it and all heads of its group.
 
     The query tiles are an arithmetic range (window) or this key block's slice of the
-    inverse (CSR) selection table, sorted by query tile: a deterministic order, no atomics.
+    inverse (CSR) selection table, sorted by query tile, then (OWN) the query tiles inside
+    this block, which see it causally: a deterministic order, no atomics.
+
+    dk and dv are accumulated transposed, ``dk^T += q^T dS``: the operand computed in
+    registers (dS, P) is the right-hand one, which Triton stages through shared memory, so
+    both wgmma operands come from shared memory. The direct form ``tl.dot(tl.trans(ds), q)``
+    transposes a register tensor into a ``#linear`` layout and feeds it as the left operand
+    of a Hopper wgmma, which Triton 3.4 to 3.7.0 miscompile on sm_90 for some tile shapes
+    (fla-org/flash-linear-attention#640, the same dk-only error): the likely cause of the
+    per-token dk that failed on the H100 (relative error 2.2e-1) while the interpreter was
+    exact. A test compiles this kernel for sm_90 and checks its wgmma operands.
     """
     kb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -279,18 +309,29 @@ def _bwd_dkv_kernel(
                 mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + b * svb + hkv.to(tl.int64) * svh + n64[:, None] * svt + offs_d[None, :] * svd,
                 mask=kv_mask, other=0.0)
+    own0 = (kb * BLOCK_N) // QB  # first query tile inside this key block
     if MODE == 0:
         start = tl.load(off_ptr + bh.to(tl.int64) * s_off_bh + kb)
-        n_tiles = tl.load(off_ptr + bh.to(tl.int64) * s_off_bh + kb + 1) - start
+        n_csr = tl.load(off_ptr + bh.to(tl.int64) * s_off_bh + kb + 1) - start
+        n_tiles = n_csr
+        if OWN:
+            n_tiles += tl.minimum(BLOCK_N // QB, NQT - own0)
     else:
-        start = (kb * BLOCK_N) // QB
+        start = own0
+        n_csr = 0
         last = tl.minimum(kb * BLOCK_N + BLOCK_N - 1 + window - 1, T - 1) // QB
         n_tiles = last - start + 1
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dkT = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dvT = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for it in range(0, n_tiles):
+        own = False
         if MODE == 0:
-            qt = tl.load(rows_ptr + bh.to(tl.int64) * s_rows_bh + start + it)
+            if OWN:
+                own = it >= n_csr
+                qt = tl.load(rows_ptr + bh.to(tl.int64) * s_rows_bh + start + it, mask=it < n_csr, other=0)
+                qt = tl.where(own, own0 + it - n_csr, qt)
+            else:
+                qt = tl.load(rows_ptr + bh.to(tl.int64) * s_rows_bh + start + it)
         else:
             qt = start + it
         for hg in range(0, tl.cdiv(G, GH)):
@@ -305,20 +346,21 @@ def _bwd_dkv_kernel(
             lse2 = tl.load(lse_ptr + b * slb + h64 * slh + t64 * slt, mask=row_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(delta_ptr + b * slb + h64 * slh + t64 * slt, mask=row_ok, other=0.0)
             s = _mma(q, tl.trans(k), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION) * qk_scale
-            vis = _visible(t, row_ok, offs_n, True, T, window, MODE, CAUSAL)
+            vis = _visible(t, row_ok, offs_n, True, own, T, window, MODE, CAUSAL, OWN)
             p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
             dp = _mma(do, tl.trans(v), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION)
             ds = p * (dp - delta[:, None])
             if PRECISION == "upcast":
-                dv = _mma(tl.trans(p), do, dv, PRECISION)
-                dk = _mma(tl.trans(ds), q, dk, PRECISION)
+                dvT = _mma(tl.trans(do), p, dvT, PRECISION)
+                dkT = _mma(tl.trans(q), ds, dkT, PRECISION)
             else:
-                dv = _mma(tl.trans(p.to(do.dtype)), do, dv, PRECISION)
-                dk = _mma(tl.trans(ds.to(q.dtype)), q, dk, PRECISION)
-    tl.store(dk_ptr + b * sdkb + hkv.to(tl.int64) * sdkh + n64[:, None] * sdkt + offs_d[None, :] * sdkd,
-             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + b * sdvb + hkv.to(tl.int64) * sdvh + n64[:, None] * sdvt + offs_d[None, :] * sdvd,
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+                dvT = _mma(tl.trans(do), p.to(do.dtype), dvT, PRECISION)
+                dkT = _mma(tl.trans(q), ds.to(q.dtype), dkT, PRECISION)
+    kvT_mask = (offs_n[None, :] < T) & d_ok[:, None]
+    tl.store(dk_ptr + b * sdkb + hkv.to(tl.int64) * sdkh + n64[None, :] * sdkt + offs_d[:, None] * sdkd,
+             (dkT * sm_scale).to(dk_ptr.dtype.element_ty), mask=kvT_mask)
+    tl.store(dv_ptr + b * sdvb + hkv.to(tl.int64) * sdvh + n64[None, :] * sdvt + offs_d[:, None] * sdvd,
+             dvT.to(dv_ptr.dtype.element_ty), mask=kvT_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -366,8 +408,11 @@ def _launch(kernel_fwd: bool, mode: int, q, k, v, idx, cnt, QB: int, block_n: in
         kmax, nkb = 0, 0
     else:
         kmax, nkb = idx.shape[-1], triton.cdiv(T, block_n)
+    own = bool(extra.get("own", False))
+    if own and (mode != MODE_SELECTED or QB > block_n):
+        raise ValueError("bcpt attention: own_block needs selected blocks and query_block <= block_size")
     meta = dict(MODE=mode, CAUSAL=causal, QB=QB, GH=GH, BLOCK_N=block_n, D=D, BLOCK_D=BLOCK_D,
-                PRECISION=_dot_precision(q), num_warps=warps, num_stages=2 if cuda else 1)
+                PRECISION=_dot_precision(q), OWN=int(own), num_warps=warps, num_stages=2 if cuda else 1)
     common = (T, G, Hkv, kmax, nkb, int(window))
     if kernel_fwd:
         o, lse = extra["o"], extra["lse"]
@@ -389,7 +434,7 @@ def _launch(kernel_fwd: bool, mode: int, q, k, v, idx, cnt, QB: int, block_n: in
             else:
                 off = rows = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
             GH2, warps2 = _tiling(QB, G, D, cuda)
-            # dk and dv accumulators (BLOCK_N x D fp32 each) live in registers for the whole
+            # dk^T and dv^T accumulators (D x BLOCK_N fp32 each) live in registers for the whole
             # program: 8 warps on a GPU keep them from spilling at D = 128
             meta2 = dict(meta, GH=GH2, num_warps=8 if cuda else 4)
             _bwd_dkv_kernel[(triton.cdiv(T, block_n), B * Hkv)](
@@ -419,7 +464,7 @@ def inverse_table(idx: torch.Tensor, cnt: torch.Tensor, nkb: int) -> tuple[torch
     return off, rows
 
 
-def _validate_table(q, idx, cnt, query_block: int, block_size: int) -> None:
+def _validate_table(q, idx, cnt, query_block: int, block_size: int, own_block: bool = False) -> None:
     B, H, T, _ = q.shape
     if idx.dim() != 4 or cnt.dim() != 3 or tuple(idx.shape[:3]) != tuple(cnt.shape):
         raise ValueError(f"bcpt.nsa_selected_attention: block_idx must be (B, H_kv, NQ, K) and counts (B, H_kv, NQ); "
@@ -434,17 +479,25 @@ def _validate_table(q, idx, cnt, query_block: int, block_size: int) -> None:
             raise ValueError(f"bcpt.nsa_selected_attention: {name} must be a power of two, got {val}")
     if block_size < 16:
         raise ValueError(f"bcpt.nsa_selected_attention: block_size must be >= 16, got {block_size}")
+    if own_block and query_block > block_size:
+        raise ValueError(f"bcpt.nsa_selected_attention: own_block needs query_block <= block_size, got "
+                         f"{query_block} > {block_size}")
 
 
-def selected_attention_fwd(q, k, v, block_idx, counts, block_size: int, query_block: int, causal: bool, scale: float):
-    """(out, lse): out like q, lse float32 (B, H, T) natural log (+inf on rows that see nothing)."""
-    _validate_table(q, block_idx, counts, query_block, block_size)
+def selected_attention_fwd(q, k, v, block_idx, counts, block_size: int, query_block: int, causal: bool, scale: float,
+                           own_block: bool = False):
+    """(out, lse): out like q, lse float32 (B, H, T) natural log (+inf on rows that see nothing).
+
+    ``own_block``: each query tile also sees its own key block causally, as one more step
+    after its table entries (NSA's block-causal diagonal); table entries stay as ``causal`` says.
+    """
+    _validate_table(q, block_idx, counts, query_block, block_size, own_block)
     B, H, T, D = q.shape
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if q.numel() and T:
         _launch(True, MODE_SELECTED, q, k, v, block_idx, counts, query_block, block_size, causal, 0, scale,
-                {"o": o, "lse": lse})
+                {"o": o, "lse": lse, "own": own_block})
     return o, lse
 
 
@@ -454,7 +507,7 @@ def selected_attention_fwd(q, k, v, block_idx, counts, block_size: int, query_bl
 EXACT_DELTA_16BIT = True
 
 
-def _backward(mode, do, q, k, v, o, lse, idx, cnt, QB, block_n, causal, window, scale):
+def _backward(mode, do, q, k, v, o, lse, idx, cnt, QB, block_n, causal, window, scale, own=False):
     do = do.to(q.dtype)  # tl.dot wants both operands in one dtype
     exact = EXACT_DELTA_16BIT and q.dtype in (torch.float16, torch.bfloat16)
     if exact:
@@ -468,7 +521,7 @@ def _backward(mode, do, q, k, v, o, lse, idx, cnt, QB, block_n, causal, window, 
         lse_c = lse.contiguous()
         _launch(False, mode, q, k, v, idx, cnt, QB, block_n, causal, window, scale,
                 {"do": do, "lse": lse_c, "delta": delta.view(lse_c.shape).contiguous(), "dq": dq, "dk": dk, "dv": dv,
-                 "exact_delta": exact})
+                 "exact_delta": exact, "own": own})
     else:
         dq.zero_()
         dk.zero_()
@@ -477,9 +530,10 @@ def _backward(mode, do, q, k, v, o, lse, idx, cnt, QB, block_n, causal, window, 
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_idx, counts, block_size: int, query_block: int,
-                           causal: bool, scale: float):
-    _validate_table(q, block_idx, counts, query_block, block_size)
-    return _backward(MODE_SELECTED, do, q, k, v, o, lse, block_idx, counts, query_block, block_size, causal, 0, scale)
+                           causal: bool, scale: float, own_block: bool = False):
+    _validate_table(q, block_idx, counts, query_block, block_size, own_block)
+    return _backward(MODE_SELECTED, do, q, k, v, o, lse, block_idx, counts, query_block, block_size, causal, 0, scale,
+                     own_block)
 
 
 def _window_tiles(q) -> tuple[int, int]:

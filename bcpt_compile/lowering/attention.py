@@ -7,6 +7,11 @@ log-sum-exp per query row, ``(B, H, T)``, which the backward needs and nothing e
 (int32 ``(B, H_kv, NQ, K)``) and per-row valid counts (int32 ``(B, H_kv, NQ)``), so no
 T x T mask exists anywhere on the kernel path.
 
+``own_block=True`` adds one step per query after its table entries: its own key block,
+seen causally (native sparse attention's block-causal diagonal), while the entries follow
+``causal``. A block listed twice (or listed and also the own block) is attended twice, as
+a gathered-KV spelling does.
+
 Semantics where the dense spelling is undefined: a query row that sees no key gets
 output 0 and lse +inf (eager gives NaN for a ``-inf`` fill, a uniform average for a
 finite one). See ``bcpt_compile/kernels/nsa_attention.py``.
@@ -31,19 +36,27 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def selected_visibility(block_idx: Tensor, counts: Tensor, T: int, block_size: int, query_block: int,
-                        causal: bool) -> Tensor:
-    """Dense bool (B, H_kv, T, T) of what the selected-attention kernel lets query i see (tests, CPU)."""
+                        causal: bool, own_block: bool = False) -> Tensor:
+    """How often the selected-attention kernel lets query i see key j, int8 (B, H_kv, T, T) (tests, CPU).
+
+    A count, not a bool: a block listed twice is attended twice, and with ``own_block`` the
+    query's own block is one more (causal) step even when the table lists it too.
+    """
     nkb = _cdiv(T, block_size)
     K = block_idx.shape[-1]
     idx = block_idx.long()
     valid = (torch.arange(K, device=idx.device) < counts[..., None].long()) & (idx >= 0) & (idx < nkb)
-    sel = torch.zeros((*idx.shape[:-1], nkb + 1), dtype=torch.bool, device=idx.device)
-    sel.scatter_(-1, torch.where(valid, idx, nkb), True)
+    sel = torch.zeros((*idx.shape[:-1], nkb + 1), dtype=torch.int8, device=idx.device)
+    sel.scatter_add_(-1, torch.where(valid, idx, nkb), torch.ones_like(idx, dtype=torch.int8))
     sel = sel[..., :nkb]
     vis = sel.repeat_interleave(query_block, dim=-2)[..., :T, :].repeat_interleave(block_size, dim=-1)[..., :T]
+    i = torch.arange(T, device=vis.device)
+    causal_mask = i[None, :] <= i[:, None]
     if causal:
-        vis = vis & torch.ones(T, T, dtype=torch.bool, device=vis.device).tril()
-    return vis
+        vis = vis * causal_mask
+    if own_block:
+        vis = vis + (causal_mask & (i[None, :] // block_size == (i[:, None] // query_block * query_block) // block_size))
+    return vis.to(torch.int8)
 
 
 def window_visibility(T: int, window: int, device) -> Tensor:
@@ -52,8 +65,14 @@ def window_visibility(T: int, window: int, device) -> Tensor:
     return (diff >= 0) & (diff < window)
 
 
+def _log_weight(vis: Tensor, dtype) -> Tensor:
+    """log of how often a key is seen: 0 once, log 2 twice, -inf never (``vis`` bool or a count)."""
+    return torch.log(vis.to(dtype))
+
+
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Dense attention restricted to ``vis`` (broadcastable to (B, H_kv, T, T)); empty rows give 0 and lse +inf.
+    """Dense attention restricted to ``vis`` (bool, or a count of how often each key is seen;
+    broadcastable to (B, H_kv, T, T)); empty rows give 0 and lse +inf.
 
     Differentiable, with finite gradients on empty rows (they are 0), in the dtype of q.
     """
@@ -63,11 +82,12 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, scale: flo
     v = v.repeat_interleave(G, dim=1)
     if vis.dim() == 4 and vis.shape[1] != 1:
         vis = vis.repeat_interleave(G, dim=1)
+    seen = vis != 0
     s = (q @ k.transpose(-2, -1)) * scale
-    any_row = vis.any(-1, keepdim=True)
-    s = torch.where(any_row, s.masked_fill(~vis, float("-inf")), torch.zeros_like(s))
+    any_row = seen.any(-1, keepdim=True)
+    s = torch.where(any_row, torch.where(seen, s + _log_weight(vis, s.dtype), float("-inf")), torch.zeros_like(s))
     lse = torch.logsumexp(s, -1, keepdim=True)
-    p = torch.where(vis, torch.exp(s - lse), torch.zeros_like(s))
+    p = torch.where(seen, torch.exp(s - lse), torch.zeros_like(s))
     out = p @ v
     lse = torch.where(any_row, lse, torch.full_like(lse, float("inf"))).squeeze(-1)
     return out, lse.float()
@@ -85,7 +105,7 @@ def _reference_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, vis: Tens
     if vis.dim() == 4 and vis.shape[1] != 1:
         vis = vis.repeat_interleave(G, dim=1)
     s = (qf @ ke.transpose(-2, -1)) * scale
-    p = torch.where(vis, torch.exp(s - lse.to(dt)[..., None]), torch.zeros_like(s))
+    p = torch.where(vis != 0, torch.exp(s + _log_weight(vis, dt) - lse.to(dt)[..., None]), torch.zeros_like(s))
     delta = (gf * out).sum(-1, keepdim=True)
     ds = p * (gf @ ve.transpose(-2, -1) - delta)
     dq = (ds @ ke) * scale
@@ -151,57 +171,101 @@ def _use_kernels(q: Tensor) -> bool:
 @torch.library.custom_op("bcpt::nsa_selected_attention", mutates_args=())
 def nsa_selected_attention(
     q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_counts: Tensor,
-    block_size: int, query_block: int, causal: bool, scale: float,
+    block_size: int, query_block: int, causal: bool, scale: float, own_block: bool = False,
 ) -> tuple[Tensor, Tensor]:
     from ..kernels import nsa_attention as K
 
     if _use_kernels(q):
-        return K.selected_attention_fwd(q, k, v, block_idx, block_counts, block_size, query_block, causal, scale)
+        return K.selected_attention_fwd(q, k, v, block_idx, block_counts, block_size, query_block, causal, scale,
+                                        own_block)
     K._check(q, k, v)
-    K._validate_table(q, block_idx, block_counts, query_block, block_size)
-    vis = selected_visibility(block_idx, block_counts, q.shape[2], block_size, query_block, causal)
+    K._validate_table(q, block_idx, block_counts, query_block, block_size, own_block)
+    vis = selected_visibility(block_idx, block_counts, q.shape[2], block_size, query_block, causal, own_block)
     return _reference_forward(q, k, v, vis, scale)
 
 
 @nsa_selected_attention.register_fake
-def _(q, k, v, block_idx, block_counts, block_size, query_block, causal, scale):
+def _(q, k, v, block_idx, block_counts, block_size, query_block, causal, scale, own_block=False):
     B, H, T, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+#: Per configuration of the per-token (query_block = 1) dk/dv kernel on a GPU: the relative
+#: error of a one-time self-check (see ``_check_per_token_backward``).
+_PER_TOKEN_CHECKED: dict = {}
+
+
+def _check_per_token_backward(q: Tensor, k: Tensor, block_size: int, causal: bool, own_block: bool) -> None:
+    """Run the per-token backward once per kernel configuration on a small problem and compare
+    with float32 PyTorch; raise instead of returning wrong gradients.
+
+    Why: this layout's dk came out wrong on the H100 (relative error 2.2e-1, 2026-11-23) while
+    the interpreter was exact. The dk/dv kernel now avoids the Hopper miscompile that matches
+    it (see ``_bwd_dkv_kernel``), but that fix was made without a GPU; the check keeps a
+    wrong gradient from passing silently on a GPU or Triton build where it still fails. The
+    problem (8 key blocks) has every token select key block 0, so one program walks all T
+    query rows, and a random earlier block.
+    """
+    from ..kernels import nsa_attention as K
+    from ..kernels.tile_gemm import dot_precision
+
+    G, D = q.shape[1] // k.shape[1], q.shape[-1]
+    key = (q.device, q.dtype, D, G, block_size, causal, own_block, dot_precision(q))
+    if key in _PER_TOKEN_CHECKED or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        err = _PER_TOKEN_CHECKED.get(key, 0.0)
+    else:
+        T = 8 * block_size
+        g = torch.Generator(device=q.device).manual_seed(0)
+        qq, kk, vv, do = (torch.randn((1, h, T, D), generator=g, device=q.device).to(q.dtype) for h in (G, 1, 1, G))
+        own = torch.arange(T, device=q.device) // block_size
+        past = (torch.rand(T, generator=g, device=q.device) * (own - 1).clamp_min(0)).long() + 1
+        cols = [torch.where(own > 0, 0, -1), torch.where(own > 1, past, -1)]
+        if not own_block:
+            cols.append(own)
+        idx = torch.stack(cols, -1).view(1, 1, T, -1).to(torch.int32).contiguous()
+        cnt = torch.full((1, 1, T), idx.shape[-1], dtype=torch.int32, device=q.device)
+        scale = D ** -0.5
+        o, lse = K.selected_attention_fwd(qq, kk, vv, idx, cnt, block_size, 1, causal, scale, own_block)
+        got = (o, *K.selected_attention_bwd(do, qq, kk, vv, o, lse, idx, cnt, block_size, 1, causal, scale, own_block))
+        vis = selected_visibility(idx, cnt, T, block_size, 1, causal, own_block)
+        ref = (_reference_forward(qq, kk, vv, vis, scale)[0], *_reference_backward(do, qq, kk, vv, vis, scale))
+        err = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(got, ref))
+        _PER_TOKEN_CHECKED[key] = err
+    tol = 1e-4 if q.dtype == torch.float32 and dot_precision(q) == "ieee" else 3e-2
+    if err > tol:
+        where = torch.cuda.get_device_name(q.device) if q.is_cuda else str(q.device)
+        raise NotImplementedError(
+            f"bcpt.nsa_selected_attention: the per-token (query_block=1) backward failed its self-check on "
+            f"{where} (relative error {err:.1e}); use query_block = block_size")
 
 
 @torch.library.custom_op("bcpt::nsa_selected_attention_backward", mutates_args=())
 def nsa_selected_attention_backward(
     grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, block_idx: Tensor,
-    block_counts: Tensor, block_size: int, query_block: int, causal: bool, scale: float,
+    block_counts: Tensor, block_size: int, query_block: int, causal: bool, scale: float, own_block: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels import nsa_attention as K
 
     if q.is_cuda and query_block == 1:
-        # Measured on the H100 (2026-11-23, T=8192, Hkv=1): dk relative error 2.2e-1 in the
-        # per-token layout, while the interpreter tests pass. No pass emits query_block=1;
-        # refuse direct calls rather than return a wrong gradient.
-        raise NotImplementedError(
-            "bcpt.nsa_selected_attention: the per-token (query_block=1) backward is disabled on CUDA "
-            "(dk failed the H100 check); use query_block = block_size"
-        )
+        _check_per_token_backward(q, k, block_size, causal, own_block)
     if _use_kernels(q):
         return K.selected_attention_bwd(grad, q, k, v, out, lse, block_idx, block_counts, block_size,
-                                        query_block, causal, scale)
-    vis = selected_visibility(block_idx, block_counts, q.shape[2], block_size, query_block, causal)
+                                        query_block, causal, scale, own_block)
+    vis = selected_visibility(block_idx, block_counts, q.shape[2], block_size, query_block, causal, own_block)
     return _reference_backward(grad, q, k, v, vis, scale)
 
 
 @nsa_selected_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, block_idx, block_counts, block_size, query_block, causal, scale):
+def _(grad, q, k, v, out, lse, block_idx, block_counts, block_size, query_block, causal, scale, own_block=False):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _selected_setup(ctx, inputs, output):
-    q, k, v, block_idx, block_counts, block_size, query_block, causal, scale = inputs
+    q, k, v, block_idx, block_counts, block_size, query_block, causal, scale, *own = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, block_idx, block_counts)
-    ctx.config = (block_size, query_block, causal, scale)
+    ctx.config = (block_size, query_block, causal, scale, bool(own and own[0]))
 
 
 def _selected_backward(ctx, grad_out, _grad_lse):
@@ -210,7 +274,7 @@ def _selected_backward(ctx, grad_out, _grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.bcpt.nsa_selected_attention_backward(
         grad_out, q, k, v, out, lse, block_idx, block_counts, *ctx.config)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 nsa_selected_attention.register_autograd(_selected_backward, setup_context=_selected_setup)

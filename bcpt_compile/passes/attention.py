@@ -24,6 +24,13 @@ gathers and masks are evaluated at compile time on position probes (see "windowe
 layouts" below) and the resulting visibility must be a causal sliding window or a causal
 block-local band (-> selected attention with a static table).
 
+Gathered layouts (native-sparse-attention's fine branch): every query token gathers its
+top-k key blocks (``gather`` by the top-k indices), under causality plus its own block
+under a tril, with a per-entry validity mask. The gathers are evaluated on probes that
+keep the top-k entry each slot reads (see "gathered layouts" below) and must be exactly
+per-token selected attention with the top-k as its table (-> ``query_block = 1``, the own
+block as the op's ``own_block`` step).
+
 Anything that is attention with a mask term we cannot prove is reported as a near-miss.
 Mask constants that arrive as graph inputs (a registered causal buffer) cannot be read at
 compile time, so they are near-misses too.
@@ -683,9 +690,11 @@ def _classify(site: Site) -> Union[str, tuple[str, Any], None]:
 # that results is then checked to be a causal window or a causal block-local band.
 
 _MOVE_METHODS = ("reshape", "view", "permute", "transpose", "contiguous", "unsqueeze", "squeeze", "flatten",
-                 "unflatten", "movedim", "moveaxis", "unfold", "expand", "expand_as", "clone", "swapaxes")
+                 "unflatten", "movedim", "moveaxis", "unfold", "expand", "expand_as", "clone", "swapaxes",
+                 "repeat", "repeat_interleave", "tile", "flip", "roll")
 _MOVE_FUNCS = (torch.reshape, torch.cat, torch.concat, torch.permute, torch.transpose, torch.unsqueeze,
-               torch.squeeze, torch.flatten, torch.movedim, torch.narrow, operator.getitem, F.pad, torch._C._nn.pad)
+               torch.squeeze, torch.flatten, torch.movedim, torch.narrow, operator.getitem, F.pad, torch._C._nn.pad,
+               torch.repeat_interleave, torch.tile, torch.stack, torch.flip, torch.roll)
 #: Compile-time evaluation limit (elements per intermediate): position probes are int32 copies
 #: of q, k, v, so a 64k-token, 16-head, D=128 layer (134M) fits; masks are far smaller.
 _MAX_EVAL_NUMEL = 1 << 28
@@ -701,15 +710,22 @@ def _is_move(node: Node) -> bool:
     return is_method(node, *_MOVE_METHODS) or is_function(node, *_MOVE_FUNCS)
 
 
-def _evaluate(node: Any, env: dict, memo: dict) -> Any:
+_VIEW_METHODS = ("view", "expand", "expand_as", "unsqueeze", "squeeze", "permute", "transpose", "movedim",
+                 "moveaxis", "swapaxes", "unflatten", "unfold")
+
+
+def _evaluate(node: Any, env: dict, memo: dict, on_gather: Any = None) -> Any:
     """Run the subgraph behind ``node`` on real tensors; nodes in ``env`` are probes.
 
     A node that depends on a probe must be pure data movement, so the probe's ids
     survive; anything else may be evaluated only if it depends on no graph input.
+    ``on_gather(x, dim, index)``, when given, evaluates a ``gather`` of probes (see the
+    gathered layouts below). Views are computed whatever their size (an ``expand`` of a
+    probe costs nothing); anything that allocates is limited to ``_MAX_EVAL_NUMEL``.
     """
     if not isinstance(node, Node):
         if isinstance(node, (list, tuple)):
-            vals = [_evaluate(n, env, memo) for n in node]
+            vals = [_evaluate(n, env, memo, on_gather) for n in node]
             return type(node)(v[0] for v in vals), any(v[1] for v in vals)
         return node, False
     if node in env:
@@ -723,21 +739,48 @@ def _evaluate(node: Any, env: dict, memo: dict) -> Any:
     name = str(getattr(node.target, "__name__", node.target))
     if "rand" in name or "dropout" in name or "bernoulli" in name:
         raise NotEvaluable("random op")
-    val = example_value(node)
-    if val is not None and val.numel() > _MAX_EVAL_NUMEL:
-        raise NotEvaluable("too large to evaluate at compile time")
-    args = [_evaluate(a, env, memo) for a in node.args]
-    kwargs = {k: _evaluate(a, env, memo) for k, a in node.kwargs.items()}
+    args = [_evaluate(a, env, memo, on_gather) for a in node.args]
+    kwargs = {k: _evaluate(a, env, memo, on_gather) for k, a in node.kwargs.items()}
     tainted = any(t for _, t in args) or any(t for _, t in kwargs.values())
-    if tainted and not _is_move(node):
-        raise NotEvaluable(f"{_name(node)} computes on the attention inputs")
     a = [x for x, _ in args]
     kw = {k: x for k, (x, _) in kwargs.items()}
     if "device" in kw:
         kw["device"] = "cpu"
+    if tainted and on_gather is not None and _is_gather(node):
+        out = on_gather(a[0], arg(node, 1, "dim") if node.op == "call_method" else a[1],
+                        kw.get("index", a[2] if len(a) > 2 else None))
+        memo[node] = (out, True)
+        return memo[node]
+    if tainted and not _is_move(node):
+        raise NotEvaluable(f"{_name(node)} computes on the attention inputs")
+    val = example_value(node)
+    if val is not None and val.numel() > _MAX_EVAL_NUMEL and not (
+            is_method(node, *_VIEW_METHODS) or _viewable(node, a)):
+        raise NotEvaluable("too large to evaluate at compile time")
     out = getattr(a[0], node.target)(*a[1:], **kw) if node.op == "call_method" else node.target(*a, **kw)
     memo[node] = (out, tainted)
     return memo[node]
+
+
+def _viewable(node: Node, a: list) -> bool:
+    """Whether a reshape / basic index of ``a[0]`` is a view (no allocation)."""
+    if not a or not isinstance(a[0], torch.Tensor):
+        return False
+    if is_method(node, "reshape", "flatten") or is_function(node, torch.reshape, torch.flatten):
+        val = example_value(node)
+        try:
+            a[0].view(tuple(val.shape))
+            return True
+        except RuntimeError:
+            return False
+    if is_function(node, operator.getitem):
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in idx)
+    return False
+
+
+def _is_gather(node: Any) -> bool:
+    return is_method(node, "gather") or is_function(node, torch.gather)
 
 
 def _chain(node: Any) -> list[Node]:
@@ -797,7 +840,8 @@ def _masks_on(node: Node) -> tuple[Node, float, list[tuple[Any, bool]]]:
     masks: list[tuple[Any, bool]] = []
     scale = 1.0
     while True:
-        if is_method(node, "masked_fill") and _is_masked_value(arg(node, 2, "value")):
+        if (is_method(node, "masked_fill") or is_function(node, torch.masked_fill)) \
+                and _is_masked_value(arg(node, 2, "value")):
             masks.append((arg(node, 1, "mask"), False))
             node = node.args[0]
         elif is_function(node, torch.where) and len(node.args) == 3 and _is_masked_value(node.args[2]):
@@ -900,7 +944,7 @@ def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
     inside = torch.arange(1, j.shape[1], dtype=torch.long)[None, :] < cnt[:, None]
     if not bool(torch.all((steps == 1) | ~inside)) or not bool(torch.all(jmax == i)):
         return "windowed attention is not a causal contiguous window (look-forward or gaps)"
-    out = _output_node(pv_node, rows, q)
+    out = _output_node(pv_node, rows.to(torch.int32)[..., None].expand(example_value(pv_node).shape), q)
     if isinstance(out, str):
         return out
     w = int(cnt.max())
@@ -915,8 +959,11 @@ def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
     return "windowed attention is neither a sliding window nor block-local"
 
 
-def _output_node(pv_node: Node, rows: torch.Tensor, q: Node) -> Union[Node, str]:
-    """Follow data movement after P @ V back to q's layout, proving by probe that token ids land home."""
+def _output_node(pv_node: Node, probe: torch.Tensor, q: Node, what: str = "windowed attention") -> Union[Node, str]:
+    """Follow data movement after P @ V back to q's layout, proving by probe that token ids land home.
+
+    ``probe`` holds, in P @ V's shape, the id of the query token each row was computed for.
+    """
     node = pv_node
     target = example_value(q)
     while True:
@@ -924,18 +971,17 @@ def _output_node(pv_node: Node, rows: torch.Tensor, q: Node) -> Union[Node, str]
         if val is not None and tuple(val.shape) == tuple(target.shape):
             break
         if len(node.users) != 1:
-            return "windowed attention output is used in the window layout"
+            return f"{what} output is used in the window layout"
         (user,) = node.users
         if not _is_move(user) or user.args[0] is not node:
-            return "windowed attention output is not moved back to the input layout"
+            return f"{what} output is not moved back to the input layout"
         node = user
-    probe = rows.to(torch.int32)[..., None].expand(example_value(pv_node).shape).clone()
     try:
         back = _evaluate(node, {pv_node: probe}, {})[0]
     except Exception:
-        return "windowed attention output layout could not be evaluated"
+        return f"{what} output layout could not be evaluated"
     if not torch.equal(back, _probe(q)):
-        return "windowed attention output does not return each token to its place"
+        return f"{what} output does not return each token to its place"
     return node
 
 
@@ -972,6 +1018,362 @@ def _rewrite_windowed(graph: torch.fx.Graph, site: WindowedSite, anchor: Node, r
     out.meta.update({key: val for key, val in site.out.meta.items()
                      if key in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
     report.add_site(FAMILY, anchor, op, [site.q, site.k, site.v])
+    site.out.replace_all_uses_with(out)
+    erase_unused(site.out)
+
+
+# ----------------------------------------------------------------------------- gathered layouts (probe-verified)
+#
+# native-sparse-attention's fine branch never builds a T x T mask either: every query row
+# gathers its own K/V slots (``gather`` along a block dim with the top-k block indices, plus
+# its own block appended under causality) and masks (row, slot) with the top-k validity and
+# a constant causal tril. The gather index is data, so the layout is evaluated on probes
+# that keep provenance: the index chain on *entry probes* (the negative id of each top-k
+# entry; constants such as the appended own block stay >= 0), the gathered tensor on
+# position probes, the masks on validity-entry probes (id + 2; constants are 0 / 1). Every
+# (row, slot) then reads "key j of the block in top-k entry e" or "key j of constant block
+# c", visible when "valid[e']" or a constant, and that must be exactly what
+# ``nsa_selected_attention(query_block=1, causal=False, own_block=...)`` computes from the
+# top-k table: each row reads each of its own entries' S keys once, under that entry's
+# validity, and the constant slots it sees are its own block up to itself.
+
+_CODE = 1 << 31  # gathered slot code: ref * _CODE + token (ref >= 1: top-k entry ref - 1; ref <= -1: block -ref - 1)
+
+
+@dataclasses.dataclass
+class GatheredSite:
+    q: Node
+    k: Node
+    v: Node
+    out: Node          # the node whose value the op replaces (back in q's layout)
+    scale: float
+    table: Node        # top-k block indices (B|1, H_kv|1, T, k)
+    valid: Optional[Node]  # bool, like table: which entries are attended (None: all)
+    block: int
+    own: bool          # each row also sees its own block, causally
+
+
+def _contraction(node: Any) -> Optional[tuple[Node, Node, str, str, str]]:
+    """(a, b, a_sub, b_sub, out_sub) for a two-operand einsum, or a matmul of equal-rank
+    operands with equal batch dims, in einsum letters."""
+    e = _einsum(node)
+    if e is not None:
+        a_sub, b_sub, out, a, b = e
+        if not (isinstance(a, Node) and isinstance(b, Node)) or "." in a_sub + b_sub + out:
+            return None
+        if len(set(a_sub)) != len(a_sub) or len(set(b_sub)) != len(b_sub) or len(a_sub) != _ndim(a) \
+                or len(b_sub) != _ndim(b):
+            return None
+        return a, b, a_sub, b_sub, out
+    if is_function(node, *MATMUL) or is_method(node, "matmul"):
+        a, b = node.args[:2]
+        va, vb = example_value(a), example_value(b)
+        if va is None or vb is None or va.dim() < 3 or va.dim() != vb.dim() or va.shape[:-2] != vb.shape[:-2]:
+            return None
+        batch = "abcdefghijklmnopqrstuvw"[:va.dim() - 2]
+        return a, b, batch + "xy", batch + "yz", batch + "xz"
+    return None
+
+
+def _gather_source(node: Any) -> Optional[Node]:
+    src = _source(node)
+    return src if _is_gather(src) else None
+
+
+def _data_sources(node: Any, memo: dict) -> set:
+    """Where graph-input data enters ``node`` through data movement (and gathers): the
+    inputs themselves or the first computed values. Constants (no input behind them) are
+    not sources; they are evaluated."""
+    if isinstance(node, (list, tuple)):
+        return set().union(*(_data_sources(n, memo) for n in node)) if node else set()
+    if not isinstance(node, Node):
+        return set()
+    if node.op in ("placeholder", "get_attr"):
+        return {node}
+    if _is_move(node) or _is_gather(node):
+        return set().union(*(_data_sources(n, memo) for n in node.all_input_nodes)) if node.all_input_nodes else set()
+    return {node} if _depends_on_input(node, memo) else set()
+
+
+def _depends_on_input(node: Node, memo: dict) -> bool:
+    """Whether a graph input is among node's ancestors (iterative: a model's graph is deep)."""
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        if n in memo:
+            stack.pop()
+            continue
+        if n.op in ("placeholder", "get_attr"):
+            memo[n] = True
+            stack.pop()
+            continue
+        pending = [i for i in n.all_input_nodes if i not in memo]
+        if pending:
+            stack += pending
+            continue
+        memo[n] = any(memo[i] for i in n.all_input_nodes)
+        stack.pop()
+    return memo[node]
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """t with its broadcast (stride-0) dims cut to size 1: the same values, broadcastable back."""
+    return t[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(t.stride(), t.shape))]
+
+
+def _drop_letter(t: torch.Tensor, sub: str, letter: str) -> tuple[torch.Tensor, str]:
+    """t without its ``letter`` dim, which must hold one value (a token's features move together)."""
+    pos = sub.index(letter)
+    t = _compact(t)
+    if t.shape[pos] > 1 and not bool((t == t.narrow(pos, 0, 1)).all()):
+        raise NotEvaluable("the features of a token are moved apart")
+    return t.select(pos, 0), sub.replace(letter, "")
+
+
+def _align(t: torch.Tensor, sub: str, letters: str) -> torch.Tensor:
+    """t (dims named by ``sub``) with its dims in ``letters`` order, size 1 where a letter is missing."""
+    present = [c for c in letters if c in sub]
+    t = t.permute([sub.index(c) for c in present])
+    for i, c in enumerate(letters):
+        if c not in sub:
+            t = t.unsqueeze(i)
+    return t
+
+
+class _GatherProbe:
+    """``gather(x, dim, index)`` of a position probe x by entry-probe indices, as slot codes.
+
+    x must hold contiguous key blocks along ``dim`` (block w's j-th key is token w * S + j,
+    zero padding past T), so the slot's token is known from its block reference and j.
+    """
+
+    def __init__(self, T: int):
+        self.T = T
+        self.block: Optional[int] = None
+
+    def __call__(self, x: Any, dim: Any, index: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not isinstance(index, torch.Tensor) or not isinstance(dim, int):
+            raise NotEvaluable("gather of something other than keys by block indices")
+        dim = dim % x.dim()
+        xc = _compact(x.long())
+        if xc.shape[dim] < 2:
+            raise NotEvaluable("the keys are gathered from a single block")
+        base = xc.narrow(dim, 0, 1)
+        first = xc.narrow(dim, 1, 1) - base
+        S = int(first.max())
+        w = torch.arange(xc.shape[dim]).view([-1 if d == dim else 1 for d in range(xc.dim())])
+        j = (base - 1) % self.T
+        inside = j + w * S < self.T
+        ok = (base >= 1) & (j < S) & torch.where(inside, xc == base + w * S, xc <= 0)
+        if S < 1 or not bool(ok.all()) or self.block not in (None, S):
+            raise NotEvaluable("the gathered tensor is not contiguous key blocks")
+        self.block = S
+        ic = _compact(index.long())
+        base = base[tuple(slice(None) if d == dim or base.shape[d] == 1 else slice(0, index.shape[d])
+                          for d in range(base.dim()))]
+        ref = torch.where(ic < 0, -ic, -(ic + 1))
+        return (ref * _CODE + base).expand(index.shape)
+
+
+def _peel_not(mask: Any, when: bool) -> tuple[Any, bool]:
+    while isinstance(mask, Node) and (is_function(mask, *NOT) or is_method(mask, "logical_not", "bitwise_not")):
+        mask, when = mask.args[0], not when
+    return mask, when
+
+
+def _topk_range(node: Node) -> Optional[int]:
+    """n when node is the indices of a top-k over a last dim of size n (every index is < n)."""
+    if (is_function(node, operator.getitem) and node.args[1] == 1) or (
+            is_function(node, getattr) and node.args[1] == "indices"):
+        top = node.args[0]
+        if is_method(top, "topk") or is_function(top, torch.topk):
+            src = example_value(top.args[0])
+            if src is not None and _dim(top.args[0], arg(top, 2, "dim", -1)) == src.dim() - 1:
+                return int(src.shape[-1])
+    return None
+
+
+def _gathered_site(pv_node: Node) -> Union[GatheredSite, str, None]:
+    c = _contraction(pv_node)
+    if c is None:
+        return None
+    p, vg, p_sub, v_sub, o_sub = c
+    gv = _gather_source(vg)
+    if gv is None:
+        return None
+    what = "gathered attention"
+    slot = (set(p_sub) & set(v_sub)) - set(o_sub)
+    feat = (set(v_sub) & set(o_sub)) - set(p_sub)
+    if len(slot) != 1 or len(feat) != 1 or set(o_sub) != (set(p_sub) - slot) | feat \
+            or not set(v_sub) <= set(p_sub) | feat:
+        return f"{what}: P @ V does not contract one dim of key slots"
+    slot, feat = slot.pop(), feat.pop()
+    sm, why = _peel_probabilities(p)
+    if sm is None:
+        return why  # not attention (q times gathered keys has the same shape), or inactive dropout's reason
+    if p_sub[-1] != slot:
+        return f"{what}: the softmax is not over the key slots"
+    if len(sm.users) != 1:
+        return "the attention probabilities have other users (the dense T x T matrix is needed anyway)"
+    core, scale, masks = _masks_on(_softmax_input(sm))
+    qk = _contraction(core)
+    if qk is None or len(qk[4]) != len(p_sub):
+        return f"{what}: the scores are not q times the gathered keys ({_name(core)})"
+    a, b, a_sub, b_sub, s_sub = qk
+    fl = (set(a_sub) & set(b_sub)) - set(s_sub)
+    if len(fl) != 1 or set(s_sub) != (set(a_sub) | set(b_sub)) - fl:
+        return f"{what}: the scores do not contract one feature dim"
+    fl = fl.pop()
+    ren = dict(zip(s_sub, p_sub))
+    ren[fl] = next(ch for ch in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if ch not in p_sub + o_sub)
+    a_sub, b_sub = "".join(ren[x] for x in a_sub), "".join(ren[x] for x in b_sub)
+    fl = ren[fl]
+    qn, kg, q_sub, k_sub = (b, a, b_sub, a_sub) if slot in a_sub else (a, b, a_sub, b_sub)
+    if slot in q_sub:
+        return f"{what}: the query operand has a key-slot dim"
+    gk = _gather_source(kg)
+    if gk is None:
+        return f"{what}: the values are gathered but the keys are computed on after their gather " \
+               f"(e.g. differentiable top-k gates)"
+    q = _source(qn)
+    k, v = _kv_sources(gk.args[0], gv.args[0], q) if example_value(q) is not None else (None, None)
+    vals = [example_value(n) for n in (q, k, v)]
+    if any(t is None or t.dim() != 4 for t in vals):
+        return f"{what}: q, k, v are not (B, H, T, D) tensors gathered by data movement"
+    qv, kv, vv = vals
+    if any(isinstance(d, torch.SymInt) for t in vals for d in t.shape):
+        return f"{what}: dynamic shapes are not supported yet"
+    B, H, T, D = qv.shape
+    Hkv = kv.shape[1]
+    if kv.shape != vv.shape or kv.shape[0] != B or tuple(kv.shape[2:]) != (T, D) or Hkv == 0 or H % Hkv:
+        return f"{what}: q {tuple(qv.shape)}, k {tuple(kv.shape)}, v {tuple(vv.shape)} are not self-attention shapes"
+    memo: dict = {}
+    tsrc = _data_sources(arg(gk, 2, "index"), memo)
+    if len(tsrc) != 1 or _data_sources(arg(gv, 2, "index"), memo) != tsrc:
+        return f"{what}: keys and values are not gathered by one index table"
+    table = tsrc.pop()
+    tv = example_value(table)
+    if tv is None or tv.dtype not in (torch.int32, torch.int64) or tv.dim() != 4:
+        return f"{what}: the gather indices are not a (B, H, T, k) integer table"
+    Bt, Ht, Tt, Kt = tv.shape
+    if Ht == H != Hkv:
+        return f"{what}: each of the {H} query heads selects its own blocks, but K/V have {Hkv} heads " \
+               f"(the kernel serves a KV group with one selection)"
+    if Tt != T or Bt not in (1, B) or Ht not in (1, Hkv):
+        return f"{what}: the index table {tuple(tv.shape)} is not one row per token of q {tuple(qv.shape)}"
+    mask_terms, valid = [], None
+    for m, when in masks:
+        m, when = _peel_not(m, when)
+        src = _data_sources(m, memo)
+        if len(src) > 1 or (src and valid is not None and src != {valid}):
+            return f"{what}: the slot mask depends on more than one computed tensor"
+        if src:
+            valid = next(iter(src))
+            mval = example_value(valid)
+            if not when or mval is None or mval.dtype != torch.bool or tuple(mval.shape) != tuple(tv.shape):
+                return f"{what}: the slot mask is not a bool validity of the top-k entries"
+        mask_terms.append((m, when))
+    gp = _GatherProbe(T)
+    try:
+        entries = -(torch.arange(tv.numel()).view(tuple(tv.shape)) + 1)
+        q_tok, q_sub = _drop_letter(_evaluate(qn, {q: _probe(q)}, {})[0], q_sub, fl)
+        kc, k_sub = _drop_letter(_evaluate(kg, {k: _probe(k), table: entries}, {}, gp)[0], k_sub, fl)
+        vc, v_sub = _drop_letter(_evaluate(vg, {v: _probe(v), table: entries}, {}, gp)[0], v_sub, feat)
+        cond = torch.ones((1,) * len(p_sub), dtype=torch.long)
+        for m, when in mask_terms:
+            env = {valid: torch.arange(tv.numel()).view(tuple(tv.shape)) + 2} if valid is not None else {}
+            mv = _evaluate(m, env, {})[0]
+            if not isinstance(mv, torch.Tensor) or mv.dtype.is_floating_point:
+                raise NotEvaluable("the slot mask is not boolean")
+            mv = _compact(mv.long())
+            if not when:  # a constant mask, masked where true
+                mv = 1 - mv
+            mv = mv.view((1,) * (len(p_sub) - mv.dim()) + tuple(mv.shape))
+            cond = torch.where((cond == 0) | (mv == 0), 0, torch.where(mv == 1, cond, torch.where(
+                (cond == 1) | (cond == mv), mv, -1)))
+    except NotEvaluable as exc:
+        return f"{what}: {exc}"
+    except Exception as exc:  # an op we cannot replay outside the graph
+        return f"{what}: could not evaluate its layout ({type(exc).__name__})"
+    S = gp.block
+    if S is None or S < 16 or S & (S - 1):
+        return f"{what}: block size {S} is not a power of two >= 16"
+    kc, vc = _align(kc, k_sub, p_sub), _align(vc, v_sub, p_sub)
+    if not torch.equal(*torch.broadcast_tensors(kc, vc)):
+        return f"{what}: keys and values are gathered differently"
+    if bool((cond < 0).any()):
+        return f"{what}: a slot is masked by two different validities"
+    # query rows: the token, and the KV row its keys must come from (GQA: head // G)
+    qa = _align(q_tok.long(), q_sub, p_sub)
+    lead, tq = torch.div(qa - 1, T, rounding_mode="floor"), (qa - 1) % T
+    kvl = torch.div(lead, H, rounding_mode="floor") * Hkv + torch.div(lead % H, H // Hkv, rounding_mode="floor")
+    real = qa >= 1
+    for d in range(len(p_sub)):  # rows that differ only in a dim no slot depends on (GQA heads) are alike
+        if qa.shape[d] > 1 and kc.shape[d] == 1 and cond.shape[d] == 1:
+            if not all(bool((t == t.narrow(d, 0, 1)).all()) for t in (kvl, tq, real)):
+                return f"{what}: query heads that share their keys are different tokens"
+            kvl, tq, real = (t.narrow(d, 0, 1) for t in (kvl, tq, real))
+    kvl, tq, real, kc, cond = torch.broadcast_tensors(kvl, tq, real, kc, cond)
+    n = kc.shape[-1]
+    kvl, tq, real, kc, cond = (t.reshape(-1, n) for t in (kvl, tq, real, kc, cond))
+    ref = torch.div(kc, _CODE, rounding_mode="floor")
+    base = kc - ref * _CODE
+    klead, kj = torch.div(base - 1, T, rounding_mode="floor"), (base - 1) % T
+    seen = real & (cond != 0)
+    if bool((real & (klead != kvl)).any()):
+        return f"{what} mixes heads or batches"
+    ent, cst = seen & (ref >= 1), seen & (ref <= -1)
+    e = (ref - 1).clamp_min(0)
+    es, et = e % Kt, torch.div(e, Kt, rounding_mode="floor") % Tt
+    eh, eb = torch.div(e, Kt * Tt, rounding_mode="floor") % Ht, torch.div(e, Kt * Tt * Ht, rounding_mode="floor")
+    row_of = (eb == (torch.div(kvl, Hkv, rounding_mode="floor") if Bt > 1 else 0)) \
+        & (eh == (kvl % Hkv if Ht > 1 else 0)) & (et == tq)
+    if bool((ent & ~row_of).any()):
+        return f"{what}: a row reads top-k entries of another row"
+    if bool((ent & (cond != (e + 2 if valid is not None else 1))).any()):
+        return f"{what}: a selected slot is not masked by its own entry's validity"
+    key = torch.where(ent, es * S + kj, Kt * S)
+    hits = torch.zeros(key.shape[0], Kt * S + 1, dtype=torch.long).scatter_add_(1, key, torch.ones_like(key))
+    if not bool((hits[:, :Kt * S] == real.any(-1, keepdim=True).long()).all()):
+        return f"{what}: a row does not read each key of its selected blocks once"
+    cb = -ref - 1
+    if bool((cst & ((cond != 1) | (cb != torch.div(tq, S, rounding_mode="floor")) | (kj > tq % S))).any()):
+        return f"{what}: a constant key block is visible that is not the query's own block up to itself"
+    key = torch.where(cst, kj, S)
+    hits = torch.zeros(key.shape[0], S + 1, dtype=torch.long).scatter_add_(1, key, torch.ones_like(key))[:, :S]
+    own = bool(cst.any())
+    want = (torch.arange(S)[None, :] <= (tq % S)[:, :1]) & real[:, :1] if own else torch.zeros_like(hits, dtype=torch.bool)
+    if not torch.equal(hits, want.long()):
+        return f"{what}: the own-block slots are not each key up to the query once"
+    if T % S and (_topk_range(table) or -(-T // S)) * S > T:
+        return f"{what}: the last, partial key block can be selected, and eager attends its zero padding"
+    q_rows = _align(q_tok.long(), q_sub, o_sub).expand(example_value(pv_node).shape)
+    out = _output_node(pv_node, q_rows, q, what)
+    if isinstance(out, str):
+        return out
+    return GatheredSite(q, k, v, out, scale, table, valid, S, own)
+
+
+def _rewrite_gathered(graph: torch.fx.Graph, site: GatheredSite, anchor: Node, report: Report) -> None:
+    for t in (site.q, site.k, site.v):
+        val = example_value(t)
+        if val.dtype not in SUPPORTED_DTYPES or val.device.type not in ("cpu", "cuda"):
+            report.add_miss(FAMILY, anchor, f"dtype {val.dtype} / device {val.device.type} is not supported")
+            return
+    B, Hkv = example_value(site.q).shape[0], example_value(site.k).shape[1]
+    with graph.inserting_before(site.out):
+        q, k, v = _cast_to(graph, [site.q, site.k, site.v], site.out)
+        idx = site.table
+        if site.valid is not None:
+            idx = graph.call_function(torch.where, (site.valid, idx, -1))
+        table = graph.call_function(topk_to_indices, (idx, B, Hkv))
+        call = graph.call_function(torch.ops.bcpt.nsa_selected_attention.default, (
+            q, k, v, graph.call_function(operator.getitem, (table, 0)), graph.call_function(operator.getitem, (table, 1)),
+            site.block, 1, False, float(site.scale), site.own))
+        out = graph.call_function(operator.getitem, (call, 0))
+    out.meta.update({key: val for key, val in site.out.meta.items()
+                     if key in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
+    report.add_site(FAMILY, anchor, "bcpt.nsa_selected_attention", [site.q, site.k, site.v])
     site.out.replace_all_uses_with(out)
     erase_unused(site.out)
 
@@ -1056,6 +1458,13 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, opts: BcptOptions, report
             continue
         sdpa = is_function(node, *SDPA)
         if not sdpa:
+            gathered = _gathered_site(node)
+            if isinstance(gathered, GatheredSite):
+                _rewrite_gathered(graph, gathered, node, report)
+                continue
+            if isinstance(gathered, str):
+                report.add_miss(FAMILY, node, gathered)
+                continue
             windowed = _windowed_site(node)
             if isinstance(windowed, WindowedSite):
                 _rewrite_windowed(graph, windowed, node, report)
