@@ -10,19 +10,30 @@ import torch.fx
 from .options import FAMILIES
 
 
+#: Libraries a model calls *through*: a frame inside them is not the line to show.
+_LIBRARY_DIRS = ("/einops/", "/torch/")
+
+
 def user_source_line(node: torch.fx.Node) -> str:
-    """The last user frame of the node's stack trace, as ``file:line  code``."""
+    """The last user frame of the node's stack trace, as ``file:line  code``: the last one
+    outside einops and torch (an ``einsum`` spelled through einops points at the model's
+    line, not einops'), or the last one at all."""
     trace = node.meta.get("stack_trace") or ""
     lines = [l.strip() for l in trace.strip().splitlines() if l.strip()]
     # stack traces alternate 'File "...", line N, in fn' / 'code'
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            loc = lines[i].split(",")
-            path = loc[0][len('File "') : -1].rsplit("/", 1)[-1]
+    frames = []
+    for i, line in enumerate(lines):
+        if line.startswith("File "):
+            loc = line.split(",")
+            full = loc[0][len('File "') : -1]
             lineno = loc[1].strip().replace("line ", "") if len(loc) > 1 else "?"
             code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
-            return f"{path}:{lineno}  {code}".strip()
-    return f"<graph node {node.name}>"
+            frames.append((full, lineno, code))
+    if not frames:
+        return f"<graph node {node.name}>"
+    user = [f for f in frames if not any(d in f[0] for d in _LIBRARY_DIRS)]
+    full, lineno, code = (user or frames)[-1]
+    return f"{full.rsplit('/', 1)[-1]}:{lineno}  {code}".strip()
 
 
 def describe_tensor(node: torch.fx.Node) -> str:

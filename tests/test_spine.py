@@ -217,3 +217,19 @@ def test_torch_logs_switch_prints_decisions():
     assert "near-miss [sbl] gate is not provably zero off the mask (call_function sigmoid)" in out.stderr
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "near-miss" not in quiet.stderr  # off by default
+
+
+def test_source_line_skips_library_frames():
+    """A site reached through einops points at the model's line, not einops' internals."""
+    from bcpt_compile.report import user_source_line
+
+    graph = torch.fx.Graph()
+    node = graph.placeholder("x")
+    node.meta["stack_trace"] = (
+        '  File "/home/u/model.py", line 12, in forward\n    out = einsum(p, v, "b h i j, b h j d -> b h i d")\n'
+        '  File "/venv/lib/python3.12/site-packages/einops/einops.py", line 907, in einsum\n'
+        "    return get_backend(tensors[0]).einsum(pattern, *tensors)\n"
+    )
+    assert user_source_line(node) == 'model.py:12  out = einsum(p, v, "b h i j, b h j d -> b h i d")'
+    node.meta["stack_trace"] = '  File "/venv/site-packages/torch/nn/functional.py", line 3, in linear\n    pass\n'
+    assert user_source_line(node) == "functional.py:3  pass"  # only library frames: the last one
