@@ -186,24 +186,24 @@ def _from_bool(node: Any, depth: int = 8) -> bool:
     return False
 
 
-def _is_all_ones(node: Any) -> bool:
+def _is_filled_with(node: Any, value: bool) -> bool:
+    """A tensor of all ones (True) or all zeros (False): ones/zeros factories or ``full``."""
     node = _strip_casts(node)
-    if is_function(node, *ONES) or is_method(node, "new_ones"):
+    makers, method = (ONES, "new_ones") if value else ((torch.zeros, torch.zeros_like), "new_zeros")
+    if is_function(node, *makers) or is_method(node, method):
         return True
     if is_function(node, torch.full, torch.full_like) or is_method(node, "new_full"):
         fill = arg(node, 1, "fill_value")
-        return fill is True or _number(fill) == 1.0
+        return fill is value or _number(fill) == float(value)
     return False
+
+
+def _is_all_ones(node: Any) -> bool:
+    return _is_filled_with(node, True)
 
 
 def _is_zeros(node: Any) -> bool:
-    node = _strip_casts(node)
-    if is_function(node, torch.zeros, torch.zeros_like) or is_method(node, "new_zeros"):
-        return True
-    if is_function(node, torch.full, torch.full_like) or is_method(node, "new_full"):
-        fill = arg(node, 1, "fill_value")
-        return fill is False or _number(fill) == 0.0
-    return False
+    return _is_filled_with(node, False)
 
 
 def _full_slices(index: Any) -> bool:
