@@ -105,6 +105,20 @@ def _visible(t, row_ok, offs_n, ok, own, T, window, MODE: tl.constexpr, CAUSAL: 
 
 
 @triton.jit
+def _probs(q, k, v, do, lse2, qk_scale, t, row_ok, offs_n, ok, own, T, window, MODE: tl.constexpr,
+           CAUSAL: tl.constexpr, OWN: tl.constexpr, PRECISION: tl.constexpr):
+    """(P, dP = dO V^T) of a row tile against a key tile, P recomputed from the saved lse
+    (``lse2``, exp2 domain): one spelling for the backward's three loops, so the delta pass,
+    dq and dk/dv use the same P. Only loaded K/V tiles are transposed here; the dk/dv
+    products stay in their kernel (see ``_bwd_dkv_kernel``)."""
+    s = _mma(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), tl.float32), PRECISION) * qk_scale
+    vis = _visible(t, row_ok, offs_n, ok, own, T, window, MODE, CAUSAL, OWN)
+    p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = _mma(do, tl.trans(v), tl.zeros((q.shape[0], k.shape[0]), tl.float32), PRECISION)
+    return p, dp
+
+
+@triton.jit
 def _rows(pid_q, pid_h, hkv, T, G, QB: tl.constexpr, GH: tl.constexpr):
     r = tl.arange(0, QB * GH)
     t = pid_q * QB + r % QB
@@ -229,10 +243,8 @@ def _bwd_kernel(
             kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
             k = tl.load(k_base + n64[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
             v = tl.load(v_base + n64[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-            s = _mma(q, tl.trans(k), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION) * qk_scale
-            vis = _visible(t, row_ok, offs_n, ok, own, T, window, MODE, CAUSAL, OWN)
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = _mma(do, tl.trans(v), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION)
+            p, dp = _probs(q, k, v, do, lse2, qk_scale, t, row_ok, offs_n, ok, own, T, window, MODE, CAUSAL,
+                           OWN, PRECISION)
             delta += tl.sum(p * dp, 1)
         tl.store(delta_ptrs, delta, mask=row_ok)
     else:
@@ -246,10 +258,8 @@ def _bwd_kernel(
         kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
         k = tl.load(k_base + n64[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + n64[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        s = _mma(q, tl.trans(k), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION) * qk_scale
-        vis = _visible(t, row_ok, offs_n, ok, own, T, window, MODE, CAUSAL, OWN)
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _mma(do, tl.trans(v), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION)
+        p, dp = _probs(q, k, v, do, lse2, qk_scale, t, row_ok, offs_n, ok, own, T, window, MODE, CAUSAL, OWN,
+                       PRECISION)
         ds = p * (dp - delta[:, None])
         if PRECISION == "upcast":
             dq = _mma(ds, k, dq, PRECISION)
@@ -345,10 +355,8 @@ def _bwd_dkv_kernel(
                          mask=rmask, other=0.0)
             lse2 = tl.load(lse_ptr + b * slb + h64 * slh + t64 * slt, mask=row_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(delta_ptr + b * slb + h64 * slh + t64 * slt, mask=row_ok, other=0.0)
-            s = _mma(q, tl.trans(k), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION) * qk_scale
-            vis = _visible(t, row_ok, offs_n, True, own, T, window, MODE, CAUSAL, OWN)
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = _mma(do, tl.trans(v), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION)
+            p, dp = _probs(q, k, v, do, lse2, qk_scale, t, row_ok, offs_n, True, own, T, window, MODE,
+                           CAUSAL, OWN, PRECISION)
             ds = p * (dp - delta[:, None])
             if PRECISION == "upcast":
                 dvT = _mma(tl.trans(do), p, dvT, PRECISION)
