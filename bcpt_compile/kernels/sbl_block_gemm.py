@@ -4,11 +4,13 @@ R = where(keep, s, 0) with keep = mask, or s > threshold (NaN kept, as relu keep
 
 * forward: ``bcat_cluster._tile_bits_kernel`` finds the active tiles (BCAT bits, count and
   a list) and zero-fills the inactive ones at full bandwidth; then ``_sddmm_forward_kernel``,
-  persistent, walks the list: a K-loop GEMM per tile with the gate applied in the epilogue,
-  and, when the gate will need a gradient, the product x W^T + b saved on those tiles.
+  persistent, walks the list (past the density crossover, the grid in grouped order): a
+  K-loop GEMM per tile with the gate applied in the epilogue, and, when the gate will need
+  a gradient, the product x W^T + b saved on those tiles.
 * backward, ``_sddmm_backward_kernel``: per active tile, G' = dy * R (kept in a scratch
   buffer in tile space) and, when s needs a gradient, ds = dy * (x W^T + b) on keep, from
-  the saved product (or a recomputed SDDMM without it); it zero-fills ds's other tiles.
+  the saved product (or a recomputed SDDMM without it); it zero-fills ds's other tiles,
+  and spare programs build the block lists of the two kernels below.
 * ``_dx_kernel`` walks each row tile's active column tiles (dx = G' W),
   ``_dw_kernel`` each column tile's active row tiles (dW = G'^T x, db = colsum G').
 In the backward, once the active count reaches the density crossover (a device-side
@@ -22,7 +24,8 @@ import triton
 import triton.language as tl
 
 from . import launchable
-from .bcat_cluster import BCAT, mark_active_tiles, original_index, tile_word, zero_fill_tile
+from .bcat_cluster import (BCAT, compact_tile_lists, mark_active_tiles, new_block_lists, original_index, tile_word,
+                           zero_fill_tile)
 from .tile_gemm import dot_precision, grouped_tile, mma, xwt_tile
 
 
@@ -38,60 +41,97 @@ def _gate_keep(s, m_ptrs, inside, threshold, HAS_MASK: tl.constexpr, KEEP_NAN: t
 
 
 @triton.jit
+def _tile_is_active(state_ptr, tile_m, tile_n, n_words):
+    word = tl.load(tile_word(state_ptr, tile_m, tile_n, n_words))
+    return ((word >> (tile_n % 32)) & 1) != 0
+
+
+@triton.jit
 def _tile_is_computed(state_ptr, tile_m, tile_n, n_words, dense_min):
     """Active tile, or every tile once the active count reaches the density crossover."""
-    word = tl.load(tile_word(state_ptr, tile_m, tile_n, n_words))
-    return (((word >> (tile_n % 32)) & 1) != 0) | (tl.load(state_ptr) >= dense_min)
+    return _tile_is_active(state_ptr, tile_m, tile_n, n_words) | (tl.load(state_ptr) >= dense_min)
 
 
 @triton.jit
 def _sddmm_forward_kernel(
     x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, perm_ptr, col_perm_ptr, state_ptr, list_ptr,
-    M, N, K, Nt, threshold,
+    M, N, K, Mt, Nt, n_words, dense_min, threshold,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
     stride_mm, stride_mn, stride_ym, stride_yn, stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
     SAVE_Z: tl.constexpr, PROGRAMS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Persistent: PROGRAMS programs walk the list of active tiles (its length is the BCAT
     count, read on the device), so no program is spent on an inactive tile and the grid
-    does not depend on the data."""
-    for t in range(tl.program_id(0), tl.load(state_ptr), PROGRAMS):
-        tile = tl.load(list_ptr + t)
-        tile_m = tile // Nt
-        tile_n = tile % Nt
-        offs_m = tile_m * BM + tl.arange(0, BM)
-        offs_n = tile_n * BN + tl.arange(0, BN)
-        rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
-        cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
-        inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        z = xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
-                     stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
-        if SAVE_Z:  # for the gate's gradient, rounded like the linear output eager saves
-            tl.store(z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn,
-                     z.to(z_ptr.dtype.element_ty), mask=inside)
-        s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
-        keep = _gate_keep(s, m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
-                          inside, threshold, HAS_MASK, True)
-        r = tl.where(keep, s.to(tl.float32), 0.0)
-        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-                 (z * r).to(y_ptr.dtype.element_ty), mask=inside)
+    does not depend on the data. Past the density crossover they walk the whole grid in
+    grouped order instead, skipping inactive tiles: concurrent tiles then share x and W
+    rows in L2 (the list's order is only as grouped as the appends' race allows), which
+    is what dense GEMMs live on."""
+    count = tl.load(state_ptr)
+    dense = count >= dense_min
+    for t in range(tl.program_id(0), tl.where(dense, Mt * Nt, count), PROGRAMS):
+        if dense:
+            tile_m, tile_n = grouped_tile(t, Mt, Nt, GROUP_M)
+            active = _tile_is_active(state_ptr, tile_m, tile_n, n_words)
+        else:
+            tile = tl.load(list_ptr + t)
+            tile_m = tile // Nt
+            tile_n = tile % Nt
+            active = t < count  # true: the list holds count tiles
+        if active:
+            _forward_tile(x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n,
+                          M, N, K, threshold, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
+                          stride_mm, stride_mn, stride_ym, stride_yn, stride_zm, stride_zn,
+                          HAS_BIAS, HAS_MASK, HAS_PERM, HAS_COL_PERM, SAVE_Z, BM, BN, BK, PRECISION, EVEN_K)
+
+
+@triton.jit
+def _forward_tile(x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n,
+                  M, N, K, threshold, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
+                  stride_mm, stride_mn, stride_ym, stride_yn, stride_zm, stride_zn,
+                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr,
+                  HAS_COL_PERM: tl.constexpr, SAVE_Z: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
+    offs_m = tile_m * BM + tl.arange(0, BM)
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
+    cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    z = xwt_tile(x_ptr, w_ptr, b_ptr, rows, cols, offs_m, offs_n, M, N, K,
+                 stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS, BM, BN, BK, PRECISION, EVEN_K)
+    if SAVE_Z:  # for the gate's gradient, rounded like the linear output eager saves
+        tl.store(z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn,
+                 z.to(z_ptr.dtype.element_ty), mask=inside)
+    s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
+    keep = _gate_keep(s, m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
+                      inside, threshold, HAS_MASK, True)
+    r = tl.where(keep, s.to(tl.float32), 0.0)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+             (z * r).to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _sddmm_backward_kernel(
     x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, dy_ptr, z_ptr, g_ptr, ds_ptr, perm_ptr, col_perm_ptr, state_ptr,
+    row_counts_ptr, row_cols_ptr, col_counts_ptr, col_rows_ptr,
     M, N, K, Mt, Nt, n_words, dense_min, threshold,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
     stride_mm, stride_mn, stride_dym, stride_dyn, stride_zm, stride_zn, stride_dsm, stride_dsn,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
     NEED_DS: tl.constexpr, HAS_Z: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, CHUNK: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    TILES: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    tile_m, tile_n = grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
+    """Programs past the Mt * Nt tiles build the dx and dW kernels' block lists (one launch
+    fewer: the host, not the GPU, bounds a compiled step at 10 % density)."""
+    pid = tl.program_id(0)
+    if pid >= Mt * Nt:
+        compact_tile_lists(pid - Mt * Nt, state_ptr, row_counts_ptr, row_cols_ptr, col_counts_ptr, col_rows_ptr,
+                           Mt, Nt, n_words, TILES)
+        return
+    tile_m, tile_n = grouped_tile(pid, Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
     rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
@@ -131,10 +171,13 @@ def _dx_kernel(
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, EVEN: tl.constexpr,
 ):
-    """EVEN (every dim a multiple of its tile): loads without masks, which pipeline best."""
-    tile_m = tl.program_id(0)
+    """EVEN (every dim a multiple of its tile): loads without masks, which pipeline best.
+
+    Axis 0 of the grid is the K block, so concurrent programs share a few row tiles of G'
+    (read from HBM once) and all of W (which stays in L2)."""
+    tile_m = tl.program_id(1)
     offs_m = tile_m * BM + tl.arange(0, BM)
-    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    offs_k = tl.program_id(0) * BK + tl.arange(0, BK)
     n_blocks = tl.where(tl.load(state_ptr) >= dense_min, Nt, tl.load(counts_ptr + tile_m))
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for i in range(0, n_blocks):
@@ -163,9 +206,10 @@ def _dw_kernel(
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, NEED_DB: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr,
 ):
-    """EVEN (every dim a multiple of its tile): loads without masks, which pipeline best."""
-    tile_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    """EVEN (every dim a multiple of its tile): loads without masks, which pipeline best.
+    K blocks on grid axis 0, as in ``_dx_kernel``."""
+    tile_n = tl.program_id(1)
+    pid_k = tl.program_id(0)
     offs_n = tile_n * BN + tl.arange(0, BN)
     offs_k = pid_k * BK + tl.arange(0, BK)
     n_blocks = tl.where(tl.load(state_ptr) >= dense_min, Mt, tl.load(counts_ptr + tile_n))
@@ -203,13 +247,16 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-#: Per-kernel launch settings on CUDA, keyed by kernel family ("sddmm", "dx", "dw");
-#: benchmarks/bench_sbl.py sweeps them on the H100 at 10 % active tiles; the defaults are
-#: its picks (the runs disagree within ~5 %, which is the sweep's noise).
+#: Per-kernel launch settings on CUDA, keyed by kernel family ("sddmm" the forward GEMM,
+#: "sddmm_backward", "dx", "dw"); benchmarks/sweep_sbl_gemm.py and bench_sbl.py sweep them
+#: on the H100. The forward's BK 64 / 3 stages fits two programs per SM, which hides the
+#: loads best at 10 % and at 100 % active tiles alike (1.25x over BK 128 at 10 %); dx and
+#: dW's BK 256 (128x256 output tiles) is 1.14x over BK 128 at 100 %, within noise at 10 %.
 CUDA_CONFIGS = {
-    "sddmm": {"BK": 128, "num_warps": 8, "num_stages": 3},
-    "dx": {"BK": 128, "num_warps": 8, "num_stages": 3},
-    "dw": {"BK": 128, "num_warps": 8, "num_stages": 3},
+    "sddmm": {"BK": 64, "num_warps": 4, "num_stages": 3},
+    "sddmm_backward": {"BK": 128, "num_warps": 8, "num_stages": 3},
+    "dx": {"BK": 256, "num_warps": 8, "num_stages": 3},
+    "dw": {"BK": 256, "num_warps": 8, "num_stages": 3},
 }
 
 
@@ -253,12 +300,12 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
     m = mask if mask is not None else gate
     launchable(_sddmm_forward_kernel, x)[(programs,)](
         x, weight, bias, gate, m, y, z, bcat.perm, bcat.col_perm, bcat.state, tiles,
-        M, N, K, Nt, float(threshold),
+        M, N, K, Mt, Nt, bcat.n_words, bcat.dense_min, float(threshold),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
         m.stride(0), m.stride(1), y.stride(0), y.stride(1), *(z.stride() if z is not None else (0, 0)),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None,
         HAS_COL_PERM=bcat.col_perm is not None, SAVE_Z=z is not None, PROGRAMS=programs,
-        BM=BM, BN=BN, PRECISION=dot_precision(x), EVEN_K=K % cfg["BK"] == 0, **cfg,
+        BM=BM, BN=BN, GROUP_M=8, PRECISION=dot_precision(x), EVEN_K=K % cfg["BK"] == 0, **cfg,
     )
     return y, z
 
@@ -271,31 +318,34 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
     N = weight.shape[0]
     BM, BN = bcat.block_m, bcat.block_n
     Mt, Nt = bcat.grid
-    cfg = _launch_config("sddmm", BM, x.device)
+    cfg = _launch_config("sddmm_backward", BM, x.device)
     prec = dot_precision(x)
     has_perm, has_col_perm = bcat.perm is not None, bcat.col_perm is not None
     perm, col_perm = bcat.perm, bcat.col_perm
     m = mask if mask is not None else gate
     g = _empty((M, N), x.dtype, x.device)  # G' = dy * R, tile space
     ds = _empty(gate.shape, gate.dtype, x.device) if need_ds else None  # the kernel zero-fills skipped tiles
+    row_counts = row_cols = col_counts = col_rows = None
     if M and N:
-        launchable(_sddmm_backward_kernel, x)[(Mt * Nt,)](
+        bcat.lists = row_counts, row_cols, col_counts, col_rows = new_block_lists(Mt, Nt, x.device)
+        launchable(_sddmm_backward_kernel, x)[(Mt * Nt + Mt + Nt,)](
             x, weight, bias, gate, m, grad, product, g, ds, perm, col_perm, bcat.state,
+            row_counts, row_cols, col_counts, col_rows,
             M, N, K, Mt, Nt, bcat.n_words, bcat.dense_min, float(threshold),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
             m.stride(0), m.stride(1), grad.stride(0), grad.stride(1),
             *(product.stride() if product is not None else (0, 0)), *(ds.stride() if ds is not None else (0, 0)),
             HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=has_perm,
             HAS_COL_PERM=has_col_perm, NEED_DS=need_ds, HAS_Z=product is not None,
-            BM=BM, BN=BN, GROUP_M=8, CHUNK=min(32, BM), PRECISION=prec, EVEN_K=K % cfg["BK"] == 0, **cfg,
+            BM=BM, BN=BN, GROUP_M=8, CHUNK=min(32, BM), TILES=triton.next_power_of_2(max(Mt, Nt)), PRECISION=prec,
+            EVEN_K=K % cfg["BK"] == 0, **cfg,
         )
     dx = dw = db = None
-    row_counts, row_cols, col_counts, col_rows = bcat.block_lists() if (M and N) else (None,) * 4
     if need_dx:
         dx = _empty(x.shape, x.dtype, x.device)
         if M and K:
             cfg = _launch_config("dx", BM, x.device)
-            launchable(_dx_kernel, x)[(Mt, triton.cdiv(K, cfg["BK"]))](
+            launchable(_dx_kernel, x)[(triton.cdiv(K, cfg["BK"]), Mt)](
                 g, weight, dx, perm, col_perm, row_counts, row_cols, bcat.state,
                 M, N, K, Nt, bcat.dense_min, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
                 HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, BM=BM, BN=BN, PRECISION=prec,
@@ -306,7 +356,7 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
         db = _empty((N,), bias.dtype if bias is not None else x.dtype, x.device) if need_db else None
         if N and K:
             cfg = _launch_config("dw", BM, x.device)
-            launchable(_dw_kernel, x)[(Nt, triton.cdiv(K, cfg["BK"]))](
+            launchable(_dw_kernel, x)[(triton.cdiv(K, cfg["BK"]), Nt)](
                 g, x, dw, db, perm, col_perm, col_counts, col_rows, bcat.state,
                 M, N, K, Mt, bcat.dense_min, x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
                 HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, NEED_DB=need_db, BM=BM, BN=BN, PRECISION=prec,
