@@ -63,6 +63,13 @@ def _tokens_features(gate: Tensor) -> tuple:
     return tokens, gate.shape[-1]
 
 
+def _signature(op) -> str:
+    """``op``'s schema without its name: each triton_op's opaque ``*_cpu`` twin is declared
+    from it, so the signature is written once and the two ops cannot drift apart."""
+    schema = str(op._opoverload._schema)
+    return schema[schema.index("("):]
+
+
 @torch.library.triton_op("bcpt::sbl_masked_linear", mutates_args=())
 def sbl_masked_linear(
     x: Tensor,
@@ -93,23 +100,8 @@ def sbl_masked_linear(
                                                 density_crossover, reorder, save_product)
 
 
-@torch.library.custom_op("bcpt::sbl_masked_linear_cpu", mutates_args=())
-def _sbl_masked_linear_cpu(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    gate: Tensor,
-    mask: Optional[Tensor],
-    threshold: float,
-    block_size: int,
-    density_crossover: float,
-    reorder: bool,
-    save_product: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder, save_product)
-
-
-def _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder, save_product):
+def _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder, save_product=False):
+    # Keeps the schema's default: as the CPU op's kernel, it is called without trailing defaulted arguments.
     _check_inputs(x, weight, bias, gate, mask)
     out_dtype = torch.promote_types(x.dtype, gate.dtype)
     M, N = _tokens_features(gate)
@@ -134,6 +126,10 @@ def _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossov
     return (y.view(gate.shape), bcat.state,
             perm if perm is not None else no_perm(), col_perm if col_perm is not None else no_perm(),
             z.view(gate.shape) if z is not None else _no_product(gate))
+
+
+_sbl_masked_linear_cpu = torch.library.custom_op(
+    "bcpt::sbl_masked_linear_cpu", mutates_args=(), schema=_signature(sbl_masked_linear))(_forward)
 
 
 @_sbl_masked_linear_cpu.register_fake
@@ -176,27 +172,6 @@ def sbl_masked_linear_backward(
     return torch.ops.bcpt.sbl_masked_linear_backward_cpu(*args)
 
 
-@torch.library.custom_op("bcpt::sbl_masked_linear_backward_cpu", mutates_args=())
-def _sbl_masked_linear_backward_cpu(
-    grad: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    gate: Tensor,
-    mask: Optional[Tensor],
-    tile_state: Tensor,
-    row_perm: Tensor,
-    col_perm: Tensor,
-    product: Tensor,
-    threshold: float,
-    block_size: int,
-    density_crossover: float,
-    needs: Sequence[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward_grads(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, product, threshold,
-                           block_size, density_crossover, needs)
-
-
 def _backward_grads(grad, x, weight, bias, gate, mask, tile_state, row_perm, col_perm, product, threshold,
                     block_size, density_crossover, needs):
     need_dx, need_dw, need_db, need_ds = (bool(n) for n in needs)
@@ -230,6 +205,11 @@ def _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds, p
         z = (product if product.numel() else F.linear(x, weight, bias)).to(grad.dtype)
         ds = torch.where(_keep(gate, mask, threshold, keep_nan=False), grad * z, 0).to(gate.dtype)
     return dx, dw, db, ds
+
+
+_sbl_masked_linear_backward_cpu = torch.library.custom_op(
+    "bcpt::sbl_masked_linear_backward_cpu", mutates_args=(), schema=_signature(sbl_masked_linear_backward)
+)(_backward_grads)
 
 
 @_sbl_masked_linear_backward_cpu.register_fake
