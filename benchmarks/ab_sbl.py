@@ -1,0 +1,62 @@
+"""A/B of two source trees on one machine: SBL forward and forward+backward, eager vs bcpt.
+
+    python benchmarks/ab_sbl.py TREE_A TREE_B [--rounds 2]
+
+Each tree runs in its own process, alternately, so host speed drift hits both alike;
+prints device time (do_bench median) and host time per compiled step (no sync).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r'''
+import math, sys, time, json
+import torch, torch.nn.functional as F
+from triton.testing import do_bench
+import bcpt_compile  # noqa
+sys.path.insert(0, "benchmarks")
+from bench_sbl import block_mask_gate
+torch.manual_seed(0)
+M, K, N = 8192, 2048, 8192
+x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+w = (torch.randn(N, K, device="cuda") / math.sqrt(K)).to(torch.bfloat16).requires_grad_()
+dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+sbl = lambda x, w, s: F.linear(x, w) * torch.relu(s)
+f = torch.compile(sbl, backend="bcpt")
+out = {}
+for frac in (0.1, 1.0):
+    s = block_mask_gate(M, N, frac).requires_grad_()
+    step = lambda: torch.autograd.grad(f(x, w, s), (x, w, s), dy)
+    fwd = lambda: f(x, w, s)
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(50):
+        step()
+    host = (time.perf_counter() - t) / 50 * 1e3
+    torch.cuda.synchronize()
+    out[frac] = {"fwd": do_bench(fwd, warmup=50, rep=300, return_mode="median"),
+                 "fwdbwd": do_bench(step, warmup=50, rep=300, return_mode="median"), "host_fwdbwd": host}
+out["module"] = bcpt_compile.__file__
+print(json.dumps(out))
+'''
+
+
+def run(tree):
+    # each tree its own compile caches: a shared one would serve one tree's kernels to the other
+    env = {**os.environ, "PYTHONPATH": tree, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tree, ".cache", "inductor"),
+           "TRITON_CACHE_DIR": os.path.join(tree, ".cache", "triton")}
+    r = subprocess.run([sys.executable, "-c", CHILD], cwd=tree, capture_output=True, text=True, env=env)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"error": r.stderr[-800:]}
+
+
+if __name__ == "__main__":
+    a, b = sys.argv[1], sys.argv[2]
+    rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 2
+    for i in range(rounds):
+        for tree in (a, b):
+            print(tree, json.dumps(run(tree)), flush=True)
