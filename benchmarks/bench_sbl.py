@@ -249,6 +249,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="re-pick the kernels' launch configs first")
     args = ap.parse_args()
+    # one function compiled by three backends, with and without grads, masks of each density:
+    # past Dynamo's default limit of 8 it would silently run eager for the later cases
+    torch._dynamo.config.recompile_limit = 64
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
         f"date {time.strftime('%Y-%m-%d')}")
     M, K, N = 8192, 2048, 8192
