@@ -36,8 +36,9 @@ Backward, two kernels, both deterministic (no atomics):
   tiles that see it, summing over all heads of the group: an arithmetic range for the
   window, and for selected blocks the key block's slice of the inverse (CSR) selection
   table that ``inverse_table`` builds on the device (stable sort, no sync), then (``OWN``)
-  the query tiles inside the block. It accumulates dk^T and dv^T, so that no transposed
-  register tensor is a dot's left operand (a Hopper miscompile, see the kernel).
+  the query tiles inside the block. It runs key-major (``S^T = K Q^T``), as FlashAttention's
+  dk/dv loop does: the key tile fills the MMA's M side and no register tensor is
+  transposed into a dot (a Hopper miscompile, see the kernel).
 
 An atomic-add dk/dv variant of ``_bwd_kernel`` is kept for debugging (``extra["atomic"]``).
 """
@@ -53,6 +54,7 @@ from .tile_gemm import mma as _mma
 
 MODE_SELECTED = 0
 MODE_WINDOW = 1
+DKV_WARPS = 8  # the key-centric backward's warps on a GPU
 _LOG2E = 1.4426950408889634
 
 
@@ -92,30 +94,44 @@ def _num_steps(m0, cnt_ptr, KMAX, T, window, MODE: tl.constexpr, QB: tl.constexp
 
 
 @triton.jit
-def _visible(t, row_ok, offs_n, ok, own, T, window, MODE: tl.constexpr, CAUSAL: tl.constexpr,
-             OWN: tl.constexpr):
-    vis = row_ok[:, None] & (offs_n[None, :] < T) & ok
+def _visible(ti, kj, row_ok, ok, own, T, window, MODE: tl.constexpr, CAUSAL: tl.constexpr, OWN: tl.constexpr):
+    """Which (query ``ti``, key ``kj``) pairs are visible. ``ti``/``row_ok`` and ``kj`` come
+    pre-broadcast (``t[:, None], offs_n[None, :]`` or the transpose), so the query-major and the
+    key-major loops share one rule."""
+    vis = row_ok & (kj < T) & ok
     if CAUSAL:
-        vis = vis & (offs_n[None, :] <= t[:, None])
+        vis = vis & (kj <= ti)
     elif OWN:
-        vis = vis & ((offs_n[None, :] <= t[:, None]) | ~own)
+        vis = vis & ((kj <= ti) | ~own)
     if MODE == 1:
-        vis = vis & (t[:, None] - offs_n[None, :] < window)
+        vis = vis & (ti - kj < window)
     return vis
 
 
 @triton.jit
 def _probs(q, k, v, do, lse2, qk_scale, t, row_ok, offs_n, ok, own, T, window, MODE: tl.constexpr,
            CAUSAL: tl.constexpr, OWN: tl.constexpr, PRECISION: tl.constexpr):
-    """(P, dP = dO V^T) of a row tile against a key tile, P recomputed from the saved lse
-    (``lse2``, exp2 domain): one spelling for the backward's three loops, so the delta pass,
-    dq and dk/dv use the same P. Only loaded K/V tiles are transposed here; the dk/dv
-    products stay in their kernel (see ``_bwd_dkv_kernel``)."""
+    """(P, dP = dO V^T), rows x keys, P recomputed from the saved lse (``lse2``, exp2 domain):
+    one spelling for the dq kernel's delta and dq loops, so both use the same P."""
     s = _mma(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), tl.float32), PRECISION) * qk_scale
-    vis = _visible(t, row_ok, offs_n, ok, own, T, window, MODE, CAUSAL, OWN)
+    vis = _visible(t[:, None], offs_n[None, :], row_ok[:, None], ok, own, T, window, MODE, CAUSAL, OWN)
     p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
     dp = _mma(do, tl.trans(v), tl.zeros((q.shape[0], k.shape[0]), tl.float32), PRECISION)
     return p, dp
+
+
+@triton.jit
+def _probs_t(q, k, v, do, lse2, qk_scale, t, row_ok, offs_n, own, T, window, MODE: tl.constexpr,
+             CAUSAL: tl.constexpr, OWN: tl.constexpr, PRECISION: tl.constexpr):
+    """(P^T, dP^T), keys x rows, for the key-centric dk/dv loop: the key tile is the MMA's M
+    side (64 rows, a full Hopper wgmma, where a per-token tile of 16 query rows is not), and
+    P^T, dS^T come out of the accumulator already as the left operand of dV += P^T dO,
+    dK += dS^T Q: no register tensor is transposed (see ``_bwd_dkv_kernel``)."""
+    sT = _mma(k, tl.trans(q), tl.zeros((k.shape[0], q.shape[0]), tl.float32), PRECISION) * qk_scale
+    vis = _visible(t[None, :], offs_n[:, None], row_ok[None, :], True, own, T, window, MODE, CAUSAL, OWN)
+    pT = tl.where(vis, tl.exp2(sT - lse2[None, :]), 0.0)
+    dpT = _mma(v, tl.trans(do), tl.zeros((k.shape[0], q.shape[0]), tl.float32), PRECISION)
+    return pT, dpT
 
 
 @triton.jit
@@ -170,7 +186,7 @@ def _fwd_kernel(
         k = tl.load(k_base + n64[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + n64[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
         s = _mma(q, tl.trans(k), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION) * qk_scale
-        vis = _visible(t, row_ok, offs_n, ok, own, T, window, MODE, CAUSAL, OWN)
+        vis = _visible(t[:, None], offs_n[None, :], row_ok[:, None], ok, own, T, window, MODE, CAUSAL, OWN)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -265,7 +281,7 @@ def _bwd_kernel(
             dq = _mma(ds, k, dq, PRECISION)
         else:
             dq = _mma(ds.to(k.dtype), k, dq, PRECISION)
-        if ATOMIC_DKV:  # transposed products, as in _bwd_dkv_kernel (see there)
+        if ATOMIC_DKV:  # debug only: transposed products from shared memory, dk^T += q^T dS
             if PRECISION == "upcast":
                 dv_c = _mma(tl.trans(do), p, tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
                 dk_c = _mma(tl.trans(q), ds, tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
@@ -297,14 +313,13 @@ def _bwd_dkv_kernel(
     inverse (CSR) selection table, sorted by query tile, then (OWN) the query tiles inside
     this block, which see it causally: a deterministic order, no atomics.
 
-    dk and dv are accumulated transposed, ``dk^T += q^T dS``: the operand computed in
-    registers (dS, P) is the right-hand one, which Triton stages through shared memory, so
-    both wgmma operands come from shared memory. The direct form ``tl.dot(tl.trans(ds), q)``
-    transposes a register tensor into a ``#linear`` layout and feeds it as the left operand
-    of a Hopper wgmma, which Triton 3.4 to 3.7.0 miscompile on sm_90 for some tile shapes
-    (fla-org/flash-linear-attention#640, the same dk-only error): the likely cause of the
-    per-token dk that failed on the H100 (relative error 2.2e-1) while the interpreter was
-    exact. A test compiles this kernel for sm_90 and checks its wgmma operands.
+    Key-major, as FlashAttention's dk/dv loop: S^T = K Q^T puts the key tile on the MMA's M
+    side, and ``dV += P^T dO``, ``dK += dS^T Q`` take P^T and dS^T from the accumulator as
+    they are. Never transpose a register tensor into a dot here: ``tl.dot(tl.trans(ds), q)``
+    feeds a ``#linear``-layout register operand to a Hopper wgmma, which Triton 3.4 to 3.7.0
+    miscompile on sm_90 for some tile shapes (fla-org/flash-linear-attention#640): that was
+    the per-token dk at relative error 2.2e-1 on the H100 while the interpreter was exact.
+    A test compiles this kernel for sm_90 and checks its wgmma operands.
     """
     kb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -331,8 +346,8 @@ def _bwd_dkv_kernel(
         n_csr = 0
         last = tl.minimum(kb * BLOCK_N + BLOCK_N - 1 + window - 1, T - 1) // QB
         n_tiles = last - start + 1
-    dkT = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    dvT = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for it in range(0, n_tiles):
         own = False
         if MODE == 0:
@@ -355,20 +370,19 @@ def _bwd_dkv_kernel(
                          mask=rmask, other=0.0)
             lse2 = tl.load(lse_ptr + b * slb + h64 * slh + t64 * slt, mask=row_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(delta_ptr + b * slb + h64 * slh + t64 * slt, mask=row_ok, other=0.0)
-            p, dp = _probs(q, k, v, do, lse2, qk_scale, t, row_ok, offs_n, True, own, T, window, MODE,
-                           CAUSAL, OWN, PRECISION)
-            ds = p * (dp - delta[:, None])
+            pT, dpT = _probs_t(q, k, v, do, lse2, qk_scale, t, row_ok, offs_n, own, T, window, MODE,
+                               CAUSAL, OWN, PRECISION)
+            dsT = pT * (dpT - delta[None, :])
             if PRECISION == "upcast":
-                dvT = _mma(tl.trans(do), p, dvT, PRECISION)
-                dkT = _mma(tl.trans(q), ds, dkT, PRECISION)
+                dv = _mma(pT, do, dv, PRECISION)
+                dk = _mma(dsT, q, dk, PRECISION)
             else:
-                dvT = _mma(tl.trans(do), p.to(do.dtype), dvT, PRECISION)
-                dkT = _mma(tl.trans(q), ds.to(q.dtype), dkT, PRECISION)
-    kvT_mask = (offs_n[None, :] < T) & d_ok[:, None]
-    tl.store(dk_ptr + b * sdkb + hkv.to(tl.int64) * sdkh + n64[None, :] * sdkt + offs_d[:, None] * sdkd,
-             (dkT * sm_scale).to(dk_ptr.dtype.element_ty), mask=kvT_mask)
-    tl.store(dv_ptr + b * sdvb + hkv.to(tl.int64) * sdvh + n64[None, :] * sdvt + offs_d[:, None] * sdvd,
-             dvT.to(dv_ptr.dtype.element_ty), mask=kvT_mask)
+                dv = _mma(pT.to(do.dtype), do, dv, PRECISION)
+                dk = _mma(dsT.to(q.dtype), q, dk, PRECISION)
+    tl.store(dk_ptr + b * sdkb + hkv.to(tl.int64) * sdkh + n64[:, None] * sdkt + offs_d[None, :] * sdkd,
+             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + b * sdvb + hkv.to(tl.int64) * sdvh + n64[:, None] * sdvt + offs_d[None, :] * sdvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -442,9 +456,9 @@ def _launch(kernel_fwd: bool, mode: int, q, k, v, idx, cnt, QB: int, block_n: in
             else:
                 off = rows = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
             GH2, warps2 = _tiling(QB, G, D, cuda)
-            # dk^T and dv^T accumulators (D x BLOCK_N fp32 each) live in registers for the whole
+            # the dk and dv accumulators (BLOCK_N x D fp32 each) live in registers for the whole
             # program: 8 warps on a GPU keep them from spilling at D = 128
-            meta2 = dict(meta, GH=GH2, num_warps=8 if cuda else 4)
+            meta2 = dict(meta, GH=GH2, num_warps=DKV_WARPS if cuda else 4)
             _bwd_dkv_kernel[(triton.cdiv(T, block_n), B * Hkv)](
                 q, k, v, do, lse, delta, dk, dv, off, rows,
                 T, G, Hkv, NQT, int(window), scale * _LOG2E, scale,

@@ -1,0 +1,82 @@
+"""Where the selected-attention backward spends its time: bcpt's kernels one by one, next to fla.
+
+    python benchmarks/profile_attention.py [--ts 8192,32768] [--warps 4,8]
+
+Per-token selection (bench_attention's shapes: B 1, H 16, Hkv 1, D 128, bf16, 16 blocks of
+64). For each T: the device time per kernel of one bcpt forward+backward and one fla
+``parallel_nsa`` forward+backward (torch.profiler, 5 steps), then bcpt's fwd+bwd time
+(``triton.testing.do_bench``) for each dk/dv warp count and with and without the exact delta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_attention import BS, TOPK, bcpt_call, fla_import, fla_inputs, make_qkv, make_selection  # noqa: E402
+
+from bcpt_compile.kernels import nsa_attention as K  # noqa: E402
+
+
+def kernel_table(step, steps: int = 5) -> list[tuple[str, float]]:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total / steps / 1e3) for e in prof.key_averages() if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ts", default="8192,32768")
+    ap.add_argument("--warps", default="4,8")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    fla, note = fla_import()
+    for T in (int(t) for t in args.ts.split(",")):
+        q, k, v, do = make_qkv(T, 1, dev)
+        idx, counts = make_selection(T, 1, True, dev)
+        scale = q.shape[-1] ** -0.5
+        ins = [t.requires_grad_(True) for t in (q, k, v)]
+
+        def bcpt_step():
+            bcpt_call("selected", q, k, v, idx, counts, True, scale).backward(do)
+
+        print(f"=== T {T}: bcpt fwd+bwd kernels (ms per step)")
+        for name, ms in kernel_table(bcpt_step)[:10]:
+            print(f"  {ms:8.3f}  {name[:90]}")
+        if fla is not None:
+            qt, kt, vt, it = fla_inputs(q, k, v, idx)
+            dot = do.transpose(1, 2).contiguous()
+
+            def fla_step():
+                fla(qt, kt, vt, block_indices=it, block_counts=TOPK, block_size=BS, scale=scale).backward(dot)
+
+            print(f"=== T {T}: fla fwd+bwd kernels (ms per step)")
+            for name, ms in kernel_table(fla_step)[:10]:
+                print(f"  {ms:8.3f}  {name[:90]}")
+            print(f"  fla fwd+bwd do_bench {do_bench(fla_step, grad_to_none=[qt, kt, vt], return_mode='median'):.3f} ms")
+        else:
+            print(f"  fla unavailable: {note}")
+        for exact in (True, False):
+            K.EXACT_DELTA_16BIT = exact
+            for w in (int(x) for x in args.warps.split(",")):
+                K.DKV_WARPS = w
+                ms = do_bench(bcpt_step, grad_to_none=ins, return_mode="median")
+                print(f"  bcpt fwd+bwd exact_delta={exact} dkv_warps={w}: {ms:.3f} ms")
+        K.EXACT_DELTA_16BIT, K.DKV_WARPS = True, 8
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
