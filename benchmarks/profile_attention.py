@@ -5,7 +5,8 @@
 Per-token selection (bench_attention's shapes: B 1, H 16, Hkv 1, D 128, bf16, 16 blocks of
 64). For each T: the device time per kernel of one bcpt forward+backward and one fla
 ``parallel_nsa`` forward+backward (torch.profiler, 5 steps), then bcpt's fwd+bwd time
-(``triton.testing.do_bench``) for each dk/dv warp count and with and without the exact delta.
+(``triton.testing.do_bench``) for each dk/dv warp count, chunk floor, and with and without the
+exact delta.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ts", default="8192,32768")
     ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--chunks", default="256", help="DKV_CHUNK_MIN values to try")
     args = ap.parse_args()
     dev = torch.device("cuda")
     fla, note = fla_import()
@@ -68,13 +70,16 @@ def main() -> int:
             print(f"  fla fwd+bwd do_bench {do_bench(fla_step, grad_to_none=[qt, kt, vt], return_mode='median'):.3f} ms")
         else:
             print(f"  fla unavailable: {note}")
+        defaults = K.EXACT_DELTA_16BIT, K.DKV_WARPS, K.DKV_CHUNK_MIN
         for exact in (True, False):
             K.EXACT_DELTA_16BIT = exact
             for w in (int(x) for x in args.warps.split(",")):
                 K.DKV_WARPS = w
-                ms = do_bench(bcpt_step, grad_to_none=ins, return_mode="median")
-                print(f"  bcpt fwd+bwd exact_delta={exact} dkv_warps={w}: {ms:.3f} ms")
-        K.EXACT_DELTA_16BIT, K.DKV_WARPS = True, 8
+                for c in (int(x) for x in args.chunks.split(",")):
+                    K.DKV_CHUNK_MIN = c
+                    ms = do_bench(bcpt_step, grad_to_none=ins, return_mode="median")
+                    print(f"  bcpt fwd+bwd exact_delta={exact} dkv_warps={w} chunk_min={c}: {ms:.3f} ms")
+        K.EXACT_DELTA_16BIT, K.DKV_WARPS, K.DKV_CHUNK_MIN = defaults
     return 0
 
 

@@ -168,6 +168,46 @@ def test_inverse_table_lists_each_selection_once_in_query_order():
             assert got == want, (bh, kb, got, want)
 
 
+@pytest.mark.parametrize("own", [False, True])
+def test_dkv_work_split_covers_every_step_once(own):
+    """Each key tile's steps (CSR entries, plus its own query tiles) are cut into chunks that the
+    work items cover exactly once, in order; only split tiles get workspace slots, disjoint."""
+    idx, cnt = _table(2, 3, 40, 5, kmax=3, seed=17)
+    off, _ = K.inverse_table(idx, cnt, 5)
+    nqt, bn, qb, chunk = 40, 16, 2, 3
+    steps = idx.numel() + 6 * nqt * own
+    item_seg, first, chunks, slot, n_items, n_slots = K.dkv_work_split(off, nqt, bn, qb, own, steps, chunk)
+    assert item_seg.dtype == torch.int32 and item_seg.numel() == n_items
+    seen = {}
+    for item, seg in enumerate(item_seg.tolist()):
+        if seg >= 30:
+            continue
+        seen.setdefault(seg, []).append(item - int(first[seg]))
+    used = set()
+    for seg in range(30):
+        bh, kb = divmod(seg, 5)
+        n = int(off[bh, kb + 1] - off[bh, kb]) + (min(bn // qb, nqt - kb * bn // qb) if own else 0)
+        assert seen[seg] == list(range(max(1, math.ceil(n / chunk)))), (seg, n, seen[seg])
+        assert int(chunks[seg]) == len(seen[seg])
+        if chunks[seg] > 1:
+            mine = set(range(int(slot[seg]), int(slot[seg]) + int(chunks[seg])))
+            assert not mine & used and max(mine) < n_slots
+            used |= mine
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_split_dkv_with_one_step_per_chunk_matches_float64(monkeypatch, own):
+    """Every key tile's list cut into one-step chunks: all of dk, dv goes through the float32
+    partials and the ordered reduction."""
+    monkeypatch.setattr(K, "_dkv_chunk", lambda steps, device: 1)
+    q, k, v, do = _inputs(1, 4, 2, 45, 16, torch.float32, seed=5)
+    idx, cnt = _table(1, 2, 3, 3, kmax=3, seed=5)
+    o, lse = _poisoned_fwd(K.MODE_SELECTED, q, k, v, idx, cnt, 16, 16, not own, 0, 0.25, own=own)
+    dq, dk, dv = _poisoned_bwd(K.MODE_SELECTED, do, q, k, v, o, lse, idx, cnt, 16, 16, not own, 0, 0.25, own=own)
+    vis = selected_visibility(idx, cnt, 45, 16, 16, not own, own_block=own)
+    _check_all((o, lse, dq, dk, dv), _reference(q, k, v, do, vis, 0.25), torch.float32)
+
+
 def test_selected_attention_head_dim_64_and_128():
     for D in (64, 128):
         q, k, v, do = _inputs(1, 2, 1, 33, D, torch.float32, seed=D)
@@ -328,23 +368,27 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from bcpt_compile.kernels import nsa_attention as K
 
+INT_PTRS = ("idx_ptr", "cnt_ptr", "off_ptr", "rows_ptr", "item_seg_ptr", "seg_first_ptr", "seg_chunks_ptr",
+            "seg_slot_ptr")
+
 def compile_(kernel, constexprs, warps, fp):
     params = inspect.signature(kernel.fn).parameters
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     sig = {n: "constexpr" if n in constexprs else
-           ("*fp32" if n in ("lse_ptr", "delta_ptr") else "*i32" if n in ("idx_ptr", "cnt_ptr", "off_ptr", "rows_ptr")
+           ("*fp32" if n in ("lse_ptr", "delta_ptr", "ws_ptr") else "*i32" if n in INT_PTRS
             else fp) if n.endswith("_ptr") else "fp32" if n in ("qk_scale", "sm_scale") else "i32" for n in params}
     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
 
 token = dict(MODE=0, CAUSAL=True, QB=1, GH=16, BLOCK_N=64, D=128, BLOCK_D=128, PRECISION="tf32", OWN=0,
-             ATOMIC_DKV=False, EXACT_DELTA=True)
+             ATOMIC_DKV=False, EXACT_DELTA=True, SPLIT=True)
 cases = {"fwd": (K._fwd_kernel, dict(token, CAUSAL=False, OWN=1), 4),
          "dq": (K._bwd_kernel, dict(token, CAUSAL=False, OWN=1), 4),
          "dkv_token": (K._bwd_dkv_kernel, token, 8),
          "dkv_token_own": (K._bwd_dkv_kernel, dict(token, CAUSAL=False, OWN=1), 8),
          "dkv_block": (K._bwd_dkv_kernel, dict(token, QB=64, GH=1), 8),
-         "dkv_window": (K._bwd_dkv_kernel, dict(token, MODE=1, QB=64, GH=1), 8)}
+         "dkv_window": (K._bwd_dkv_kernel, dict(token, MODE=1, QB=64, GH=1, SPLIT=False), 8),
+         "dkv_reduce": (K._dkv_reduce_kernel, token, 4)}
 out = {name: [l for l in compile_(k, c, w, "*bf16").asm["ttgir"].splitlines() if "warp_group_dot " in l or "tt.trans" in l]
        for name, (k, c, w) in cases.items()}
 print(json.dumps(out))
@@ -369,7 +413,7 @@ def test_kernels_compile_for_hopper_and_dkv_transposes_no_register_tensor():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ir = json.loads(out.stdout.strip().splitlines()[-1])
     for name, lines in ir.items():
-        if not name.startswith("dkv"):
+        if not name.startswith("dkv") or name == "dkv_reduce":
             continue
         dots = [line for line in lines if "warp_group_dot " in line]
         assert len(dots) == 4, (name, lines)

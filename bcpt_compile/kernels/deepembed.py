@@ -126,18 +126,47 @@ def _gh_kernel(
 
 
 @triton.jit
-def _plan_segment_sum_kernel(
+def _token_values(a_ptr, b_ptr, t, live, cols, in_w, R,
+                  stride_am, stride_ak, stride_bm, stride_bk, MODE: tl.constexpr):
+    """v[t, cols] in float32 for a block of tokens t (rows masked by ``live``, zeros there).
+
+    v = a[t] (MODE 0), a[t] * b[t] (MODE 1), or the flattened outer product
+    a[t, c // R] * b[t, c % R] (MODE 2).
+    """
+    if MODE == 2:
+        ka = (cols // R).to(tl.int64)
+        kb = (cols % R).to(tl.int64)
+    else:
+        ka = cols.to(tl.int64)
+        kb = ka
+    m2 = live[:, None] & in_w[None, :]
+    v = tl.load(a_ptr + t[:, None] * stride_am + ka[None, :] * stride_ak, mask=m2, other=0.0).to(tl.float32)
+    if MODE != 0:
+        v2 = tl.load(b_ptr + t[:, None] * stride_bm + kb[None, :] * stride_bk, mask=m2, other=0.0)
+        v = v * v2.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _slot_dest(plan_ptr, slot, live, DEST_UNIQ: tl.constexpr):
+    """The output row of slots: uniq[slot] (a dense table) or the slot itself (a slot-indexed buffer)."""
+    if DEST_UNIQ:
+        return tl.load(plan_ptr + 1 + slot, mask=live, other=0)
+    return slot
+
+
+@triton.jit
+def _row_walk_segment_sum_kernel(
     a_ptr, b_ptr, plan_ptr, out_ptr,
     M, W, R,
     stride_am, stride_ak, stride_bm, stride_bk, stride_om,
     MODE: tl.constexpr, DEST_UNIQ: tl.constexpr, ZERO_TAIL: tl.constexpr,
     BT: tl.constexpr, BW: tl.constexpr,
 ):
-    """out[dest(u), cols] = sum over slot u's tokens t (in plan order) of v[t, cols].
+    """plan_segment_sum, one program per (slot u, column slab) walking u's tokens BT at a time.
 
-    v = a[t] (MODE 0), a[t] * b[t] (MODE 1), or the flattened outer product
-    a[t, c // R] * b[t, c % R] (MODE 2). dest(u) = uniq[u] (DEST_UNIQ) or u. With ZERO_TAIL,
-    rows u >= U (slots no token uses) are written with zeros.
+    Kept to compare against the tile kernels: a frequent row makes one program walk all its
+    tokens, and the M - U programs of unused slots launch only to exit.
     """
     u = tl.program_id(0)
     cols = tl.program_id(1) * BW + tl.arange(0, BW)
@@ -147,29 +176,101 @@ def _plan_segment_sum_kernel(
         s = tl.load(plan_ptr + 1 + 3 * M + u)
         e = tl.load(plan_ptr + 2 + 3 * M + u)
         acc = tl.zeros((BW,), dtype=tl.float32)
-        if MODE == 2:
-            ka = (cols // R).to(tl.int64)
-            kb = (cols % R).to(tl.int64)
-        else:
-            ka = cols.to(tl.int64)
-            kb = cols.to(tl.int64)
         for k in range(s, e, BT):
             offs = k + tl.arange(0, BT)
             live = offs < e
             t = tl.load(plan_ptr + 1 + 2 * M + offs, mask=live, other=0)
-            m2 = live[:, None] & in_w[None, :]
-            v = tl.load(a_ptr + t[:, None] * stride_am + ka[None, :] * stride_ak, mask=m2, other=0.0).to(tl.float32)
-            if MODE != 0:
-                v2 = tl.load(b_ptr + t[:, None] * stride_bm + kb[None, :] * stride_bk, mask=m2, other=0.0)
-                v = v * v2.to(tl.float32)
-            acc += tl.sum(v, axis=0)
-        if DEST_UNIQ:
-            dest = tl.load(plan_ptr + 1 + u)
-        else:
-            dest = u.to(tl.int64)
+            acc += tl.sum(_token_values(a_ptr, b_ptr, t, live, cols, in_w, R,
+                                        stride_am, stride_ak, stride_bm, stride_bk, MODE), axis=0)
+        dest = _slot_dest(plan_ptr, u.to(tl.int64), True, DEST_UNIQ)
         tl.store(out_ptr + dest * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=in_w)
     elif ZERO_TAIL:
         tl.store(out_ptr + u.to(tl.int64) * stride_om + cols, tl.zeros((BW,), dtype=out_ptr.dtype.element_ty), mask=in_w)
+
+
+@triton.jit
+def _restart_at_head(seen_a, sum_a, head_b, sum_b):
+    """Segmented-sum combine (a is the earlier position): a row's running sum restarts at its first token."""
+    return seen_a | head_b, tl.where(head_b, sum_b, sum_a + sum_b)
+
+
+@triton.jit
+def _sorted_slot(plan_ptr, M, pos, live):
+    """The slot of sorted position pos, inv[order[pos]]; -1 where not live (a row boundary)."""
+    t = tl.load(plan_ptr + 1 + 2 * M + pos, mask=live, other=0)
+    return tl.load(plan_ptr + 1 + M + t, mask=live, other=-1)
+
+
+@triton.jit
+def _tile_segment_sum_kernel(
+    a_ptr, b_ptr, plan_ptr, out_ptr, part_ptr,
+    M, W, R,
+    stride_am, stride_ak, stride_bm, stride_bk, stride_om,
+    MODE: tl.constexpr, DEST_UNIQ: tl.constexpr, ZERO_TAIL: tl.constexpr,
+    BT: tl.constexpr, BW: tl.constexpr,
+):
+    """Per-row sums over one tile of BT consecutive positions of the sorted token order.
+
+    Every program has the same work whatever the row lengths. A segmented scan down the tile
+    gives each row's sum at its last token: a row lying wholly in the tile is stored to out;
+    the piece of the row that enters the tile from before (part[tile, 0]) or runs on past it
+    (part[tile, 1]) is left for ``_tile_fixup_kernel``. With ZERO_TAIL, rows pos >= U of a
+    slot-indexed out are zeroed here, BT of them per tile.
+    """
+    tile = tl.program_id(0)
+    cols = tl.program_id(1) * BW + tl.arange(0, BW)
+    in_w = cols < W
+    pos = tile * BT + tl.arange(0, BT)
+    live = pos < M
+    t = tl.load(plan_ptr + 1 + 2 * M + pos, mask=live, other=0)
+    slot = tl.load(plan_ptr + 1 + M + t, mask=live, other=-1)
+    head = live & (slot != _sorted_slot(plan_ptr, M, pos - 1, live & (pos > 0)))
+    tail = live & (slot != _sorted_slot(plan_ptr, M, pos + 1, pos + 1 < M))
+    v = _token_values(a_ptr, b_ptr, t, live, cols, in_w, R, stride_am, stride_ak, stride_bm, stride_bk, MODE)
+    seen, acc = tl.associative_scan((tl.broadcast_to(head[:, None], (BT, BW)), v), 0, _restart_at_head)
+    # seen: a head at or before this position in the tile, so the row started inside it
+    tail = tail[:, None]
+    last = (pos == tl.minimum(tile * BT + BT, M) - 1)[:, None]
+    in_w2 = in_w[None, :]
+    dest = _slot_dest(plan_ptr, slot, live, DEST_UNIQ)
+    tl.store(out_ptr + dest[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=seen & tail & in_w2)
+    part = tl.broadcast_to(part_ptr + tile.to(tl.int64) * 2 * W + cols[None, :], (BT, BW))
+    tl.store(part, acc, mask=~seen & (tail | last) & in_w2)  # at most one position each
+    tl.store(part + W, acc, mask=seen & last & ~tail & in_w2)
+    if ZERO_TAIL:
+        unused = live & (pos >= tl.load(plan_ptr))
+        tl.store(out_ptr + pos.to(tl.int64)[:, None] * stride_om + cols[None, :],
+                 tl.zeros((BT, BW), dtype=out_ptr.dtype.element_ty), mask=unused[:, None] & in_w2)
+
+
+@triton.jit
+def _tile_fixup_kernel(
+    plan_ptr, part_ptr, out_ptr,
+    M, W, stride_om,
+    DEST_UNIQ: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, BJ: tl.constexpr,
+):
+    """out[dest] of each row crossing a tile boundary: its tile partials summed in tile order.
+
+    The program of the tile where such a row ends does it: part[home, 1] (the tile it starts
+    in), then part[j, 0] for the later tiles up to this one, BJ tiles per step.
+    """
+    tile = tl.program_id(0)
+    first = tile * BT
+    slot = _sorted_slot(plan_ptr, M, first, True)
+    start = tl.load(plan_ptr + 1 + 3 * M + slot)
+    end = tl.load(plan_ptr + 2 + 3 * M + slot)
+    if (start < first) & (end <= first + BT):
+        cols = tl.program_id(1) * BW + tl.arange(0, BW)
+        in_w = cols < W
+        home = start // BT
+        acc = tl.load(part_ptr + home * 2 * W + W + cols, mask=in_w, other=0.0)
+        for j in range(home + 1, tile + 1, BJ):
+            tiles = j + tl.arange(0, BJ)
+            m2 = (tiles <= tile)[:, None] & in_w[None, :]
+            acc += tl.sum(tl.load(part_ptr + tiles[:, None] * 2 * W + cols[None, :], mask=m2, other=0.0), axis=0)
+        dest = _slot_dest(plan_ptr, slot, True, DEST_UNIQ)
+        tl.store(out_ptr + dest * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=in_w)
 
 
 @triton.jit
@@ -405,6 +506,16 @@ def out_scale_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y, z
 
 
+# plan_segment_sum's launch parameters per device type (benchmarks/profile_deepembed_grad.py sweeps
+# them). impl "tiles": _tile_segment_sum_kernel over tiles of BT sorted tokens x BW columns, then
+# _tile_fixup_kernel for the rows crossing tiles (BJ tile partials per step); "rows": the per-row
+# walk, BT tokens per step, kept to compare.
+SEGMENT_SUM_LAUNCH = {
+    "cuda": {"impl": "tiles", "BT": 32, "BW": 256, "BJ": 16, "num_warps": 4},
+    "cpu": {"impl": "tiles", "BT": 4, "BW": 16, "BJ": 2, "num_warps": 1},
+}
+
+
 def plan_segment_sum(a: torch.Tensor, b: torch.Tensor | None, plan: torch.Tensor, out: torch.Tensor, mode: int,
                      r: int = 1, dest_uniq: bool = True, zero_tail: bool = False) -> torch.Tensor:
     """Row-sparse table gradient from a row plan (see the module docstring); returns ``out``.
@@ -412,18 +523,27 @@ def plan_segment_sum(a: torch.Tensor, b: torch.Tensor | None, plan: torch.Tensor
     mode 0: out[dest(u)] = sum of a[t]; mode 1: of a[t] * b[t]; mode 2: of the flattened
     outer products a[t] (x) b[t] (r x r). dest(u) = uniq[u] (``dest_uniq``) or u. Rows no
     slot names are left alone, or zeroed (``zero_tail``, slot-indexed ``out`` of M rows).
+    Deterministic: each row is summed in a fixed order, no atomics.
     """
     M = (plan.numel() - 2) // 4
     W = out.shape[1]
     if M == 0 or W == 0:
         return out
     bb = b if b is not None else a
-    BT, BW = (32, 128) if out.is_cuda else (4, 16)
-    _plan_segment_sum_kernel[(M, triton.cdiv(W, BW))](
-        a, bb, plan, out, M, W, r, a.stride(0), a.stride(1), bb.stride(0), bb.stride(1), out.stride(0),
-        MODE=mode, DEST_UNIQ=dest_uniq, ZERO_TAIL=zero_tail, BT=BT, BW=BW,
-        num_warps=4 if out.is_cuda else 1,
-    )
+    cfg = SEGMENT_SUM_LAUNCH["cuda" if out.is_cuda else "cpu"]
+    BT, BW = cfg["BT"], cfg["BW"]
+    args = (M, W, r, a.stride(0), a.stride(1), bb.stride(0), bb.stride(1), out.stride(0))
+    flags = {"MODE": mode, "DEST_UNIQ": dest_uniq, "ZERO_TAIL": zero_tail, "BT": BT, "BW": BW}
+    slabs = triton.cdiv(W, BW)
+    if cfg["impl"] == "rows":
+        _row_walk_segment_sum_kernel[(M, slabs)](a, bb, plan, out, *args, **flags, num_warps=cfg["num_warps"])
+        return out
+    tiles = triton.cdiv(M, BT)
+    part = torch.empty((tiles, 2, W), dtype=torch.float32, device=out.device)
+    _tile_segment_sum_kernel[(tiles, slabs)](a, bb, plan, out, part, *args, **flags, num_warps=cfg["num_warps"])
+    if tiles > 1:
+        _tile_fixup_kernel[(tiles, slabs)](plan, part, out, M, W, out.stride(0), DEST_UNIQ=dest_uniq, BT=BT, BW=BW,
+                                           BJ=cfg["BJ"], num_warps=cfg["num_warps"])
     return out
 
 

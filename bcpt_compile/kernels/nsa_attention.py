@@ -298,16 +298,23 @@ def _bwd_kernel(
 @triton.jit
 def _bwd_dkv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, off_ptr, rows_ptr,
-    T, G, HKV, NQT, window, qk_scale, sm_scale,
+    item_seg_ptr, seg_first_ptr, seg_chunks_ptr, seg_slot_ptr, ws_ptr,
+    T, G, HKV, NKB, NQT, n_seg, window, chunk, qk_scale, sm_scale,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
     sdob, sdoh, sdot, sdod, slb, slh, slt,
     sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
     s_off_bh, s_rows_bh,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, QB: tl.constexpr, GH: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    OWN: tl.constexpr,
+    OWN: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """dk, dv of one key tile, summed over the query tiles that see it and all heads of its group.
+
+    With SPLIT, a program owns one work item: a chunk of at most ``chunk`` steps of one key
+    tile's list (``dkv_work_split``), so that the key blocks that many queries select (the
+    early ones, under causal top-k) do not serialise the backward. A tile with one chunk
+    stores dk, dv; the chunks of a longer tile store float32 partials that
+    ``_dkv_reduce_kernel`` sums in chunk order (deterministic).
 
     The query tiles are an arithmetic range (window) or this key block's slice of the
     inverse (CSR) selection table, sorted by query tile, then (OWN) the query tiles inside
@@ -321,8 +328,18 @@ def _bwd_dkv_kernel(
     the per-token dk at relative error 2.2e-1 on the H100 while the interpreter was exact.
     A test compiles this kernel for sm_90 and checks its wgmma operands.
     """
-    kb = tl.program_id(0)
-    bh = tl.program_id(1)
+    if SPLIT:
+        seg = tl.load(item_seg_ptr + tl.program_id(0))  # (batch x KV head) * NKB + key tile
+        live = seg < n_seg  # items past the last one have nothing to do
+        seg = tl.where(live, seg, 0)
+        part = tl.program_id(0) - tl.load(seg_first_ptr + seg)
+        n_parts = tl.where(live, tl.load(seg_chunks_ptr + seg), 0)
+    else:
+        seg = tl.program_id(0)
+        part = 0
+        n_parts = 1
+    kb = seg % NKB
+    bh = seg // NKB
     b = (bh // HKV).to(tl.int64)
     hkv = bh % HKV
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -346,9 +363,11 @@ def _bwd_dkv_kernel(
         n_csr = 0
         last = tl.minimum(kb * BLOCK_N + BLOCK_N - 1 + window - 1, T - 1) // QB
         n_tiles = last - start + 1
+    lo = part * chunk
+    hi = tl.minimum(lo + chunk, tl.where(n_parts > 0, n_tiles, 0)) if SPLIT else n_tiles
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for it in range(0, n_tiles):
+    for it in range(lo, hi):
         own = False
         if MODE == 0:
             if OWN:
@@ -379,10 +398,48 @@ def _bwd_dkv_kernel(
             else:
                 dv = _mma(pT.to(do.dtype), do, dv, PRECISION)
                 dk = _mma(dsT.to(q.dtype), q, dk, PRECISION)
-    tl.store(dk_ptr + b * sdkb + hkv.to(tl.int64) * sdkh + n64[:, None] * sdkt + offs_d[None, :] * sdkd,
-             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + b * sdvb + hkv.to(tl.int64) * sdvh + n64[:, None] * sdvt + offs_d[None, :] * sdvd,
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    dk = dk * sm_scale
+    if n_parts == 1:
+        tl.store(dk_ptr + b * sdkb + hkv.to(tl.int64) * sdkh + n64[:, None] * sdkt + offs_d[None, :] * sdkd,
+                 dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + b * sdvb + hkv.to(tl.int64) * sdvh + n64[:, None] * sdvt + offs_d[None, :] * sdvd,
+                 dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    elif n_parts > 1:
+        slot = (tl.load(seg_slot_ptr + seg) + part).to(tl.int64)
+        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_D + offs_d[None, :]
+        tl.store(ws_ptr + slot * (2 * BLOCK_N * BLOCK_D) + tile, dk)
+        tl.store(ws_ptr + slot * (2 * BLOCK_N * BLOCK_D) + BLOCK_N * BLOCK_D + tile, dv)
+
+
+@triton.jit
+def _dkv_reduce_kernel(
+    ws_ptr, dk_ptr, dv_ptr, seg_chunks_ptr, seg_slot_ptr,
+    T, HKV, NKB, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dk, dv of a key tile whose list was split: its chunks' float32 partials summed in order."""
+    seg = tl.program_id(0)
+    n_parts = tl.load(seg_chunks_ptr + seg)
+    if n_parts > 1:
+        kb = seg % NKB
+        bh = seg // NKB
+        b = (bh // HKV).to(tl.int64)
+        hkv = (bh % HKV).to(tl.int64)
+        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n64 = offs_n.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
+        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_D + offs_d[None, :]
+        base = ws_ptr + tl.load(seg_slot_ptr + seg).to(tl.int64) * (2 * BLOCK_N * BLOCK_D)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for c in range(0, n_parts):
+            dk += tl.load(base + c * (2 * BLOCK_N * BLOCK_D) + tile)
+            dv += tl.load(base + c * (2 * BLOCK_N * BLOCK_D) + BLOCK_N * BLOCK_D + tile)
+        tl.store(dk_ptr + b * sdkb + hkv * sdkh + n64[:, None] * sdkt + offs_d[None, :] * sdkd,
+                 dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + b * sdvb + hkv * sdvh + n64[:, None] * sdvt + offs_d[None, :] * sdvd,
+                 dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -451,19 +508,78 @@ def _launch(kernel_fwd: bool, mode: int, q, k, v, idx, cnt, QB: int, block_n: in
             *dq.stride(), *dk.stride(), *idx.stride(), *cnt.stride(), ATOMIC_DKV=atomic,
             EXACT_DELTA=bool(extra.get("exact_delta", False)), **meta)
         if not atomic:
-            if mode == MODE_SELECTED:
-                off, rows = inverse_table(idx, cnt, triton.cdiv(T, block_n))
-            else:
-                off = rows = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
-            GH2, warps2 = _tiling(QB, G, D, cuda)
-            # the dk and dv accumulators (BLOCK_N x D fp32 each) live in registers for the whole
-            # program: 8 warps on a GPU keep them from spilling at D = 128
-            meta2 = dict(meta, GH=GH2, num_warps=DKV_WARPS if cuda else 4)
-            _bwd_dkv_kernel[(triton.cdiv(T, block_n), B * Hkv)](
-                q, k, v, do, lse, delta, dk, dv, off, rows,
-                T, G, Hkv, NQT, int(window), scale * _LOG2E, scale,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
-                *dk.stride(), *dv.stride(), off.stride(0), rows.stride(0), **meta2)
+            _launch_dkv(mode, q, k, v, do, lse, delta, dk, dv, idx, cnt, QB, block_n, window, scale, meta)
+
+
+def _launch_dkv(mode, q, k, v, do, lse, delta, dk, dv, idx, cnt, QB, block_n, window, scale, meta):
+    B, H, Hkv, T, D = _check(q, k, v)
+    nkb, nqt = triton.cdiv(T, block_n), triton.cdiv(T, QB)
+    own = bool(meta["OWN"])
+    dummy = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
+    if mode == MODE_SELECTED:
+        off, rows = inverse_table(idx, cnt, nkb)
+        steps = idx.numel() + B * Hkv * nqt * own
+        chunk = _dkv_chunk(steps, q.device)
+        item_seg, seg_first, seg_chunks, seg_slot, n_items, n_slots = dkv_work_split(
+            off, nqt, block_n, QB, own, steps, chunk)
+    else:  # the window's key tiles all see about the same number of query tiles: no split
+        off = rows = dummy
+        item_seg = seg_first = seg_chunks = seg_slot = dummy.view(-1)
+        chunk, n_items, n_slots = 0, B * Hkv * nkb, 0
+    split = mode == MODE_SELECTED
+    ws = torch.empty((max(n_slots, 1), 2, block_n, meta["BLOCK_D"]), dtype=torch.float32, device=q.device)
+    # the dk and dv accumulators (BLOCK_N x D fp32 each) live in registers for the whole program
+    meta2 = dict(meta, num_warps=DKV_WARPS if q.is_cuda else 4, SPLIT=split)
+    _bwd_dkv_kernel[(n_items,)](
+        q, k, v, do, lse, delta, dk, dv, off, rows, item_seg, seg_first, seg_chunks, seg_slot, ws,
+        T, H // Hkv, Hkv, nkb, nqt, B * Hkv * nkb, int(window), chunk, scale * _LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
+        *dk.stride(), *dv.stride(), off.stride(0), rows.stride(0), **meta2)
+    if split:
+        _dkv_reduce_kernel[(B * Hkv * nkb,)](
+            ws, dk, dv, seg_chunks, seg_slot, T, Hkv, nkb, *dk.stride(), *dv.stride(),
+            BLOCK_N=block_n, D=D, BLOCK_D=meta["BLOCK_D"], num_warps=4)
+
+
+#: Smallest chunk of a key tile's query list that one dk/dv program walks (GPU; the
+#: interpreter uses 4, so that small tests split lists too).
+DKV_CHUNK_MIN = 256
+
+
+def _dkv_chunk(steps: int, device: torch.device) -> int:
+    """Chunk length that gives about two work items per SM in all (a static bound from the
+    table's size, not its contents): enough programs to balance the skew, few float32
+    partials (at most about 4 x SMs tiles of workspace)."""
+    if device.type != "cuda":
+        return 4
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(DKV_CHUNK_MIN, triton.next_power_of_2(triton.cdiv(steps, 2 * sms)))
+
+
+def dkv_work_split(off: torch.Tensor, nqt: int, block_n: int, QB: int, own: bool, steps: int, chunk: int):
+    """Work items of the dk/dv backward, built on the device without a sync (fixed shapes).
+
+    Segment ``s = (batch x KV head) * NKB + key tile`` has ``n`` steps (its CSR entries, plus
+    its own query tiles with ``own``) and ``max(1, ceil(n / chunk))`` chunks; ``steps`` bounds
+    the total of n statically. Returns ``(item_seg, seg_first, seg_chunks, seg_slot, n_items,
+    n_slots)``: item i works on chunk ``i - seg_first[seg]`` of segment ``seg = item_seg[i]``
+    (the segment count, past the last item: such programs leave at once); a split segment's
+    partials go to workspace slots ``seg_slot[seg] + chunk``. ``n_items`` and ``n_slots``
+    are static bounds: a split segment has n > chunk, so its ceil(n / chunk) <= 2n / chunk.
+    """
+    nkb = off.shape[1] - 2
+    n = (off[:, 1:nkb + 1] - off[:, :nkb]).long()
+    if own:
+        first_tile = torch.arange(nkb, device=off.device) * block_n // QB
+        n = n + (nqt - first_tile).clamp(max=block_n // QB)
+    chunks = ((n.reshape(-1) + chunk - 1) // chunk).clamp_min(1)
+    ends = torch.cumsum(chunks, 0)
+    n_items = chunks.numel() + triton.cdiv(steps, chunk)
+    item_seg = torch.searchsorted(ends, torch.arange(n_items, device=off.device), right=True)
+    split = torch.where(chunks > 1, chunks, 0)
+    as32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return (as32(item_seg), as32(ends - chunks), as32(chunks), as32(torch.cumsum(split, 0) - split),
+            n_items, 2 * triton.cdiv(steps, chunk))
 
 
 def inverse_table(idx: torch.Tensor, cnt: torch.Tensor, nkb: int) -> tuple[torch.Tensor, torch.Tensor]:

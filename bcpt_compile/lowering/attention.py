@@ -203,8 +203,8 @@ def _check_per_token_backward(q: Tensor, k: Tensor, block_size: int, causal: boo
     the interpreter was exact. The dk/dv kernel now avoids the Hopper miscompile that matches
     it (see ``_bwd_dkv_kernel``), but that fix was made without a GPU; the check keeps a
     wrong gradient from passing silently on a GPU or Triton build where it still fails. The
-    problem (8 key blocks) has every token select key block 0, so one program walks all T
-    query rows, and a random earlier block.
+    problem (8 key blocks) has every token select key block 0, so that block's list holds all
+    T query rows, and a random earlier block.
     """
     from ..kernels import nsa_attention as K
     from ..kernels.tile_gemm import dot_precision
