@@ -202,7 +202,7 @@ from triton.compiler import ASTSource
 from bcpt_compile.kernels import deepembed as de
 
 INT_PTRS = {"idx_ptr": "*i64", "plan_ptr": "*i64", "stats_ptr": "*i64", "step_ptr": "*i64"}
-FP32_PTRS = {"m_ptr", "v_ptr"}
+FP32_PTRS = {"m_ptr", "v_ptr", "part_ptr"}
 FLOATS = {"lr", "beta1", "beta2", "eps", "log_beta1", "log_beta2"}
 
 def sig(kernel, constexprs, fp):
@@ -222,9 +222,13 @@ CASES = [
     (de._out_forward_kernel, dict(GEMM, HAS_BIAS=False, STORE_Z=True, WRAP=False, EVEN_K=False)),
     (de._scale_rows_kernel, dict(WRAP=True, BM=64, BN=128)),
     (de._gh_kernel, dict(WRAP=False, BM=64, BN=128)),
-    (de._plan_segment_sum_kernel, dict(MODE=1, DEST_UNIQ=True, ZERO_TAIL=False, BT=32, BW=128)),
-    (de._plan_segment_sum_kernel, dict(MODE=2, DEST_UNIQ=False, ZERO_TAIL=True, BT=32, BW=128)),
-    (de._plan_segment_sum_kernel, dict(MODE=0, DEST_UNIQ=True, ZERO_TAIL=False, BT=32, BW=128)),
+    (de._tile_segment_sum_kernel, dict(MODE=1, DEST_UNIQ=True, ZERO_TAIL=False, BT=32, BW=128)),
+    (de._tile_segment_sum_kernel, dict(MODE=2, DEST_UNIQ=False, ZERO_TAIL=True, BT=32, BW=128)),
+    (de._tile_segment_sum_kernel, dict(MODE=0, DEST_UNIQ=True, ZERO_TAIL=False, BT=16, BW=256)),
+    (de._tile_fixup_kernel, dict(DEST_UNIQ=True, BT=32, BW=128, BJ=16)),
+    (de._tile_fixup_kernel, dict(DEST_UNIQ=False, BT=32, BW=128, BJ=16)),
+    (de._row_walk_segment_sum_kernel, dict(MODE=1, DEST_UNIQ=True, ZERO_TAIL=False, BT=32, BW=128)),
+    (de._row_walk_segment_sum_kernel, dict(MODE=2, DEST_UNIQ=False, ZERO_TAIL=True, BT=32, BW=128)),
     (de._rowmix_forward_kernel, dict(WRAP=True, BM=64, BR=32)),
     (de._rowmix_dx_kernel, dict(WRAP=False, BM=64, BR=32)),
     (de._hidden_forward_kernel, dict(GEMM, HAS_S0=True, BR=32, EVEN_K=True)),
@@ -260,7 +264,7 @@ def test_kernels_compile_for_hopper():
     out = subprocess.run([sys.executable, "-c", _HOPPER_CHILD], env=env, capture_output=True, text=True, timeout=600,
                          check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
-    assert "compiled 28 kernels" in out.stdout
+    assert "compiled 36 kernels" in out.stdout
 
 
 # ------------------------------------------------------------------ row plans and plan-based kernels
@@ -331,6 +335,80 @@ def test_plan_segment_sum_modes(mode, slots):
     again = torch.zeros_like(out) if not slots else torch.empty_like(out)
     plan_segment_sum(a, b, plan, again, mode, r=r, dest_uniq=not slots, zero_tail=slots)
     assert torch.equal(out, again)  # deterministic
+
+
+def _token_counts_to_ids(counts, g):
+    """Row 2 * i + 1 repeated counts[i] times, shuffled: even rows stay unused."""
+    ids = torch.cat([torch.full((c,), 2 * i + 1) for i, c in enumerate(counts)] or [torch.zeros(0, dtype=torch.int64)])
+    return ids[torch.randperm(ids.numel(), generator=g)]
+
+
+# token counts per row against the interpreter's tiles of 4 tokens: a row over many tiles
+# (more partials than one fixup step), rows of one token, one row only, rows ending on a tile's
+# last token, a long row neither starting nor ending on a tile edge, and no tokens at all
+_ROW_COUNTS = {"long": [2, 19, 1, 3], "singles": [1] * 11, "one_row": [23], "tile_edges": [4, 8, 4, 1, 3],
+               "straddle": [3, 10, 2], "empty": []}
+_LAUNCHES = {"tiles": {"impl": "tiles", "BT": 4, "BW": 16, "BJ": 2, "num_warps": 1},
+             "tiles_wide": {"impl": "tiles", "BT": 8, "BW": 8, "BJ": 4, "num_warps": 1},
+             "rows": {"impl": "rows", "BT": 4, "BW": 16, "BJ": 2, "num_warps": 1}}
+
+
+@pytest.mark.parametrize("launch", sorted(_LAUNCHES))
+@pytest.mark.parametrize("rows", sorted(_ROW_COUNTS))
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("layout", ["table", "slots", "slots_no_tail"])
+def test_plan_segment_sum_row_shapes(monkeypatch, launch, rows, mode, layout):
+    """Every kernel path against float64: rows crossing many tiles, single-token rows, one row, no tokens."""
+    from bcpt_compile.kernels import deepembed as de
+
+    monkeypatch.setitem(de.SEGMENT_SUM_LAUNCH, "cpu", _LAUNCHES[launch])
+    g = torch.Generator().manual_seed(len(rows) + 7 * mode)
+    counts = _ROW_COUNTS[rows]
+    idx = _token_counts_to_ids(counts, g)
+    M, V, r = idx.numel(), 2 * len(counts) + 1, 3
+    W = r * r if mode == 2 else 20  # 20: the last column slab is partly masked
+    a = torch.randn(M, r if mode == 2 else W, generator=g)
+    b = torch.randn(M, r if mode == 2 else W, generator=g)
+    per_tok = {0: a.double(), 1: a.double() * b.double(),
+               2: (a.double()[:, :, None] * b.double()[:, None, :]).reshape(M, -1)}[mode]
+    plan = build_plan(idx)
+    v = views(plan)
+    u = int(v.count)
+    if layout == "table":
+        out = torch.full((V, W), float("nan"))  # every row in idx must be written, the others left alone
+        ref = torch.zeros(V, W, dtype=torch.float64).index_add_(0, idx, per_tok)
+        written = torch.zeros(V, dtype=torch.bool)
+        written[idx] = True
+    else:
+        out = torch.full((M, W), float("nan"))  # slot-indexed: rows < U written, the rest zeroed or left
+        ref = torch.zeros(M, W, dtype=torch.float64).index_add_(0, v.inv, per_tok)
+        written = torch.arange(M) < (M if layout == "slots" else u)
+    calls = [plan_segment_sum(a, b, plan, o, mode, r=r, dest_uniq=layout == "table", zero_tail=layout == "slots")
+             for o in (out, out.clone())]
+    assert torch.equal(calls[0], calls[1]) or (torch.isnan(calls[0]) == torch.isnan(calls[1])).all() and torch.equal(
+        calls[0].nan_to_num(), calls[1].nan_to_num())  # bitwise deterministic
+    assert torch.isnan(out[~written]).all()
+    assert torch.isfinite(out[written]).all()
+    assert _err(out[written], ref[written]) <= 1e-6 * max(1.0, ref.abs().max().item())
+    if layout == "slots":
+        assert (out[u:] == 0).all()
+
+
+def test_plan_segment_sum_bf16_and_wide_rows(monkeypatch):
+    """bf16 inputs and table, fp32 sums rounded once: within one bf16 ulp of float64."""
+    from bcpt_compile.kernels import deepembed as de
+
+    monkeypatch.setitem(de.SEGMENT_SUM_LAUNCH, "cpu", _LAUNCHES["tiles"])
+    g = torch.Generator().manual_seed(21)
+    idx = _token_counts_to_ids([13, 1, 2, 6], g)
+    M, W, V = idx.numel(), 40, 9
+    a = torch.randn(M, W, generator=g).to(torch.bfloat16)
+    b = torch.randn(M, W, generator=g).to(torch.bfloat16)
+    out = torch.zeros(V, W, dtype=torch.bfloat16)
+    plan_segment_sum(a, b, build_plan(idx), out, 1)
+    ref = torch.zeros(V, W, dtype=torch.float64).index_add_(0, idx, a.double() * b.double())
+    # one bf16 rounding (the interpreter truncates: up to one ulp) of an fp32 sum
+    assert ((out.double() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-5 * ref.abs().max()).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

