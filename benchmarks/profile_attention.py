@@ -2,8 +2,8 @@
 
     python benchmarks/profile_attention.py [--ts 8192,32768] [--warps 4,8]
 
-Per-token selection (bench_attention's shapes: B 1, H 16, Hkv 1, D 128, bf16, 16 blocks of
-64). For each T: the device time per kernel of one bcpt forward+backward and one fla
+bench_attention's shapes: B 1, H 16, D 128, bf16; per-token selection (Hkv 1, 16 blocks of 64),
+or with ``--case`` per-block selection or the 512 window (Hkv 4). For each T: the device time per kernel of one bcpt forward+backward and one fla
 ``parallel_nsa`` forward+backward (torch.profiler, 5 steps), then bcpt's fwd+bwd time
 (``triton.testing.do_bench``) for each dk/dv warp count, chunk floor, and with and without the
 exact delta.
@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_attention import BS, TOPK, bcpt_call, fla_import, fla_inputs, make_qkv, make_selection  # noqa: E402
+from bench_attention import BS, HKV_BLOCK, TOPK, bcpt_call, fla_import, fla_inputs, make_qkv, make_selection  # noqa: E402
 
 from bcpt_compile.kernels import nsa_attention as K  # noqa: E402
 
@@ -42,22 +42,27 @@ def main() -> int:
     ap.add_argument("--ts", default="8192,32768")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--chunks", default="256", help="DKV_CHUNK_MIN values to try")
+    ap.add_argument("--case", default="token", choices=("token", "block", "window"),
+                    help="per-token selection (Hkv 1, with fla), per-block selection or window 512 (Hkv 4)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     fla, note = fla_import()
     for T in (int(t) for t in args.ts.split(",")):
-        q, k, v, do = make_qkv(T, 1, dev)
-        idx, counts = make_selection(T, 1, True, dev)
+        per_token = args.case == "token"
+        hkv = 1 if per_token else HKV_BLOCK
+        q, k, v, do = make_qkv(T, hkv, dev)
+        idx, counts = make_selection(T, hkv, per_token, dev)
+        kind = "window" if args.case == "window" else "selected"
         scale = q.shape[-1] ** -0.5
         ins = [t.requires_grad_(True) for t in (q, k, v)]
 
         def bcpt_step():
-            bcpt_call("selected", q, k, v, idx, counts, True, scale).backward(do)
+            bcpt_call(kind, q, k, v, idx, counts, per_token, scale).backward(do)
 
-        print(f"=== T {T}: bcpt fwd+bwd kernels (ms per step)")
+        print(f"=== {args.case} T {T}: bcpt fwd+bwd kernels (ms per step)")
         for name, ms in kernel_table(bcpt_step)[:10]:
             print(f"  {ms:8.3f}  {name[:90]}")
-        if fla is not None:
+        if per_token and fla is not None:
             qt, kt, vt, it = fla_inputs(q, k, v, idx)
             dot = do.transpose(1, 2).contiguous()
 
@@ -68,7 +73,7 @@ def main() -> int:
             for name, ms in kernel_table(fla_step)[:10]:
                 print(f"  {ms:8.3f}  {name[:90]}")
             print(f"  fla fwd+bwd do_bench {do_bench(fla_step, grad_to_none=[qt, kt, vt], return_mode='median'):.3f} ms")
-        else:
+        elif per_token:
             print(f"  fla unavailable: {note}")
         defaults = K.EXACT_DELTA_16BIT, K.DKV_WARPS, K.DKV_CHUNK_MIN
         for exact in (True, False):
