@@ -218,6 +218,9 @@ def run_config(name, build, args, x, idx, gy):
                 sync()
             prof.export_chrome_trace(path)
             row.update(trace_analysis(path, 2))
+            # host side: where a step's CPU time goes, and any call that waits for the GPU
+            host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+            row["host_top"] = [(e.key, e.self_cpu_time_total / 2 / 1000, e.count // 2) for e in host]
     print(f"[bench] {name}: {row['step_ms']:.2f} ms/step (built + warmed in {warm_s:.0f} s, "
           f"total {time.time() - t0:.0f} s)", file=sys.stderr)
     return row
@@ -336,6 +339,10 @@ def main():
             parts = ", ".join(f"{k}: {ms:.2f} ms/step, {100 * h:.0f} % hidden" for k, (ms, h) in r["per_kind"].items())
             print(f"\n{r['config']} host traffic: {parts}")
     for r in rows:
+        if "host_top" in r:
+            print(f"\n{r['config']}: top host ops (self CPU ms/step, calls/step)")
+            for n, ms, calls in r["host_top"]:
+                print(f"  {ms:8.3f} {calls:5d}  {n[:100]}")
         if "top" in r:
             print(f"\n{r['config']}: top CUDA kernels (ms/step, of {r['kernel_ms']:.2f} ms of kernel time)")
             for n, ms in r["top"]:

@@ -207,8 +207,8 @@ def _sorted_slot(plan_ptr, M, pos, live):
 
 @triton.jit
 def _pick_row(tile, at):
-    """tile[i] for the one i with at[i] (a BW vector): a sum with -0.0 elsewhere is exact, sign of zero
-    included, and stays in the tile's layout (a masked store of the whole tile would convert it)."""
+    """tile[i] for the one i with at[i], a BW vector. Exact (x + -0.0 == x, bit for bit), and it stays
+    in the scan's layout, where a masked store of the whole tile would convert it through shared memory."""
     return tl.sum(tl.where(at[:, None], tile, -0.0), axis=0)
 
 
