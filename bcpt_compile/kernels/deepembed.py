@@ -523,7 +523,7 @@ def out_scale_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 # _tile_fixup_kernel for the rows crossing tiles (BJ tile partials per step); "rows": the per-row
 # walk, BT tokens per step, kept to compare.
 SEGMENT_SUM_LAUNCH = {
-    "cuda": {"impl": "tiles", "BT": 32, "BW": 128, "BJ": 16, "num_warps": 4},
+    "cuda": {"impl": "tiles", "BT": 128, "BW": 64, "BJ": 16, "num_warps": 4},  # best of 11 on an H200
     "cpu": {"impl": "tiles", "BT": 4, "BW": 16, "BJ": 2, "num_warps": 1},
 }
 
