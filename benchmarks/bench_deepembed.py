@@ -221,6 +221,20 @@ def run_config(name, build, args, x, idx, gy):
             # host side: where a step's CPU time goes, and any call that waits for the GPU
             host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
             row["host_top"] = [(e.key, e.self_cpu_time_total / 2 / 1000, e.count // 2) for e in host]
+    if args.cprofile:  # the Python side of a step: where host-bound configurations spend it
+        import cProfile
+        import pstats
+
+        prof_py = cProfile.Profile()
+        prof_py.enable()
+        for _ in range(5):
+            step()
+        sync()
+        prof_py.disable()
+        print(f"\n[cprofile] {name}, 5 steps", file=sys.stderr)
+        stats_py = pstats.Stats(prof_py, stream=sys.stderr)
+        stats_py.sort_stats("tottime").print_stats(20)
+        stats_py.sort_stats("cumtime").print_stats("bcpt_compile", 25)
     print(f"[bench] {name}: {row['step_ms']:.2f} ms/step (built + warmed in {warm_s:.0f} s, "
           f"total {time.time() - t0:.0f} s)", file=sys.stderr)
     return row
@@ -241,6 +255,7 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated substrings of config names")
     ap.add_argument("--all", action="store_true", help="also the dense-gradient host configs (slow)")
     ap.add_argument("--no-trace", dest="trace", action="store_false", help="skip the profiler traces")
+    ap.add_argument("--cprofile", action="store_true", help="print each configuration's Python hot spots")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--device", default="cuda", help="cuda; 'cpu' only checks the script (TRITON_INTERPRET=1)")
     args = ap.parse_args()
