@@ -542,7 +542,7 @@ def _launch_dkv(mode, q, k, v, do, lse, delta, dk, dv, idx, cnt, QB, block_n, wi
 
 
 #: Smallest chunk of a key tile's query list that one dk/dv program walks (GPU; the
-#: interpreter uses 4, so that small tests split lists too).
+#: interpreter uses 16, so that small tests split lists too).
 DKV_CHUNK_MIN = 256
 
 
@@ -551,7 +551,7 @@ def _dkv_chunk(steps: int, device: torch.device) -> int:
     table's size, not its contents): enough programs to balance the skew, few float32
     partials (at most about 4 x SMs tiles of workspace)."""
     if device.type != "cuda":
-        return 4
+        return 16
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(DKV_CHUNK_MIN, triton.next_power_of_2(triton.cdiv(steps, 2 * sms)))
 
