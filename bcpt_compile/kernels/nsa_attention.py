@@ -512,21 +512,20 @@ def _launch(kernel_fwd: bool, mode: int, q, k, v, idx, cnt, QB: int, block_n: in
 
 
 def _launch_dkv(mode, q, k, v, do, lse, delta, dk, dv, idx, cnt, QB, block_n, window, scale, meta):
-    B, H, Hkv, T, D = _check(q, k, v)
+    (B, H, T, D), Hkv = q.shape, k.shape[1]  # checked by _launch
     nkb, nqt = triton.cdiv(T, block_n), triton.cdiv(T, QB)
-    own = bool(meta["OWN"])
-    dummy = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
-    if mode == MODE_SELECTED:
+    split = mode == MODE_SELECTED
+    if split:
+        own = bool(meta["OWN"])
         off, rows = inverse_table(idx, cnt, nkb)
         steps = idx.numel() + B * Hkv * nqt * own
         chunk = _dkv_chunk(steps, q.device)
         item_seg, seg_first, seg_chunks, seg_slot, n_items, n_slots = dkv_work_split(
             off, nqt, block_n, QB, own, steps, chunk)
     else:  # the window's key tiles all see about the same number of query tiles: no split
-        off = rows = dummy
-        item_seg = seg_first = seg_chunks = seg_slot = dummy.view(-1)
+        off = rows = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
+        item_seg = seg_first = seg_chunks = seg_slot = off.view(-1)
         chunk, n_items, n_slots = 0, B * Hkv * nkb, 0
-    split = mode == MODE_SELECTED
     ws = torch.empty((max(n_slots, 1), 2, block_n, meta["BLOCK_D"]), dtype=torch.float32, device=q.device)
     # the dk and dv accumulators (BLOCK_N x D fp32 each) live in registers for the whole program
     meta2 = dict(meta, num_warps=DKV_WARPS if q.is_cuda else 4, SPLIT=split)
