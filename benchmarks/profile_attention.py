@@ -16,25 +16,14 @@ import os
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_attention import BS, HKV_BLOCK, TOPK, bcpt_call, fla_import, fla_inputs, make_qkv, make_selection  # noqa: E402
 
+from kernel_profile import kernel_times_ms  # noqa: E402
+
 from bcpt_compile.kernels import nsa_attention as K  # noqa: E402
-
-
-def kernel_table(step, steps: int = 5) -> list[tuple[str, float]]:
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.self_device_time_total / steps / 1e3) for e in prof.key_averages() if e.self_device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])
 
 
 def main() -> int:
@@ -60,7 +49,7 @@ def main() -> int:
             bcpt_call(kind, q, k, v, idx, counts, per_token, scale).backward(do)
 
         print(f"=== {args.case} T {T}: bcpt fwd+bwd kernels (ms per step)")
-        for name, ms in kernel_table(bcpt_step)[:10]:
+        for name, ms in kernel_times_ms(bcpt_step, warmup=3)[:10]:
             print(f"  {ms:8.3f}  {name[:90]}")
         if per_token and fla is not None:
             qt, kt, vt, it = fla_inputs(q, k, v, idx)
@@ -70,7 +59,7 @@ def main() -> int:
                 fla(qt, kt, vt, block_indices=it, block_counts=TOPK, block_size=BS, scale=scale).backward(dot)
 
             print(f"=== T {T}: fla fwd+bwd kernels (ms per step)")
-            for name, ms in kernel_table(fla_step)[:10]:
+            for name, ms in kernel_times_ms(fla_step, warmup=3)[:10]:
                 print(f"  {ms:8.3f}  {name[:90]}")
             print(f"  fla fwd+bwd do_bench {do_bench(fla_step, grad_to_none=[qt, kt, vt], return_mode='median'):.3f} ms")
         elif per_token:

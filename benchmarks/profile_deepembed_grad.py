@@ -111,20 +111,6 @@ def graph_and_sync_check(torch, de, plan, dy, z, vocab) -> tuple[bool, str]:
     return same, "no host sync; CUDA graph replay == eager call" if same else "CUDA GRAPH REPLAY DIFFERS"
 
 
-def kernel_times(torch, fn, calls: int = 5) -> str:
-    """Device time per call of each kernel fn launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    times = [(e.key, e.self_device_time_total / calls) for e in prof.key_averages() if e.self_device_time_total > 0]
-    return ", ".join(f"{name} {us:.1f} us" for name, us in sorted(times, key=lambda kv: -kv[1]))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=16384)
@@ -215,7 +201,10 @@ def main() -> int:
             ok, note = graph_and_sync_check(torch, de, plan, dy, z, args.vocab)
             failures += not ok
             print(f"  default launch: {note}")
-            per_kernel = kernel_times(torch, lambda: de.plan_segment_sum(dy, z, plan, out, 1))
+            from kernel_profile import kernel_times_ms
+
+            per_kernel = ", ".join(f"{name} {1e3 * ms:.1f} us"
+                                   for name, ms in kernel_times_ms(lambda: de.plan_segment_sum(dy, z, plan, out, 1)))
             print(f"  default launch, per kernel: {per_kernel}")
     print(f"\n| ids | impl | BT | BW | BJ | warps | ms/call | ms/step (x{args.layers}) | GB/s | speedup vs rows "
           "| check |")
