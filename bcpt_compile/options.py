@@ -15,9 +15,10 @@ class BcptOptions:
     #: BCAT tile edge (rows and columns of R per block). 128 fills an H100's tensor cores;
     #: tests on the Triton interpreter use 16.
     block_size: int = 128
-    #: Active-tile fraction above which the block kernels run their dense loop instead
-    #: of walking the block list (decided on the device, no host sync).
-    density_crossover: float = 0.85
+    #: Active-tile fraction from which the SBL kernels run as dense GEMMs (wide tiles, no
+    #: block list) instead of walking the active blocks; decided on the device, no host
+    #: sync. 0.7: where the two paths meet on the H200 (benchmarks/crossover_sbl.py).
+    density_crossover: float = 0.7
     #: Families to rewrite; the others are left to the inner compiler.
     families: tuple[str, ...] = FAMILIES
     #: Raise instead of logging a warning and compiling the graph unmodified.

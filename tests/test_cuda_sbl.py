@@ -64,7 +64,8 @@ def test_inductor_launches_the_kernels_itself():
     fn = torch.compile(sbl, backend="bcpt")
     out, codes = run_and_get_code(lambda: fn(*args).sum().backward())
     code = "\n".join(codes)
-    for kernel in ("_tile_bits_kernel", "_sddmm_forward_kernel", "_sddmm_backward_kernel", "_dx_kernel", "_dw_kernel"):
+    for kernel in ("_tile_bits_kernel", "_sddmm_forward_kernel", "_dense_forward_kernel", "_sddmm_backward_kernel",
+                   "_dx_kernel", "_dw_kernel"):
         assert kernel in code, kernel
     assert "_compact_kernel" not in code  # the backward kernel's spare programs build the lists
     assert "torch.ops.bcpt" not in code

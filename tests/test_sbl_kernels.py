@@ -82,9 +82,15 @@ def test_empty_and_full_masks(poisoned, shift):
     _check(*_inputs(30, 40, 24, torch.float32, seed=9, density_shift=shift))
 
 
-def test_dense_path_above_crossover_matches(poisoned):
-    # crossover 0: the backward treats every tile as active (the device-side dense test)
-    _check(*_inputs(30, 40, 24, torch.float32, seed=11, density_shift=1.5), crossover=0.0)
+@pytest.mark.parametrize("reorder", [False, True], ids=["fixed", "reordered"])
+@pytest.mark.parametrize("M, N, K", [(30, 40, 24), (37, 70, 40)])
+def test_dense_path_above_crossover_matches(poisoned, M, N, K, reorder):
+    """crossover 0: the forward's wide-tile dense kernel and the backward's dense loops run
+    (the device-side test), with inactive tiles inside wide tiles and ragged edges."""
+    x, w, b, s = _inputs(M, N, K, torch.float32, seed=11, density_shift=1.5)
+    s[:16, 16:32] = -1.0  # tile (0, 1) inactive, beside the active (0, 0) in one wide tile
+    assert not bc.bcat_cluster(s, None, 0.0, 16).tile_active.all()
+    _check(x, w, b, s, crossover=0.0, reorder=reorder)
 
 
 def test_block_diagonal_mask_runs_at_block_diagonal_cost(poisoned):

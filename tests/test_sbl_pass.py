@@ -150,7 +150,7 @@ def forward(self, L_w_, L_x_, L_b_, L_s_):
     l_x_ = L_x_
     l_b_ = L_b_
     l_s_ = L_s_
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, l_b_, l_s_, None, 0.0, 128, 0.85, False, False)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, l_b_, l_s_, None, 0.0, 128, 0.7, False, False)
     getitem = sbl_masked_linear_default[0]
     return (getitem,)
 """)
@@ -162,7 +162,7 @@ def forward(self, L_s_, L_x_, L_w_, L_b_):
     l_x_ = L_x_
     l_w_ = L_w_
     l_b_ = L_b_
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, l_b_, l_s_, None, 0.0, 128, 0.85, False, False)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, l_b_, l_s_, None, 0.0, 128, 0.7, False, False)
     getitem = sbl_masked_linear_default[0]
     return (getitem,)
 """)
@@ -173,7 +173,7 @@ def forward(self, L_x_, L_w_, L_s_):
     l_x_ = L_x_
     l_w_ = L_w_
     l_s_ = L_s_
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.0, 128, 0.85, False, False)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.0, 128, 0.7, False, False)
     getitem = sbl_masked_linear_default[0]
     return (getitem,)
 """)
@@ -185,7 +185,7 @@ def forward(self, L_x_, L_w_in_out_, L_s_):
     l_w_in_out_ = L_w_in_out_
     l_s_ = L_s_
     t = torch.t(l_w_in_out_)
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, t, None, l_s_, None, 0.0, 128, 0.85, False, False)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, t, None, l_s_, None, 0.0, 128, 0.7, False, False)
     getitem = sbl_masked_linear_default[0]
     return (getitem,)
 """)
@@ -196,7 +196,7 @@ def forward(self, L_x_, L_w_, L_s_):
     l_x_ = L_x_
     l_w_ = L_w_
     l_s_ = L_s_
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.1, 128, 0.85, False, False)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.1, 128, 0.7, False, False)
     getitem = sbl_masked_linear_default[0]
     return (getitem,)
 """)
@@ -209,7 +209,7 @@ def forward(self, L_x_, L_w_, L_s_, L_t_):
     l_s_ = L_s_
     l_t_ = L_t_
     gt = l_s_ > l_t_
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, gt, 0.0, 128, 0.85, False, False)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, gt, 0.0, 128, 0.7, False, False)
     getitem = sbl_masked_linear_default[0]
     return (getitem,)
 """)
@@ -223,7 +223,7 @@ def forward(self, L_x_, L_w_, L_s_, L_m_):
     l_m_ = L_m_
     invert = ~l_m_
     logical_not = torch.logical_not(invert)
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, logical_not, 0.0, 128, 0.85, False, False)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, logical_not, 0.0, 128, 0.7, False, False)
     getitem = sbl_masked_linear_default[0]
     return (getitem,)
 """)
@@ -234,7 +234,7 @@ def forward(self, L_x_, L_w_, L_s_):
     l_x_ = L_x_
     l_w_ = L_w_
     l_s_ = L_s_
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.2, 128, 0.85, False, False)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.2, 128, 0.7, False, False)
     getitem = sbl_masked_linear_default[0]
     return (getitem,)
 """)
@@ -249,7 +249,7 @@ def forward(self, L_x_, L_w_, L_s_):
     reshape_1 = reshape.reshape(-1, 24)
     size = l_s_.size()
     reshape_2 = l_s_.reshape(-1, 40)
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(reshape_1, l_w_, None, reshape_2, None, 0.0, 128, 0.85, False, False)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(reshape_1, l_w_, None, reshape_2, None, 0.0, 128, 0.7, False, False)
     getitem = sbl_masked_linear_default[0]
     view_1 = getitem.view(size)
     return (view_1,)
@@ -262,7 +262,7 @@ def forward(self, L_x_, L_w_, L_s_, L_b_):
     l_w_ = L_w_
     l_s_ = L_s_
     l_b_ = L_b_
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.0, 128, 0.85, False, False)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.0, 128, 0.7, False, False)
     getitem = sbl_masked_linear_default[0]
     add = getitem + l_b_
     return (add,)
@@ -276,7 +276,7 @@ def forward(self, L_s_, L_x_, L_w_):
     l_w_ = L_w_
     mul = l_s_ * 1.0
     raw = torch.nn.functional.relu(mul, inplace = True)
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, raw, None, 0.0, 128, 0.85, False, False)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, raw, None, 0.0, 128, 0.7, False, False)
     getitem = sbl_masked_linear_default[0]
     sum_1 = raw.sum()
     return (getitem, sum_1)
@@ -297,7 +297,7 @@ def forward(self, L_self_parameters_mu_weight_, L_self_parameters_sigma_weight_,
     scores = matmul / 4.898979485566356
     sub = scores - l_self_parameters_gate_param_
     raw = torch.nn.functional.relu(sub)
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_self_parameters_mu_weight_, None, sub, None, 0.0, 128, 0.85, False, True)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_self_parameters_mu_weight_, None, sub, None, 0.0, 128, 0.7, False, True)
     getitem = sbl_masked_linear_default[0]
     return (getitem, raw)
 """)
@@ -318,7 +318,7 @@ def forward(self, L_x_, L_self_parameters_weight_, L_self_parameters_bias_, L_se
     add = amax + 1e-06
     truediv = logits / add
     sub = truediv - 0.3
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(silu, l_self_parameters_weight_, l_self_parameters_bias_, sub, None, 0.0, 128, 0.85, False, True)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(silu, l_self_parameters_weight_, l_self_parameters_bias_, sub, None, 0.0, 128, 0.7, False, True)
     getitem = sbl_masked_linear_default[0]
     return (getitem,)
 """)
@@ -333,7 +333,7 @@ def forward(self, L_self_modules_value_parameters_weight_, L_self_modules_value_
     l_self_modules_score_parameters_weight_ = L_self_modules_score_parameters_weight_
     l_self_modules_score_parameters_bias_ = L_self_modules_score_parameters_bias_
     linear_1 = torch._C._nn.linear(l_x_, l_self_modules_score_parameters_weight_, l_self_modules_score_parameters_bias_)
-    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_self_modules_value_parameters_weight_, l_self_modules_value_parameters_bias_, linear_1, None, 0.0, 128, 0.85, False, True)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_self_modules_value_parameters_weight_, l_self_modules_value_parameters_bias_, linear_1, None, 0.0, 128, 0.7, False, True)
     getitem = sbl_masked_linear_default[0]
     return (getitem,)
 """)

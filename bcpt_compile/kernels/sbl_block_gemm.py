@@ -4,9 +4,10 @@ R = where(keep, s, 0) with keep = mask, or s > threshold (NaN kept, as relu keep
 
 * forward: ``bcat_cluster._tile_bits_kernel`` finds the active tiles (BCAT bits, count and
   a list) and zero-fills the inactive ones at full bandwidth; then ``_sddmm_forward_kernel``,
-  persistent, walks the list (past the density crossover, the grid in grouped order): a
-  K-loop GEMM per tile with the gate applied in the epilogue, and, when the gate will need
-  a gradient, the product x W^T + b saved on those tiles.
+  persistent, walks the list: a K-loop GEMM per tile with the gate applied in the
+  epilogue, and, when the gate will need a gradient, the product x W^T + b saved on those
+  tiles. Past the density crossover ``_dense_forward_kernel`` does the same over wide
+  tiles in grouped order, as a dense GEMM.
 * backward, ``_sddmm_backward_kernel``: per active tile, G' = dy * R (kept in a scratch
   buffer in tile space) and, when s needs a gradient, ds = dy * (x W^T + b) on keep, from
   the saved product (or a recomputed SDDMM without it); it zero-fills ds's other tiles,
@@ -60,42 +61,125 @@ def _sddmm_forward_kernel(
     stride_mm, stride_mn, stride_ym, stride_yn, stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
     SAVE_Z: tl.constexpr, PROGRAMS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Persistent: PROGRAMS programs walk the list of active tiles (its length is the BCAT
     count, read on the device), so no program is spent on an inactive tile and the grid
-    does not depend on the data. Past the density crossover they walk the whole grid in
-    grouped order instead, skipping inactive tiles: concurrent tiles then share x and W
-    rows in L2 (the list's order is only as grouped as the appends' race allows), which
-    is what dense GEMMs live on."""
+    does not depend on the data. Past the density crossover it does nothing:
+    ``_dense_forward_kernel``, launched after it, runs instead."""
     count = tl.load(state_ptr)
-    dense = count >= dense_min
-    for t in range(tl.program_id(0), tl.where(dense, Mt * Nt, count), PROGRAMS):
-        if dense:
-            tile_m, tile_n = grouped_tile(t, Mt, Nt, GROUP_M)
-            active = _tile_is_active(state_ptr, tile_m, tile_n, n_words)
-        else:
-            tile = tl.load(list_ptr + t)
-            tile_m = tile // Nt
-            tile_n = tile % Nt
-            active = t < count  # true: the list holds count tiles
-        if active:
-            _forward_tile(x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n,
-                          M, N, K, threshold, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
-                          stride_mm, stride_mn, stride_ym, stride_yn, stride_zm, stride_zn,
-                          HAS_BIAS, HAS_MASK, HAS_PERM, HAS_COL_PERM, SAVE_Z, BM, BN, BK, PRECISION, EVEN_K)
+    for t in range(tl.program_id(0), tl.where(count >= dense_min, 0, count), PROGRAMS):
+        tile = tl.load(list_ptr + t)
+        tile_m = tile // Nt
+        tile_n = tile % Nt
+        offs_m = tile_m * BM + tl.arange(0, BM)
+        offs_n = tile_n * BN + tl.arange(0, BN)
+        _forward_tile(x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, perm_ptr, col_perm_ptr, offs_m, offs_n,
+                      M, N, K, threshold, stride_xm, stride_xk, stride_wn, stride_wk,
+                      stride_sm, stride_sn, stride_mm, stride_mn, stride_ym, stride_yn, stride_zm, stride_zn,
+                      HAS_BIAS, HAS_MASK, HAS_PERM, HAS_COL_PERM, SAVE_Z, BM, BN, BK, PRECISION, EVEN_K)
 
 
 @triton.jit
-def _forward_tile(x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, perm_ptr, col_perm_ptr, tile_m, tile_n,
+def _dense_index(perm_ptr, offs, limit, HAS_PERM: tl.constexpr, INT64: tl.constexpr):
+    """Tile-space offsets -> indices into the user's tensors; past the edge, index 0 (the
+    values are never stored), so that only the contracted dim needs load masks."""
+    safe = tl.where(offs < limit, offs, 0)
+    if HAS_PERM:
+        safe = tl.load(perm_ptr + safe)
+    return safe.to(tl.int64) if INT64 else safe
+
+
+@triton.jit
+def _dense_forward_kernel(
+    x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, perm_ptr, col_perm_ptr, state_ptr,
+    M, N, K, Mt, n_words, dense_min, threshold,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
+    stride_mm, stride_mn, stride_ym, stride_yn, stride_zm, stride_zn,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
+    SAVE_Z: tl.constexpr, PROGRAMS: tl.constexpr, INT64: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPAN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Past the density crossover (else it returns at once): a persistent dense GEMM over
+    output tiles of BM x (SPAN * BN), SPAN BCAT tiles side by side, in grouped order.
+
+    Wide tiles are what Hopper's wgmma needs to approach cuBLAS (128x256 with 8 warps: 0.41
+    to 0.46 ms for 8192x8192x2048 bf16 against cuBLAS's 0.37 and 0.62 for 128x128 tiles,
+    benchmarks/sweep_dense_gemm.py). Addresses are recomputed from 32-bit offsets each
+    step (INT64 only for tensors past 2**31 elements) rather than carried as pointer
+    tensors, which would not fit in registers beside a 128x256 accumulator. Columns of
+    inactive BCAT tiles are written as zeros, as the bits kernel wrote them."""
+    if tl.load(state_ptr) < dense_min:
+        return
+    tl.static_assert(SPAN == 2, "the epilogue splits the wide tile in two")
+    WIDE: tl.constexpr = SPAN * BN
+    Nw = tl.cdiv(N, WIDE)
+    for t in range(tl.program_id(0), Mt * Nw, PROGRAMS):
+        tile_m, tile_w = grouped_tile(t, Mt, Nw, GROUP_M)
+        offs_m = tile_m * BM + tl.arange(0, BM)
+        offs_n = tile_w * WIDE + tl.arange(0, WIDE)
+        rows = _dense_index(perm_ptr, offs_m, M, HAS_PERM, INT64)
+        cols = _dense_index(col_perm_ptr, offs_n, N, HAS_COL_PERM, INT64)
+        acc = tl.zeros((BM, WIDE), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            offs_k = k * BK + tl.arange(0, BK)
+            x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+            if EVEN_K:
+                a = tl.load(x_ptrs)
+                b = tl.load(w_ptrs)
+            else:
+                a = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+                b = tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0.0)
+            acc = mma(a, b, acc, PRECISION)
+        # the epilogue in two BM x BN halves: a whole 128x256 one spills (tutorial 09's subtiling)
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
+        _dense_epilogue(left, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, col_perm_ptr, state_ptr, rows, offs_m,
+                        tile_m, 2 * tile_w, M, N, n_words, threshold, stride_sm, stride_sn, stride_mm, stride_mn,
+                        stride_ym, stride_yn, stride_zm, stride_zn, HAS_BIAS, HAS_MASK, HAS_COL_PERM, SAVE_Z,
+                        INT64, BN)
+        _dense_epilogue(right, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, col_perm_ptr, state_ptr, rows, offs_m,
+                        tile_m, 2 * tile_w + 1, M, N, n_words, threshold, stride_sm, stride_sn, stride_mm,
+                        stride_mn, stride_ym, stride_yn, stride_zm, stride_zn, HAS_BIAS, HAS_MASK, HAS_COL_PERM,
+                        SAVE_Z, INT64, BN)
+
+
+@triton.jit
+def _dense_epilogue(acc, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, col_perm_ptr, state_ptr, rows, offs_m, tile_m, tile_n,
+                    M, N, n_words, threshold, stride_sm, stride_sn, stride_mm, stride_mn,
+                    stride_ym, stride_yn, stride_zm, stride_zn,
+                    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COL_PERM: tl.constexpr,
+                    SAVE_Z: tl.constexpr, INT64: tl.constexpr, BN: tl.constexpr):
+    """Bias, saved product and gate on BCAT tile (tile_m, tile_n); zeros if it is inactive.
+
+    Columns are indexed from the bare offsets (masked), not clamped ones: a clamp hides
+    their contiguity, and uncoalesced epilogue stores made the kernel 6x slower (H200)."""
+    offs_n = tile_n * BN + tl.arange(0, BN)
+    cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SAVE_Z:
+        tl.store(z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn,
+                 acc.to(z_ptr.dtype.element_ty), mask=inside)
+    s = tl.load(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=inside, other=0.0)
+    keep = _gate_keep(s, m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
+                      inside, threshold, HAS_MASK, True)
+    y = acc * tl.where(keep, s.to(tl.float32), 0.0)
+    if not _tile_is_active(state_ptr, tile_m, tile_n, n_words):
+        y = tl.zeros_like(y)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _forward_tile(x_ptr, w_ptr, b_ptr, s_ptr, m_ptr, y_ptr, z_ptr, perm_ptr, col_perm_ptr, offs_m, offs_n,
                   M, N, K, threshold, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
                   stride_mm, stride_mn, stride_ym, stride_yn, stride_zm, stride_zn,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr,
                   HAS_COL_PERM: tl.constexpr, SAVE_Z: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   BK: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
-    offs_m = tile_m * BM + tl.arange(0, BM)
-    offs_n = tile_n * BN + tl.arange(0, BN)
+    """y (and z) on the tile offs_m x offs_n (tile space)."""
     rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
     cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -169,33 +253,64 @@ def _dx_kernel(
     M, N, K, Nt, dense_min,
     stride_wn, stride_wk, stride_dxm, stride_dxk,
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN: tl.constexpr,
+    BC: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr,
 ):
     """EVEN (every dim a multiple of its tile): loads without masks, which pipeline best.
 
     Axis 0 of the grid is the K block, so concurrent programs share a few row tiles of G'
-    (read from HBM once) and all of W (which stays in L2)."""
+    (read from HBM once) and all of W (which stays in L2). Past the density crossover the
+    loop walks every column BC at a time with no list: 64-deep steps keep three pipeline
+    stages beside the 128x256 output tile, and no indirect load stalls the pipeline
+    (full density on the H200: 0.47 ms, was 0.59; cuBLAS 0.38)."""
     tile_m = tl.program_id(1)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_k = tl.program_id(0) * BK + tl.arange(0, BK)
-    n_blocks = tl.where(tl.load(state_ptr) >= dense_min, Nt, tl.load(counts_ptr + tile_m))
     acc = tl.zeros((BM, BK), dtype=tl.float32)
-    for i in range(0, n_blocks):
-        tile_n = tl.load(cols_ptr + tile_m * Nt + i)
-        offs_n = tile_n * BN + tl.arange(0, BN)
-        w_rows = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
-        g_ptrs = g_ptr + offs_m[:, None] * N + offs_n[None, :]
-        w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
-        if EVEN:
-            g = tl.load(g_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            g = tl.load(g_ptrs, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-            w = tl.load(w_ptrs, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
-        acc = mma(g, w, acc, PRECISION)
+    if tl.load(state_ptr) >= dense_min:  # every column, no list: no indirect load in the loop
+        for j in range(0, tl.cdiv(N, BC)):
+            acc = _dx_step(acc, g_ptr, w_ptr, col_perm_ptr, offs_m, j * BC + tl.arange(0, BC), offs_k, M, N, K,
+                           stride_wn, stride_wk, HAS_COL_PERM, PRECISION, EVEN)
+    else:
+        for i in range(0, tl.load(counts_ptr + tile_m)):  # whole blocks: fewer indirect loads
+            offs_n = tl.load(cols_ptr + tile_m * Nt + i) * BN + tl.arange(0, BN)
+            acc = _dx_step(acc, g_ptr, w_ptr, col_perm_ptr, offs_m, offs_n, offs_k, M, N, K,
+                           stride_wn, stride_wk, HAS_COL_PERM, PRECISION, EVEN)
     rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@triton.jit
+def _dx_step(acc, g_ptr, w_ptr, col_perm_ptr, offs_m, offs_n, offs_k, M, N, K, stride_wn, stride_wk,
+             HAS_COL_PERM: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr):
+    w_rows = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
+    g_ptrs = g_ptr + offs_m[:, None] * N + offs_n[None, :]
+    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    if EVEN:
+        g = tl.load(g_ptrs)
+        w = tl.load(w_ptrs)
+    else:
+        g = tl.load(g_ptrs, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        w = tl.load(w_ptrs, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+    return mma(g, w, acc, PRECISION)
+
+
+@triton.jit
+def _dw_step(acc, db, g_ptr, x_ptr, perm_ptr, offs_m, offs_n, offs_k, M, N, K, stride_xm, stride_xk,
+             HAS_PERM: tl.constexpr, NEED_DB: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr):
+    rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
+    g_ptrs = g_ptr + offs_m[:, None] * N + offs_n[None, :]
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    if EVEN:
+        g = tl.load(g_ptrs)
+        x = tl.load(x_ptrs)
+    else:
+        g = tl.load(g_ptrs, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+    acc = mma(tl.trans(g), x, acc, PRECISION)
+    if NEED_DB:
+        db += tl.sum(g.to(tl.float32), axis=0)
+    return acc, db
 
 
 @triton.jit
@@ -204,32 +319,26 @@ def _dw_kernel(
     M, N, K, Mt, dense_min,
     stride_xm, stride_xk, stride_dwn, stride_dwk,
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, NEED_DB: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """EVEN (every dim a multiple of its tile): loads without masks, which pipeline best.
-    K blocks on grid axis 0, as in ``_dx_kernel``."""
+    K blocks on grid axis 0 and BC-deep contraction steps, as in ``_dx_kernel``."""
     tile_n = tl.program_id(1)
     pid_k = tl.program_id(0)
     offs_n = tile_n * BN + tl.arange(0, BN)
     offs_k = pid_k * BK + tl.arange(0, BK)
-    n_blocks = tl.where(tl.load(state_ptr) >= dense_min, Mt, tl.load(counts_ptr + tile_n))
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     db = tl.zeros((BN,), dtype=tl.float32)
-    for i in range(0, n_blocks):
-        tile_m = tl.load(rows_ptr + tile_n * Mt + i)
-        offs_m = tile_m * BM + tl.arange(0, BM)
-        rows = original_index(perm_ptr, offs_m, M, HAS_PERM)
-        g_ptrs = g_ptr + offs_m[:, None] * N + offs_n[None, :]
-        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        if EVEN:
-            g = tl.load(g_ptrs)
-            x = tl.load(x_ptrs)
-        else:
-            g = tl.load(g_ptrs, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-            x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        acc = mma(tl.trans(g), x, acc, PRECISION)
-        if NEED_DB:
-            db += tl.sum(g.to(tl.float32), axis=0)
+    if tl.load(state_ptr) >= dense_min:  # every row, no list: no indirect load in the loop
+        for j in range(0, tl.cdiv(M, BC)):
+            acc, db = _dw_step(acc, db, g_ptr, x_ptr, perm_ptr, j * BC + tl.arange(0, BC), offs_n, offs_k, M, N, K,
+                               stride_xm, stride_xk, HAS_PERM, NEED_DB, PRECISION, EVEN)
+    else:
+        for i in range(0, tl.load(counts_ptr + tile_n)):  # whole blocks: fewer indirect loads
+            offs_m = tl.load(rows_ptr + tile_n * Mt + i) * BM + tl.arange(0, BM)
+            acc, db = _dw_step(acc, db, g_ptr, x_ptr, perm_ptr, offs_m, offs_n, offs_k, M, N, K,
+                               stride_xm, stride_xk, HAS_PERM, NEED_DB, PRECISION, EVEN)
     cols = original_index(col_perm_ptr, offs_n, N, HAS_COL_PERM)
     tl.store(dw_ptr + cols[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
              acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
@@ -247,23 +356,34 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-#: Per-kernel launch settings on CUDA, keyed by kernel family ("sddmm" the forward GEMM,
-#: "sddmm_backward", "dx", "dw"); benchmarks/sweep_sbl_gemm.py and bench_sbl.py sweep them
-#: on the H100. The forward's BK 64 / 3 stages fits two programs per SM, which hides the
-#: loads best at 10 % and at 100 % active tiles alike (1.25x over BK 128 at 10 %); dx and
-#: dW's BK 256 (128x256 output tiles) is 1.14x over BK 128 at 100 %, within noise at 10 %.
+#: Per-kernel launch settings on CUDA, keyed by kernel family ("sddmm" the forward GEMM
+#: over the active-tile list, "dense" the forward past the density crossover,
+#: "sddmm_backward", "dx", "dW"); benchmarks/sweep_sbl_gemm.py, sweep_dense_gemm.py and
+#: bench_sbl.py sweep them. The list walk's BK 64 / 4 warps / 3 stages fits two programs
+#: per SM, which hides the loads best on 128x128 tiles (1.25x over BK 128 at 10 %); the
+#: dense forward, dx and dW run 128x256 output tiles with 8 warps (two warpgroups) and
+#: 64-deep contraction steps (BK, BC), the shape that takes Triton within 4-12 % of cuBLAS.
 CUDA_CONFIGS = {
     "sddmm": {"BK": 64, "num_warps": 4, "num_stages": 3},
+    "dense": {"BK": 64, "num_warps": 8, "num_stages": 3},
     "sddmm_backward": {"BK": 128, "num_warps": 8, "num_stages": 3},
-    "dx": {"BK": 256, "num_warps": 8, "num_stages": 3},
-    "dw": {"BK": 256, "num_warps": 8, "num_stages": 3},
+    "dx": {"BK": 256, "BC": 64, "num_warps": 8, "num_stages": 3},
+    "dw": {"BK": 256, "BC": 64, "num_warps": 8, "num_stages": 3},
 }
+
+#: Output tile width of the dense forward, in BCAT tiles.
+DENSE_SPAN = 2
 
 
 def _launch_config(kind: str, block: int, device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {"BK": 16, "num_warps": 4, "num_stages": 1}
+    if device.type != "cuda":  # the interpreter: small steps, so the tests' small blocks still loop
+        cfg = {"BK": 16, "num_warps": 4, "num_stages": 1}
+        if kind in ("dx", "dw"):
+            cfg["BC"] = min(16, block)
+        return cfg
     cfg = dict(CUDA_CONFIGS[kind])
+    if "BC" in cfg:
+        cfg["BC"] = min(cfg["BC"], block)
     if block < 128:
         cfg["num_warps"] = min(cfg["num_warps"], 4)
     return cfg
@@ -281,9 +401,10 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
     """(y, z): y = (x W^T + b) * R on the tiles where R has a nonzero, zeros elsewhere, and
     with ``save_product`` z = x W^T + b on the active tiles (else None) for the backward.
 
-    x: (M, K), W: (N, K), gate: (M, N). Two launches: the bits kernel sets ``bcat``'s bits
-    (zeroed by the caller; kept for the backward), lists the active tiles and zero-fills
-    the others at full bandwidth; then a persistent GEMM kernel walks the list.
+    x: (M, K), W: (N, K), gate: (M, N). Three launches: the bits kernel sets ``bcat``'s
+    bits (zeroed by the caller; kept for the backward), lists the active tiles and
+    zero-fills the others at full bandwidth; then a persistent GEMM kernel walks the list,
+    or, past the density crossover, the dense GEMM kernel the grid of wide tiles.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -295,17 +416,27 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
     Mt, Nt = bcat.grid
     tiles = torch.empty(Mt * Nt, dtype=torch.int32, device=x.device)
     mark_active_tiles(bcat, gate, mask, threshold, zero_fill=y, tile_list=tiles)
+    m = mask if mask is not None else gate
+    args = (x, weight, bias, gate, m, y, z, bcat.perm, bcat.col_perm, bcat.state)
+    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
+               m.stride(0), m.stride(1), y.stride(0), y.stride(1), *(z.stride() if z is not None else (0, 0)))
+    flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None,
+                 HAS_COL_PERM=bcat.col_perm is not None, SAVE_Z=z is not None, BM=BM, BN=BN,
+                 PRECISION=dot_precision(x))
+    # Both run; the active count (on the device) makes one of them return at once.
     cfg = _launch_config("sddmm", BM, x.device)
     programs = min(_persistent_programs(x.device), Mt * Nt)
-    m = mask if mask is not None else gate
     launchable(_sddmm_forward_kernel, x)[(programs,)](
-        x, weight, bias, gate, m, y, z, bcat.perm, bcat.col_perm, bcat.state, tiles,
-        M, N, K, Mt, Nt, bcat.n_words, bcat.dense_min, float(threshold),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), gate.stride(0), gate.stride(1),
-        m.stride(0), m.stride(1), y.stride(0), y.stride(1), *(z.stride() if z is not None else (0, 0)),
-        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_PERM=bcat.perm is not None,
-        HAS_COL_PERM=bcat.col_perm is not None, SAVE_Z=z is not None, PROGRAMS=programs,
-        BM=BM, BN=BN, GROUP_M=8, PRECISION=dot_precision(x), EVEN_K=K % cfg["BK"] == 0, **cfg,
+        *args, tiles, M, N, K, Mt, Nt, bcat.n_words, bcat.dense_min, float(threshold), *strides,
+        PROGRAMS=programs, EVEN_K=K % cfg["BK"] == 0, **flags, **cfg,
+    )
+    cfg = _launch_config("dense", BM, x.device)
+    wide_tiles = Mt * triton.cdiv(N, DENSE_SPAN * BN)
+    programs = min(_persistent_programs(x.device) // (2 if x.is_cuda else 1), wide_tiles)
+    launchable(_dense_forward_kernel, x)[(programs,)](
+        *args, M, N, K, Mt, bcat.n_words, bcat.dense_min, float(threshold), *strides,
+        PROGRAMS=programs, INT64=max(x.numel(), weight.numel(), gate.numel()) >= 2**31,
+        SPAN=DENSE_SPAN, GROUP_M=8, EVEN_K=K % cfg["BK"] == 0, **flags, **cfg,
     )
     return y, z
 
