@@ -244,3 +244,15 @@ def test_float32_gate_with_bfloat16_operands(poisoned):
     cot = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
     for got, want, leaf in zip(torch.autograd.grad(y, leaves, cot), torch.autograd.grad(ref, ref_leaves, cot), leaves):
         assert got.dtype == leaf.dtype and _rel(got, want.double()) < 2e-2
+
+
+def test_backward_gets_no_zero_filled_aux_gradients():
+    """The op's aux outputs (tile state, permutations, saved product) take no gradient:
+    autograd must not materialise zeros for them (an (M, N) memset per backward)."""
+    from torch.profiler import profile
+
+    x, w, b, s = (t.requires_grad_() for t in _inputs(32, 48, 16, torch.float32, seed=1))
+    y = op(x, w, b, s, None, 0.0, 16, 1.0, False, True)
+    with profile() as prof:
+        torch.autograd.grad(y, (x, w, b, s), torch.randn_like(y))
+    assert not [e.key for e in prof.key_averages() if e.key in ("aten::zeros", "aten::zero_", "aten::zeros_like")]

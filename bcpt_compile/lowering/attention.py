@@ -264,6 +264,7 @@ def _selected_setup(ctx, inputs, output):
     q, k, v, block_idx, block_counts, block_size, query_block, causal, scale, *own = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient of lse
     ctx.save_for_backward(q, k, v, out, lse, block_idx, block_counts)
     ctx.config = (block_size, query_block, causal, scale, bool(own and own[0]))
 
@@ -318,6 +319,7 @@ def _window_setup(ctx, inputs, output):
     q, k, v, window, scale = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient of lse
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.config = (window, scale)
 

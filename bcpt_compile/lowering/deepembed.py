@@ -185,11 +185,14 @@ def _(grad, h, weight, bias, table, idx, z, indexing, needs, plan=None, slots=Fa
 def _linear_setup(ctx, inputs, output):
     h, weight, bias, table, idx, indexing, plan, slots = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient of the saved product
     ctx.save_for_backward(h, weight, bias, table, idx, output[1], plan)
     ctx.indexing, ctx.slots = indexing, slots
 
 
 def _linear_backward(ctx, grad, _grad_z):
+    if grad is None:
+        return (None,) * 8
     h, weight, bias, table, idx, z, plan = ctx.saved_tensors
     needs = [ctx.needs_input_grad[i] for i in range(4)]
     dh, dw, db, dt = torch.ops.bcpt.deepembed_linear_backward(
@@ -364,10 +367,13 @@ def _(grad, x, weight, b, s2, s0, u, needs):
 def _hidden_setup(ctx, inputs, output):
     x, weight, b, s2, s0 = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient of the saved product
     ctx.save_for_backward(x, weight, b, s2, s0, output[1])
 
 
 def _hidden_backward(ctx, grad, _grad_u):
+    if grad is None:
+        return (None,) * 5
     x, weight, b, s2, s0, u = ctx.saved_tensors
     needs = [ctx.needs_input_grad[i] for i in range(5)]
     grads = torch.ops.bcpt.deepembed_hidden_backward(grad.contiguous(), x, weight, b, s2, s0, u, needs)
