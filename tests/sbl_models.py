@@ -111,3 +111,71 @@ def broadcast_gate(x, w, s_col):
 def product_reused(x, w, s):
     y = F.linear(x, w)
     return y * torch.relu(s), y.sum()
+
+
+# spellings found by red-teaming client-style layers
+def einsum_weight_first(x, w, s):
+    return torch.einsum("oi,bti->bto", w, x) * torch.relu(s)
+
+
+def inplace_product(x, w, b, s):
+    y = F.linear(x, w, b)
+    y *= torch.relu(s)  # Dynamo: operator.imul on a fresh product nobody else reads
+    return y
+
+
+def mul_method_inplace(x, w, s):
+    return F.linear(x, w).mul_(F.relu(s))
+
+
+def inplace_bias_before(x, w, b, s):
+    y = x @ w.T
+    y += b
+    return y * torch.relu(s)
+
+
+def detached_gate(x, w, s):
+    return F.linear(x, w) * torch.relu(s).detach()
+
+
+def cast_gate(x, w, s):
+    return F.linear(x, w) * F.relu(s).to(x.dtype)
+
+
+def scaled_gate(x, w, s):
+    return F.linear(x, w) * (torch.relu(s) / 0.5)
+
+
+def squared_gate(x, w, s):
+    return F.linear(x, w) * F.relu(s).square()
+
+
+def gain_gate(x, w, s, gain):
+    return F.linear(x, w) * (torch.relu(s - 0.1) * gain)
+
+
+def eval_dropout_gate(x, w, s):
+    return F.dropout(F.linear(x, w), 0.1, training=False) * F.dropout(torch.relu(s), 0.1, training=False)
+
+
+def where_zeros_like(x, w, s):
+    with torch.no_grad():
+        active = s > 0.2
+    return F.linear(x, w) * torch.where(active, s, torch.zeros_like(s))
+
+
+def relu6_gate(x, w, s):
+    return F.linear(x, w) * F.relu6(s * 4)
+
+
+def maximum_gate(x, w, s):
+    return F.linear(x, w) * torch.maximum(s, torch.zeros_like(s))
+
+
+# near-misses found by red-teaming
+def relu_plus_eps_gate(x, w, s):
+    return F.linear(x, w) * (torch.relu(s) + 1e-3)
+
+
+def relu_then_exp_gate(x, w, s):
+    return F.linear(x, w) * torch.exp(torch.relu(s))

@@ -519,3 +519,250 @@ def test_frozen_value_and_table_only_input_gradient():
     (got,) = torch.autograd.grad(out.sum(), (x,))
     (want,) = torch.autograd.grad(model(x, idx).sum(), (x,))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ spellings found by red-teaming
+
+class ClientFFN(nn.Module):
+    """Output-scale spellings seen in client-style layers (eval dropout, in-place ops, casts)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.key = nn.Linear(D, HID, bias=False)
+        self.value = nn.Linear(HID, D, bias=False)
+        self.deepemb = nn.Embedding(VOCAB, D)
+        self.drop = nn.Dropout(0.1)
+        with torch.no_grad():
+            self.deepemb.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x, idx):
+        if self.kind == "inplace_relu":
+            return self.value(F.relu(self.key(x), inplace=True) ** 2) * self.deepemb(idx)
+        k = torch.relu(self.key(x)) ** 2
+        if self.kind == "eval_dropout":
+            return self.drop(self.value(k)) * self.deepemb(idx)
+        if self.kind == "inplace_scale":
+            y = self.value(k)
+            y *= self.deepemb(idx)
+            return y
+        if self.kind == "rows_cast_long_idx":
+            return self.value(k) * self.deepemb(idx.long()).to(x.dtype)
+        if self.kind == "einsum_weight_first":
+            return torch.einsum("dh,bth->btd", self.value.weight, k) * self.deepemb(idx)
+        raise ValueError(self.kind)
+
+
+class ClientHidden(HiddenScale):
+    """Hidden-scale spellings: einsum mix, ``[:, :, 0]`` instead of squeeze, ``k *= scale``."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x, idx):
+        k = torch.relu(x @ self.K) ** 2
+        e = self.s_emb[idx].view(*idx.shape, R, R)
+        if self.kind == "einsum_mix":
+            mix = torch.einsum("btr,btrs->bts", x @ self.s1, e)
+            return (k * (mix @ self.s2 + self.s0)) @ self.V
+        mix = torch.matmul((x @ self.s1).unsqueeze(2), e)[:, :, 0]
+        k *= self.s0 + mix @ self.s2  # "index_unit_dim_inplace"
+        return k @ self.V
+
+
+CLIENT_FFN = ["inplace_relu", "eval_dropout", "inplace_scale", "rows_cast_long_idx", "einsum_weight_first"]
+CLIENT_HIDDEN = ["einsum_mix", "index_unit_dim_inplace"]
+
+
+@pytest.mark.parametrize("kind", CLIENT_FFN)
+def test_client_output_scale_spellings_match_eager(kind):
+    torch.manual_seed(0)
+    model = ClientFFN(kind).eval()
+    x, idx = _inputs(6)
+    idx = idx.int() if kind == "rows_cast_long_idx" else idx
+    report = bcpt_compile.explain(model, x, idx)
+    assert [s.op for s in report.sites if s.family == "deepembed"] == ["bcpt.deepembed_linear"], str(report)
+    _compare(model, x, idx)
+
+
+@pytest.mark.parametrize("kind", CLIENT_HIDDEN)
+def test_client_hidden_scale_spellings_match_eager(kind):
+    model = ClientHidden(kind)
+    report = bcpt_compile.explain(model, *_inputs())
+    assert [s.op for s in report.sites if s.family == "deepembed"] == ["bcpt.deepembed_rowmix+hidden"], str(report)
+    _compare(model, *_inputs(8))
+
+
+def test_bf16_activations_fp32_table_and_autocast():
+    """Rows cast to the activations' dtype, and the whole FFN under autocast: the op's result
+    is cast to eager's dtype and agrees to bf16 precision."""
+
+    class Cast(nn.Module):
+        def __init__(self, autocast):
+            super().__init__()
+            self.autocast = autocast
+            self.key = nn.Linear(D, HID, bias=False)
+            self.value = nn.Linear(HID, D, bias=False)
+            self.deepemb = nn.Embedding(VOCAB, D)
+
+        def forward(self, x, idx):
+            if self.autocast:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return self.value(torch.relu(self.key(x)) ** 2) * self.deepemb(idx)
+            return self.value(torch.relu(self.key(x)) ** 2) * self.deepemb(idx).to(x.dtype)
+
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = Cast(autocast)
+        if not autocast:
+            model.key.bfloat16(), model.value.bfloat16()  # fp32 table, bf16 FFN
+        x, idx = _inputs(9)
+        x = x if autocast else x.bfloat16()
+        assert bcpt_compile.explain(model, x, idx).counts["deepembed"] == 1
+        torch._dynamo.reset()
+        y = torch.compile(model, backend="bcpt", options={"inner_compiler": "aot_eager"})(x, idx)
+        ye = model(x, idx)
+        assert y.dtype == ye.dtype
+        assert ((y.double() - ye.double()).norm() / ye.double().norm()).item() < 1e-2
+        (gt,) = torch.autograd.grad(y.float().sum(), (model.deepemb.weight,))
+        (et,) = torch.autograd.grad(ye.float().sum(), (model.deepemb.weight,))
+        assert gt.dtype == et.dtype and ((gt - et).norm() / et.norm()).item() < 2e-2
+
+
+class TestClientSnapshots(expecttest.TestCase):
+    def test_inplace_relu(self):
+        self.assertExpectedInline(rewritten_graph(ClientFFN("inplace_relu").eval(), *_inputs()), """\
+def forward(self, L_self_modules_key_parameters_weight_, L_x_, L_self_modules_value_parameters_weight_, L_self_modules_deepemb_parameters_weight_, L_idx_):
+    l_self_modules_key_parameters_weight_ = L_self_modules_key_parameters_weight_
+    l_x_ = L_x_
+    l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
+    l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
+    l_idx_ = L_idx_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, False)
+    linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
+    relu = torch.nn.functional.relu(linear, inplace = True)
+    pow_1 = relu ** 2
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(pow_1, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, l_idx_, False, row_plan_default, False)
+    getitem = deepembed_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_eval_dropout(self):
+        self.assertExpectedInline(rewritten_graph(ClientFFN("eval_dropout").eval(), *_inputs()), """\
+def forward(self, L_self_modules_key_parameters_weight_, L_x_, L_self_modules_value_parameters_weight_, L_self_modules_deepemb_parameters_weight_, L_idx_):
+    l_self_modules_key_parameters_weight_ = L_self_modules_key_parameters_weight_
+    l_x_ = L_x_
+    l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
+    l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
+    l_idx_ = L_idx_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, False)
+    linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
+    relu = torch.relu(linear)
+    k = relu ** 2
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, l_idx_, False, row_plan_default, False)
+    getitem = deepembed_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_inplace_scale(self):
+        self.assertExpectedInline(rewritten_graph(ClientFFN("inplace_scale").eval(), *_inputs()), """\
+def forward(self, L_self_modules_key_parameters_weight_, L_x_, L_self_modules_value_parameters_weight_, L_self_modules_deepemb_parameters_weight_, L_idx_):
+    l_self_modules_key_parameters_weight_ = L_self_modules_key_parameters_weight_
+    l_x_ = L_x_
+    l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
+    l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
+    l_idx_ = L_idx_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, False)
+    linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
+    relu = torch.relu(linear)
+    k = relu ** 2
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, l_idx_, False, row_plan_default, False)
+    getitem = deepembed_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_rows_cast_long_idx(self):
+        x, idx = _inputs()
+        self.assertExpectedInline(rewritten_graph(ClientFFN("rows_cast_long_idx").eval(), x, idx.int()), """\
+def forward(self, L_self_modules_key_parameters_weight_, L_x_, L_self_modules_value_parameters_weight_, L_idx_, L_self_modules_deepemb_parameters_weight_):
+    l_self_modules_key_parameters_weight_ = L_self_modules_key_parameters_weight_
+    l_x_ = L_x_
+    l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
+    l_idx_ = L_idx_
+    l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, False)
+    linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
+    relu = torch.relu(linear)
+    k = relu ** 2
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, l_idx_, False, row_plan_default, False)
+    getitem = deepembed_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_einsum_weight_first(self):
+        self.assertExpectedInline(rewritten_graph(ClientFFN("einsum_weight_first").eval(), *_inputs()), """\
+def forward(self, L_self_modules_key_parameters_weight_, L_x_, L_self_modules_value_parameters_weight_, L_self_modules_deepemb_parameters_weight_, L_idx_):
+    l_self_modules_key_parameters_weight_ = L_self_modules_key_parameters_weight_
+    l_x_ = L_x_
+    l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
+    l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
+    l_idx_ = L_idx_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, False)
+    linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
+    relu = torch.relu(linear)
+    k = relu ** 2
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, l_idx_, False, row_plan_default, False)
+    getitem = deepembed_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_einsum_mix(self):
+        self.assertExpectedInline(rewritten_graph(ClientHidden("einsum_mix"), *_inputs()), """\
+def forward(self, L_self_parameters_K_, L_x_, L_self_parameters_s_emb_, L_idx_, L_self_parameters_s1_, L_self_parameters_s2_, L_self_parameters_s0_, L_self_parameters_V_):
+    l_self_parameters_k_ = L_self_parameters_K_
+    l_x_ = L_x_
+    l_self_parameters_s_emb_ = L_self_parameters_s_emb_
+    l_idx_ = L_idx_
+    l_self_parameters_s1_ = L_self_parameters_s1_
+    l_self_parameters_s2_ = L_self_parameters_s2_
+    l_self_parameters_s0_ = L_self_parameters_s0_
+    l_self_parameters_v_ = L_self_parameters_V_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, True)
+    matmul_1 = l_x_ @ l_self_parameters_s1_
+    reshape = torch.reshape(matmul_1, (-1, 4))
+    deepembed_rowmix_default = torch.ops.bcpt.deepembed_rowmix.default(reshape, l_self_parameters_s_emb_, l_idx_, 4, True, row_plan_default, False)
+    reshape_as = deepembed_rowmix_default.reshape_as(matmul_1)
+    t = torch.t(l_self_parameters_k_)
+    reshape_1 = torch.reshape(reshape_as, (-1, 4))
+    deepembed_hidden_default = torch.ops.bcpt.deepembed_hidden.default(l_x_, t, reshape_1, l_self_parameters_s2_, l_self_parameters_s0_)
+    getitem_1 = deepembed_hidden_default[0]
+    matmul_3 = getitem_1 @ l_self_parameters_v_
+    return (matmul_3,)
+""")
+
+    def test_index_unit_dim_inplace(self):
+        self.assertExpectedInline(rewritten_graph(ClientHidden("index_unit_dim_inplace"), *_inputs()), """\
+def forward(self, L_self_parameters_K_, L_x_, L_self_parameters_s_emb_, L_idx_, L_self_parameters_s1_, L_self_parameters_s0_, L_self_parameters_s2_, L_self_parameters_V_):
+    l_self_parameters_k_ = L_self_parameters_K_
+    l_x_ = L_x_
+    l_self_parameters_s_emb_ = L_self_parameters_s_emb_
+    l_idx_ = L_idx_
+    l_self_parameters_s1_ = L_self_parameters_s1_
+    l_self_parameters_s0_ = L_self_parameters_s0_
+    l_self_parameters_s2_ = L_self_parameters_s2_
+    l_self_parameters_v_ = L_self_parameters_V_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, True)
+    matmul_1 = l_x_ @ l_self_parameters_s1_
+    unsqueeze = matmul_1.unsqueeze(2)
+    reshape = torch.reshape(unsqueeze, (-1, 4))
+    deepembed_rowmix_default = torch.ops.bcpt.deepembed_rowmix.default(reshape, l_self_parameters_s_emb_, l_idx_, 4, True, row_plan_default, False)
+    reshape_as = deepembed_rowmix_default.reshape_as(unsqueeze)
+    mix = reshape_as[(slice(None, None, None), slice(None, None, None), 0)]
+    t = torch.t(l_self_parameters_k_)
+    reshape_1 = torch.reshape(mix, (-1, 4))
+    deepembed_hidden_default = torch.ops.bcpt.deepembed_hidden.default(l_x_, t, reshape_1, l_self_parameters_s2_, l_self_parameters_s0_)
+    getitem_2 = deepembed_hidden_default[0]
+    matmul_4 = getitem_2 @ l_self_parameters_v_
+    return (matmul_4,)
+""")

@@ -33,6 +33,19 @@ def _args(name, dtype=torch.float32):
         "viewed_linear": (x, w, s),
         "bias_after_mask": (x, w, b, s),
         "inplace_relu_gate": (x, w, s),
+        "einsum_weight_first": (x, w, s),
+        "inplace_product": (x, w, b, s),
+        "mul_method_inplace": (x, w, s),
+        "inplace_bias_before": (x, w, b, s),
+        "detached_gate": (x, w, s),
+        "cast_gate": (x, w, s),
+        "scaled_gate": (x, w, s),
+        "squared_gate": (x, w, s),
+        "gain_gate": (x, w, s, torch.rand(N, generator=g, dtype=dtype) + 0.5),
+        "eval_dropout_gate": (x, w, s),
+        "where_zeros_like": (x, w, s),
+        "relu6_gate": (x, w, s),
+        "maximum_gate": (x, w, s),
     }[name]
 
 
@@ -41,6 +54,14 @@ FUNCTION_SPELLINGS = [
     "where_tensor_threshold", "masked_fill_gate", "functional_threshold", "viewed_linear", "bias_after_mask",
     "inplace_relu_gate",
 ]
+# found by red-teaming client-style layers: in-place products, weight-first einsum, and
+# gates wrapped in zero-preserving ops (casts, detach, scaling, squaring, eval dropout)
+RED_TEAM_SPELLINGS = [
+    "einsum_weight_first", "inplace_product", "mul_method_inplace", "inplace_bias_before", "detached_gate",
+    "cast_gate", "scaled_gate", "squared_gate", "gain_gate", "eval_dropout_gate", "where_zeros_like",
+    "relu6_gate", "maximum_gate",
+]
+FUNCTION_SPELLINGS += RED_TEAM_SPELLINGS
 MODULE_SPELLINGS = [sm.TinyOnnSBL, sm.SparseProtoLinear, sm.ModuleLinearGate]
 
 
@@ -125,6 +146,10 @@ def test_rows_with_no_active_output():
          "gate shape (8, 1) is not the linear output's (8, 40) (a broadcast gate is not block-sparse)"),
         ("product_reused", lambda: (torch.randn(8, 24), torch.randn(40, 24), torch.randn(8, 40)),
          "the dense product linear(x, W) has other users, so it is computed anyway"),
+        ("relu_plus_eps_gate", lambda: (torch.randn(8, 24), torch.randn(40, 24), torch.randn(8, 40)),
+         "gate is not provably zero off the mask (call_function add)"),
+        ("relu_then_exp_gate", lambda: (torch.randn(8, 24), torch.randn(40, 24), torch.randn(8, 40)),
+         "gate is not provably zero off the mask (call_function exp)"),
         ("threshold_mul", lambda: (torch.randn(8, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64),
                                    torch.randn(8, 40, dtype=torch.float64)),
          "input dtype torch.float64 is not supported (float32, bfloat16, float16)"),
@@ -280,6 +305,184 @@ def forward(self, L_s_, L_x_, L_w_):
     getitem = sbl_masked_linear_default[0]
     sum_1 = raw.sum()
     return (getitem, sum_1)
+""")
+
+    def test_einsum_weight_first(self):
+        self.assertExpectedInline(self.snap("einsum_weight_first"), """\
+def forward(self, L_w_, L_x_, L_s_):
+    l_w_ = L_w_
+    l_x_ = L_x_
+    l_s_ = L_s_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_inplace_product(self):
+        self.assertExpectedInline(self.snap("inplace_product"), """\
+def forward(self, L_x_, L_w_, L_b_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_b_ = L_b_
+    l_s_ = L_s_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, l_b_, l_s_, None, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_mul_method_inplace(self):
+        self.assertExpectedInline(self.snap("mul_method_inplace"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_inplace_bias_before(self):
+        self.assertExpectedInline(self.snap("inplace_bias_before"), """\
+def forward(self, L_w_, L_x_, L_b_, L_s_):
+    l_w_ = L_w_
+    l_x_ = L_x_
+    l_b_ = L_b_
+    l_s_ = L_s_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, l_b_, l_s_, None, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_detached_gate(self):
+        self.assertExpectedInline(self.snap("detached_gate"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    relu = torch.relu(l_s_)
+    detach = relu.detach()
+    le = l_s_ <= 0.0
+    logical_not = torch.logical_not(le)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, detach, logical_not, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_cast_gate(self):
+        self.assertExpectedInline(self.snap("cast_gate"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    relu = torch.nn.functional.relu(l_s_)
+    to = relu.to(torch.float32)
+    le = l_s_ <= 0.0
+    logical_not = torch.logical_not(le)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, to, logical_not, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_scaled_gate(self):
+        self.assertExpectedInline(self.snap("scaled_gate"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    relu = torch.relu(l_s_)
+    truediv = relu / 0.5
+    le = l_s_ <= 0.0
+    logical_not = torch.logical_not(le)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, truediv, logical_not, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_squared_gate(self):
+        self.assertExpectedInline(self.snap("squared_gate"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    relu = torch.nn.functional.relu(l_s_)
+    square = relu.square()
+    le = l_s_ <= 0.0
+    logical_not = torch.logical_not(le)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, square, logical_not, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_gain_gate(self):
+        self.assertExpectedInline(self.snap("gain_gate"), """\
+def forward(self, L_x_, L_w_, L_s_, L_gain_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    l_gain_ = L_gain_
+    sub = l_s_ - 0.1
+    relu = torch.relu(sub)
+    mul = relu * l_gain_
+    le = sub <= 0.0
+    logical_not = torch.logical_not(le)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, mul, logical_not, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_eval_dropout_gate(self):
+        self.assertExpectedInline(self.snap("eval_dropout_gate"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    relu = torch.relu(l_s_)
+    dropout_1 = torch.nn.functional.dropout(relu, 0.1, training = False)
+    le = l_s_ <= 0.0
+    logical_not = torch.logical_not(le)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, dropout_1, logical_not, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_where_zeros_like(self):
+        self.assertExpectedInline(self.snap("where_zeros_like"), """\
+def forward(self, L_s_, L_x_, L_w_):
+    l_s_ = L_s_
+    l_x_ = L_x_
+    l_w_ = L_w_
+    _set_grad_enabled = torch._C._set_grad_enabled(False)
+    active = l_s_ > 0.2
+    _set_grad_enabled_1 = torch._C._set_grad_enabled(True)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, active, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_relu6_gate(self):
+        self.assertExpectedInline(self.snap("relu6_gate"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    mul = l_s_ * 4
+    relu6 = torch.nn.functional.relu6(mul)
+    le = mul <= 0.0
+    logical_not = torch.logical_not(le)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, relu6, logical_not, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_maximum_gate(self):
+        self.assertExpectedInline(self.snap("maximum_gate"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, l_s_, None, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
 """)
 
     def test_tiny_onn(self):

@@ -56,18 +56,70 @@ MUL_TARGETS = (operator.mul, torch.mul, torch.Tensor.mul)
 ADD_TARGETS = (operator.add, torch.add, torch.Tensor.add)
 
 
+def is_fresh(node: Any) -> bool:
+    """node's result is a tensor of its own: computed, not a view or an alias of an input
+    (``.to`` to the same dtype and in-place ops return their input)."""
+    val = example_value(node)
+    if val is None or node.op not in ("call_function", "call_method"):
+        return False
+    try:
+        storage = val.untyped_storage()._cdata  # a view of a temporary (3-D F.linear) is fine
+        return all(example_value(i) is None or example_value(i).untyped_storage()._cdata != storage
+                   for i in node.all_input_nodes)
+    except (NotImplementedError, RuntimeError):
+        return False
+
+
+def functional_inplace(node: Any) -> bool:
+    """``y *= r``, ``y += b``, ``y.mul_(r)``, ``y.add_(b)`` on a fresh y that nothing else reads:
+    the same as the out-of-place op (no one can observe the mutation)."""
+    if not (is_function(node, operator.imul, operator.iadd) or is_method(node, "mul_", "add_")):
+        return False
+    target = node.args[0] if node.args else None
+    return isinstance(target, Node) and is_fresh(target) and len(target.users) == 1
+
+
 def mul_operands(node: Any) -> Optional[tuple[Any, Any]]:
-    if is_function(node, *MUL_TARGETS) or is_method(node, "mul"):
+    if is_function(node, *MUL_TARGETS) or is_method(node, "mul") or (
+        (is_function(node, operator.imul) or is_method(node, "mul_")) and functional_inplace(node)
+    ):
         if len(node.args) == 2 and not node.kwargs:
             return node.args[0], node.args[1]
     return None
 
 
 def add_operands(node: Any) -> Optional[tuple[Any, Any]]:
-    if is_function(node, *ADD_TARGETS) or is_method(node, "add"):
+    if is_function(node, *ADD_TARGETS) or is_method(node, "add") or (
+        (is_function(node, operator.iadd) or is_method(node, "add_")) and functional_inplace(node)
+    ):
         if len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
             return node.args[0], node.args[1]
     return None
+
+
+def is_zero(v: Any) -> bool:
+    """A literal 0, or a tensor of zeros (``zeros_like(s)``, ``s.new_zeros(...)``, ``torch.zeros(...)``)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return v == 0
+    if is_function(v, torch.zeros_like, torch.zeros) or is_method(v, "new_zeros", "zero_"):
+        return True
+    if is_function(v, torch.full_like) or is_method(v, "new_full"):
+        return arg(v, 1, "fill_value") == 0
+    return False
+
+
+DROPOUT_FUNCTIONS = (F.dropout, torch.dropout, F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d,
+                     F.dropout2d, F.dropout3d)
+
+
+def inactive_dropout_input(node: Any) -> Optional[Node]:
+    """x for ``dropout(x)`` that is the identity: ``p == 0`` or ``training=False`` (an
+    ``nn.Dropout`` in eval mode, as Dynamo inlines it)."""
+    if not is_function(node, *DROPOUT_FUNCTIONS) or arg(node, 3, "inplace", False):
+        return None
+    p = arg(node, 1, "p", 0.5)
+    training = arg(node, 2, "train" if node.target is torch.dropout else "training", True)
+    return node.args[0] if (p == 0 or training is False) and isinstance(node.args[0], Node) else None
 
 
 def strip_casts(node: Any) -> Any:
@@ -115,6 +167,12 @@ def relu_input(node: Any, allow_inplace: bool = False) -> Optional[Node]:
         hi = arg(node, 2, "max")
         if lo == 0 and hi is None:
             return node.args[0]
+    if (is_function(node, torch.maximum, torch.max) or is_method(node, "maximum", "max")) and len(node.args) == 2:
+        # max(s, 0) against a zero tensor that does not broadcast s up (NaN propagates, as in relu)
+        for s, z in (node.args, node.args[::-1]):
+            sval, out = example_value(s), example_value(node)
+            if is_zero(z) and sval is not None and out is not None and sval.shape == out.shape:
+                return s
     return None
 
 
@@ -158,17 +216,19 @@ def _einsum_linear(node: Node) -> Optional[LinearMatch]:
     if not isinstance(eq, str) or len(ops) != 2 or "->" not in eq:
         return None
     lhs, out = eq.replace(" ", "").split("->")
-    a, b = lhs.split(",")
-    if len(b) != 2 or "." in b:
-        return None
-    contracted = a[-1]
-    if contracted not in b or contracted in out:
-        return None
-    other = b.replace(contracted, "", 1)
-    if out != a[:-1] + other or other in a:
-        return None
-    w = ops[1]
-    return LinearMatch(ops[0], w, None, weight_is_kn=(b[0] == contracted))
+    specs = lhs.split(",")
+    # x first ("bti,oi->bto") or the weight first ("oi,bti->bto")
+    for (a, b), (x, w) in ((specs, ops), (specs[::-1], ops[::-1])):
+        if len(b) != 2 or "." in b or not a:
+            continue
+        contracted = a[-1]
+        if contracted not in b or contracted in out:
+            continue
+        other = b.replace(contracted, "", 1)
+        if out != a[:-1] + other or other in a:
+            continue
+        return LinearMatch(x, w, None, weight_is_kn=(b[0] == contracted))
+    return None
 
 
 def linear_of(node: Any) -> Optional[LinearMatch]:
@@ -225,7 +285,7 @@ def erase_unused(*nodes: Any) -> None:
         node = stack.pop()
         if node in erased or node.users or node.op in ("placeholder", "output", "get_attr"):
             continue
-        if node.op == "call_method" and str(node.target).endswith("_"):
+        if node.op == "call_method" and str(node.target).endswith("_") and not functional_inplace(node):
             continue  # in-place: keep its effect
         inputs = list(node.all_input_nodes)
         node.graph.erase_node(node)

@@ -41,6 +41,7 @@ from .canonical import (
     arg,
     erase_unused,
     example_value,
+    inactive_dropout_input,
     is_function,
     is_method,
     linear_of,
@@ -85,6 +86,41 @@ def strip_moves(node: object) -> object:
         node = src
 
 
+def _cast_input(node: object) -> Node | None:
+    """x for a dtype cast ``x.to(dtype)``, ``.type_as(y)``, ``.float()``, ``.half()``, ``.bfloat16()``,
+    ``.long()``, ``.int()`` (device moves included), else None."""
+    if not (is_method(node, "to", "type_as", "float", "half", "bfloat16", "double", "long", "int")
+            or is_function(node, torch.Tensor.to)):
+        return None
+    if set(node.kwargs) - {"dtype", "device", "non_blocking", "copy"}:
+        return None
+    src = node.args[0]
+    return src if isinstance(src, Node) else None
+
+
+def strip_index_casts(node: object) -> object:
+    """idx under device moves and casts between integer index dtypes (``idx.long()``); a cast
+    from another dtype is kept, so eager's error for a float idx stays."""
+    while True:
+        src = device_move_input(node) or _cast_input(node)
+        before, after = example_value(src), example_value(node)
+        if src is None or before is None or after is None or (
+                before.dtype != after.dtype and (before.dtype not in INDEX_DTYPES or after.dtype not in INDEX_DTYPES)):
+            return node
+        node = src
+
+
+def strip_row_casts(node: object) -> object:
+    """The gathered rows under device moves and float dtype casts (``emb(idx).to(x.dtype)``)."""
+    while True:
+        src = device_move_input(node) or _cast_input(node)
+        before, after = example_value(src), example_value(node)
+        if src is None or before is None or after is None or not (
+                before.dtype in FLOAT_DTYPES and after.dtype in FLOAT_DTYPES) or before.shape != after.shape:
+            return node
+        node = src
+
+
 def squared_relu_of(node: object) -> Node | None:
     """The relu node r for ``r ** 2``, ``torch.pow(r, 2)``, ``r * r``, ``torch.square(r)``."""
     if not isinstance(node, Node):
@@ -100,7 +136,8 @@ def squared_relu_of(node: object) -> Node | None:
         ops = mul_operands(node)
         if ops is not None and ops[0] is ops[1]:
             base = ops[0]
-    return base if base is not None and relu_input(base) is not None else None
+    # an in-place relu overwrites its input, which the rewrites never read
+    return base if base is not None and relu_input(base, allow_inplace=True) is not None else None
 
 
 @dataclasses.dataclass
@@ -114,8 +151,9 @@ class Gather:
 
 
 def gather_of(node: object) -> Gather | str | None:
-    """The table gather behind ``node`` (device moves skipped); a reason when it cannot be fused."""
-    node = strip_moves(node)
+    """The table gather behind ``node`` (device moves and dtype casts skipped: the caller
+    compares dtypes); a reason when it cannot be fused."""
+    node = strip_row_casts(node)
     if not isinstance(node, Node):
         return None
     if is_function(node, *EMBEDDING_FUNCTIONS):
@@ -126,11 +164,11 @@ def gather_of(node: object) -> Gather | str | None:
             return "embedding with max_norm (renormalises table rows in place)"
         if arg(node, 5, "scale_grad_by_freq", False):
             return "embedding with scale_grad_by_freq"
-        g = Gather(table, strip_moves(idx), indexing=False, sparse=bool(arg(node, 6, "sparse", False)))
+        g = Gather(table, strip_index_casts(idx), indexing=False, sparse=bool(arg(node, 6, "sparse", False)))
     elif is_function(node, operator.getitem) and isinstance(node.args[1], Node):
-        g = Gather(node.args[0], strip_moves(node.args[1]), indexing=True)
+        g = Gather(node.args[0], strip_index_casts(node.args[1]), indexing=True)
     elif (is_function(node, torch.index_select) or is_method(node, "index_select")) and arg(node, 1, "dim") == 0:
-        g = Gather(node.args[0], strip_moves(arg(node, 2, "index")), indexing=False)
+        g = Gather(node.args[0], strip_index_casts(arg(node, 2, "index")), indexing=False)
     else:
         return None
     t, i = example_value(g.table), example_value(g.idx)
@@ -250,7 +288,9 @@ class _Rewriter:
         ops = mul_operands(mul)
         if ops is None:
             return
-        for lin_node, g_node in (ops, ops[::-1]):
+        for outer, g_node in (ops, ops[::-1]):
+            lin_node = inactive_dropout_input(outer) if isinstance(outer, Node) and len(outer.users) == 1 else None
+            lin_node = lin_node if lin_node is not None else outer  # eval-mode dropout: the identity
             lin = linear_of(lin_node)
             g = gather_of(g_node) if lin is not None else None
             if lin is not None and g is not None:
@@ -271,13 +311,23 @@ class _Rewriter:
         table, idx, indexing, plan, slots = self.table_operands(g, mul, compute, where == "host")
         with self.graph.inserting_before(mul):
             weight = self.graph.call_function(torch.t, (lin.weight,)) if lin.weight_is_kn else lin.weight
+            # under autocast the value projection ran in its cast dtype: cast its inputs alike
+            z_dtype = example_value(lin_node).dtype
+            h, weight, bias = (
+                self.graph.call_method("to", (n, z_dtype))
+                if n is not None and example_value(n) is not None and example_value(n).dtype != z_dtype else n
+                for n in (lin.x, weight, lin.bias)
+            )
             call = self.graph.call_function(torch.ops.bcpt.deepembed_linear.default,
-                                            (lin.x, weight, lin.bias, table, idx, indexing, plan, slots))
+                                            (h, weight, bias, table, idx, indexing, plan, slots))
             out = self.graph.call_function(operator.getitem, (call, 0))
+            y_dtype = example_value(mul).dtype
+            if torch.promote_types(z_dtype, example_value(g.table).dtype) != y_dtype:  # rows cast first
+                out = self.graph.call_method("to", (out, y_dtype))
         out.meta.update({k: v for k, v in mul.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack")})
         self.report.add_site(FAMILY, mul, "bcpt.deepembed_linear", [lin.x, lin.weight, g.table, g.idx])
         mul.replace_all_uses_with(out)
-        erase_unused(mul, g_node, lin_node)
+        erase_unused(mul, g_node, outer)
 
     def _output_refusal(self, mul, lin, lin_node, g: Gather, g_node):
         if squared_relu_of(lin.x) is None:
@@ -295,20 +345,25 @@ class _Rewriter:
             return f"idx shape {tuple(i.shape)} is not the tokens' shape {tuple(h.shape[:-1])}"
         if len(lin_node.users) != 1:
             return "the unscaled value output has other users, so it is computed anyway"
-        if h.dtype != w.dtype:
-            return f"value input {h.dtype} and weight {w.dtype} differ"
-        if y.dtype != torch.promote_types(z.dtype, t.dtype):
+        if any(v is not None and v.dtype not in FLOAT_DTYPES for v in (h, w, z, e)):
+            return "value input, weight and rows must be float32, bfloat16 or float16"
+        if y.dtype != torch.promote_types(z.dtype, e.dtype):
             return "the product's dtype is not the promotion of its operands"
         return _placement(t, y.device, self.opts, g.sparse)
 
     # -------------------------------------------------------------- hidden-scale form
 
     def hidden_scale(self, mm: Node) -> None:
-        if not (is_function(mm, operator.matmul, torch.matmul, torch.bmm) or is_method(mm, "matmul", "bmm")):
+        operands = _einsum_rowmix_operands(mm)
+        vector = operands is not None  # einsum: a is (..., r), not (..., 1, r)
+        if vector:
+            a_node, ev_node = operands
+        elif not (is_function(mm, operator.matmul, torch.matmul, torch.bmm) or is_method(mm, "matmul", "bmm")):
             return
-        if len(mm.args) != 2 or mm.kwargs:
+        elif len(mm.args) != 2 or mm.kwargs:
             return
-        a_node, ev_node = mm.args
+        else:
+            a_node, ev_node = mm.args
         if not (is_method(ev_node, "view", "reshape") or is_function(ev_node, torch.reshape)):
             return
         g = gather_of(ev_node.args[0])
@@ -317,7 +372,7 @@ class _Rewriter:
         if isinstance(g, str):
             self.report.add_miss(FAMILY, mm, g)
             return
-        reason = self._hidden_refusal(mm, a_node, ev_node, g)
+        reason = self._hidden_refusal(mm, a_node, ev_node, g, vector)
         if isinstance(reason, str):
             self.report.add_miss(FAMILY, mm, reason)
             return
@@ -346,7 +401,8 @@ class _Rewriter:
         """
         while len(mix.users) == 1:
             user = next(iter(mix.users))
-            if is_method(user, "squeeze", "view", "reshape") or is_function(user, torch.squeeze, torch.reshape):
+            if is_method(user, "squeeze", "view", "reshape") or is_function(user, torch.squeeze, torch.reshape) or \
+                    _drops_unit_dims(user):
                 mix = user
             else:
                 break
@@ -367,7 +423,7 @@ class _Rewriter:
             return False
         sq = ops[0] if ops[1] is scale else ops[1]
         relu = squared_relu_of(sq)
-        u_node = relu_input(relu) if relu is not None else None
+        u_node = relu_input(relu, allow_inplace=True) if relu is not None else None
         ul = linear_of(u_node)
         if ul is None or ul.bias is not None:
             return False
@@ -392,7 +448,7 @@ class _Rewriter:
         erase_unused(kmul, sq, scale)
         return True
 
-    def _hidden_refusal(self, mm, a_node, ev_node, g: Gather):
+    def _hidden_refusal(self, mm, a_node, ev_node, g: Gather, vector: bool = False):
         a, ev, t, i, y = (example_value(n) for n in (a_node, ev_node, g.table, g.idx, mm))
         reason = _dtype_reason(input=a, table=t, output=y)
         if reason:
@@ -405,16 +461,54 @@ class _Rewriter:
         if not isinstance(r, int):
             return "the (r, r) view of the table row has a symbolic r"
         tokens = i.numel()
-        if a.dim() == 1:
+        if vector:
+            ok = (a.dim() >= 1 and a.shape[-1] == r and tuple(a.shape[:-1]) == tuple(ev.shape[:-2])
+                  and a.numel() == tokens * r)
+        elif a.dim() == 1:
             ok = ev.dim() == 2 and a.shape[0] == r and tokens == 1
         else:
             ok = (a.dim() == ev.dim() and a.shape[-2] == 1 and a.shape[-1] == r
                   and tuple(a.shape[:-2]) == tuple(ev.shape[:-2]) and a.numel() == tokens * r)
         if not ok or tuple(y.shape) != tuple(a.shape):
             return f"a {tuple(a.shape)} is not one r-vector per token for rows {tuple(ev.shape)}"
-        if a.dtype != t.dtype:
-            return f"a {a.dtype} and table {t.dtype} differ"
+        if a.dtype != t.dtype or example_value(ev_node.args[0]).dtype != t.dtype:
+            return f"a {a.dtype}, table {t.dtype} and the gathered rows must have one dtype"
         return _placement(t, y.device, self.opts, g.sparse)
+
+
+def _einsum_rowmix_operands(node: Node) -> tuple[Node, Node] | None:
+    """(a, rows) for ``einsum("btr,btrs->bts", a, rows)``: any letters, prefix or ``...``."""
+    if not is_function(node, torch.einsum, torch.functional.einsum) or node.kwargs:
+        return None
+    eq, *ops = node.args
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    if not isinstance(eq, str) or "->" not in eq or len(ops) != 2 or eq.count(",") != 1:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    a, e = lhs.split(",")
+    if not a or len(e) != len(a) + 1 or not e.startswith(a) or out != a[:-1] + e[-1]:
+        return None
+    i, j, prefix = a[-1], e[-1], a[:-1]
+    if i == j or i in prefix or j in prefix or "." in i + j:
+        return None
+    ev = ops[1]
+    ok = is_method(ev, "view", "reshape") or is_function(ev, torch.reshape)
+    return (ops[0], ev) if ok and isinstance(ops[0], Node) else None
+
+
+def _drops_unit_dims(node: Node) -> bool:
+    """``y[:, :, 0]`` / ``y[..., 0, :]`` / ``select`` that only drop size-1 dims: a reshape."""
+    src = node.args[0] if node.args else None
+    before, after = example_value(src), example_value(node)
+    if before is None or after is None or before.numel() != after.numel():
+        return False
+    if is_method(node, "select") or is_function(node, torch.select):
+        return True
+    if not is_function(node, operator.getitem):
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return all(isinstance(k, int) or k is Ellipsis or k is None or k == slice(None) for k in index)
 
 
 def rewrite_deepembed(gm: torch.fx.GraphModule, opts: BcptOptions, report: Report) -> None:

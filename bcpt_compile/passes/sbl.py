@@ -25,9 +25,11 @@ from .canonical import (
     arg,
     erase_unused,
     example_value,
+    inactive_dropout_input,
     is_function,
     is_inplace_relu,
     is_method,
+    is_zero,
     linear_of,
     mul_operands,
     relu_input,
@@ -40,12 +42,17 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclasses.dataclass
 class Gate:
-    """R = s where ``mask`` (or ``s > threshold`` when mask is None), else exactly 0."""
+    """R = s where ``mask`` (or ``s > threshold`` when mask is None), else exactly 0.
+
+    ``keep_source``: the mask is ``not (keep_source <= threshold)``, built by the rewrite, for a
+    value that is zero where a relu-like gate of another tensor is (NaN kept, as relu keeps it).
+    """
 
     value: Node
     mask: Optional[Node] = None
     threshold: float = 0.0
     negate_mask: bool = False
+    keep_source: Optional[Node] = None
 
 
 def _is_bool(node: object) -> bool:
@@ -75,14 +82,74 @@ def gate_of(node: object) -> Union[Gate, str]:
                 return Gate(value, mask=m)
     if is_function(node, torch.where) and len(node.args) == 3:
         m, a, b = node.args
-        if _is_bool(m) and isinstance(a, Node) and b == 0:
+        if _is_bool(m) and isinstance(a, Node) and not is_zero(a) and is_zero(b):
             return Gate(a, mask=m)
-        if _is_bool(m) and isinstance(b, Node) and a == 0:
+        if _is_bool(m) and isinstance(b, Node) and not is_zero(b) and is_zero(a):
             return Gate(b, mask=m, negate_mask=True)
     if is_method(node, "masked_fill") and len(node.args) == 3 and node.args[2] == 0 and _is_bool(node.args[1]):
         return Gate(node.args[0], mask=node.args[1], negate_mask=True)
+    s = _capped_relu_input(node)
+    if s is not None:  # relu6(s), clamp(s, 0, c): zero where s <= 0, but not s itself
+        return Gate(node, keep_source=s)
+    inner = _zero_preserving_input(node)
+    if inner is not None:
+        gate = gate_of(inner)
+        if isinstance(gate, Gate):  # f(R) with f(0) = 0 is zero wherever R is
+            src = gate.keep_source or (gate.value if gate.mask is None else None)
+            return dataclasses.replace(gate, value=node, keep_source=src)
     what = node.target if node.op != "call_function" else getattr(node.target, "__name__", str(node.target))
     return f"gate is not provably zero off the mask ({node.op} {what})"
+
+
+def _capped_relu_input(node: Node) -> Optional[Node]:
+    """s for ``relu6(s)``, ``hardtanh(s, 0, c)``, ``clamp(s, 0, c)`` with c > 0."""
+    if is_function(node, F.relu6) and not arg(node, 1, "inplace", False):
+        return node.args[0]
+    if is_function(node, F.hardtanh) and not arg(node, 3, "inplace", False):
+        lo, hi = arg(node, 1, "min_val", -1.0), arg(node, 2, "max_val", 1.0)
+    elif is_function(node, torch.clamp, torch.clip) or is_method(node, "clamp", "clip"):
+        lo, hi = arg(node, 1, "min"), arg(node, 2, "max")
+    else:
+        return None
+    ok = isinstance(hi, numbers.Real) and hi > 0 and isinstance(lo, numbers.Real) and lo == 0
+    return node.args[0] if ok else None
+
+
+def _zero_preserving_input(node: Node) -> Optional[Node]:
+    """R for an elementwise f(R) of R's shape with f(0) = 0: dtype casts, ``detach``,
+    ``contiguous``, ``clone``, dropout, ``R * t``, ``R / c``, ``R ** p`` (p > 0), ``square``,
+    ``clamp(R, lo <= 0 <= hi)``. The value is taken as f(R) itself, the keep mask as R's."""
+    val, inner = example_value(node), None
+    if is_method(node, "float", "half", "bfloat16", "to", "type_as", "type", "detach", "contiguous", "clone") or \
+            is_function(node, torch.Tensor.to, torch.detach, torch.clone, *_DROPOUTS):
+        inner = node.args[0]
+    elif is_function(node, operator.truediv, torch.div, torch.true_divide) or is_method(node, "div", "true_divide"):
+        if len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], numbers.Real) and node.args[1] != 0:
+            inner = node.args[0]
+    elif is_function(node, operator.pow, torch.pow) or is_method(node, "pow"):
+        p = arg(node, 1, "exponent")
+        inner = node.args[0] if isinstance(p, numbers.Real) and p > 0 else None
+    elif is_function(node, torch.square) or is_method(node, "square"):
+        inner = node.args[0]
+    elif is_function(node, torch.clamp, torch.clip) or is_method(node, "clamp", "clip"):
+        lo, hi = arg(node, 1, "min"), arg(node, 2, "max")
+        if all(v is None or isinstance(v, numbers.Real) for v in (lo, hi)) and (lo or 0) <= 0 <= (0 if hi is None else hi):
+            inner = node.args[0]
+    else:
+        ops = mul_operands(node)
+        if ops is not None:  # R * t: either factor gated (a mask factor was handled above)
+            for r, _ in (ops, ops[::-1]):
+                if isinstance(r, Node) and isinstance(gate_of(r), Gate) and _same_shape(r, node):
+                    return r
+    return inner if isinstance(inner, Node) and _same_shape(inner, node) else None
+
+
+_DROPOUTS = (F.dropout, torch.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+
+
+def _same_shape(a: Node, b: Node) -> bool:
+    va, vb = example_value(a), example_value(b)
+    return va is not None and vb is not None and va.shape == vb.shape
 
 
 def _peel_view(node: object) -> Optional[Node]:
@@ -114,8 +181,10 @@ def _refusal(lin_node: Node, lin_inputs: list, gate: Union[Gate, str]) -> Option
     dtypes = {example_value(n).dtype for n in lin_inputs if example_value(n) is not None}
     if len(dtypes) > 1 and out.dtype not in dtypes:
         return f"x, weight and bias have mixed dtypes {sorted(str(d) for d in dtypes)}"
-    if gate.mask is not None:
-        m = example_value(gate.mask)
+    if gate.mask is not None or gate.keep_source is not None:
+        m = example_value(gate.mask if gate.mask is not None else gate.keep_source)
+        if m is None:
+            return "shapes unknown (no example values)"
         try:
             torch.broadcast_shapes(tuple(m.shape), tuple(s.shape))
         except RuntimeError:
@@ -130,6 +199,9 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
         if ops is None:
             continue
         for lin_node, r_node in (ops, ops[::-1]):
+            outer = lin_node  # an inactive dropout on the product is the identity
+            lin_node = inactive_dropout_input(outer) if isinstance(outer, Node) and len(outer.users) == 1 else None
+            lin_node = lin_node if lin_node is not None else outer
             inner = _peel_view(lin_node)
             lin = linear_of(inner if inner is not None else lin_node)
             if lin is not None:
@@ -156,7 +228,10 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
                 if n is not None and example_value(n) is not None and example_value(n).dtype != lin_dtype else n
                 for n in (x, weight, bias)
             )
-            if mask is not None and gate.negate_mask:
+            if gate.keep_source is not None:  # keep = not (s <= t): NaN kept, as relu keeps it
+                mask = graph.call_function(operator.le, (gate.keep_source, gate.threshold))
+                mask = graph.call_function(torch.logical_not, (mask,))
+            elif mask is not None and gate.negate_mask:
                 mask = graph.call_function(torch.logical_not, (mask,))
             if reshaped:  # run on 2-D (tokens, features) and view the result back
                 n_out, n_in = example_value(lin_node).shape[-1], example_value(x).shape[-1]
@@ -179,4 +254,4 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
         out.meta.update({k: v for k, v in mul.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
         report.add_site(FAMILY, mul, "bcpt.sbl_masked_linear", [lin.x, lin.weight, gate.value])
         mul.replace_all_uses_with(out)
-        erase_unused(mul, r_node, lin_node)
+        erase_unused(mul, r_node, outer)
