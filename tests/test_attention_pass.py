@@ -144,6 +144,79 @@ def _per_token_inputs(dtype=torch.float32, seed=0):
     return [q, k, v], imp
 
 
+def mistral_log_band(q, k, v):
+    """Mistral's reference: log of a 0/1 tril/triu band as an additive bias (0 / -inf), broadcast
+    with [None, None], softmax on scores.float() and cast back with type_as."""
+    mask = torch.triu(torch.tril(torch.full((T, T), fill_value=1.0), diagonal=0), diagonal=-10)
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(D) + torch.log(mask)[None, None, ...]
+    return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), v)
+
+
+def llama_full_triu_window(q, k, v):
+    """Two full(-inf) biases: triu(1) hides the future, tril(-w) the far past; they add up."""
+    future = torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
+    past = torch.full((T, T), float("-inf")).tril(diagonal=-9)
+    s = q @ k.transpose(-2, -1) * D ** -0.5 + future + past
+    return s.softmax(-1) @ v
+
+
+def hf_broadcast_band_finfo(q, k, v):
+    """HF eager style on (B, T, H, D) inputs: transposes, a bool band broadcast with
+    [None, None, :, :], finfo.min fill, float32 softmax cast back, inactive dropout, p.matmul(v)."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    i = torch.arange(T, device=q.device)
+    mask = ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 12))[None, None, :, :]
+    attn = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5
+    attn = attn.masked_fill(~mask, torch.finfo(attn.dtype).min)
+    attn = F.dropout(F.softmax(attn, dim=-1, dtype=torch.float32).to(q.dtype), p=0.0, training=False)
+    return attn.matmul(v).transpose(1, 2)
+
+
+def inplace_causal_fill(q, k, v, imp):
+    """The causal mask written in place with masked_fill_ (later reads use the same node):
+    it must be read, or the block mask alone would be attended."""
+    bm = torch.zeros_like(imp, dtype=torch.bool).scatter(-1, imp.topk(2, -1).indices, True)
+    s = (q @ k.transpose(-1, -2)) * D ** -0.5
+    s.masked_fill_(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    s = torch.where(bm.repeat_interleave(S, -2).repeat_interleave(S, -1)[..., :T, :T], s, torch.tensor(float("-inf")))
+    return s.softmax(-1) @ v
+
+
+def per_token_key_expanded(q, k, v, imp_tok):
+    """Per-token top-2 key blocks expanded along the keys only (query block 1), causal."""
+    idx = imp_tok.topk(2, dim=-1).indices
+    sel = torch.zeros_like(imp_tok, dtype=torch.bool).scatter(-1, idx, True)
+    i = torch.arange(T)
+    keep = sel.repeat_interleave(S, dim=-1)[..., :T] & (i[:, None] >= i[None, :])
+    s = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)
+    return torch.einsum("bhij,bhjd->bhid", s.masked_fill(~keep, float("-inf")).softmax(-1), v)
+
+
+def product_bias_plus_causal(q, k, v, imp):
+    """A float block mask scattered with 1.0, times a tril of ones (a product of 0/1 masks),
+    as (1 - m) * -1e9, plus a zeros.masked_fill causal bias: two biases added in turn."""
+    bm = torch.zeros_like(imp).scatter(-1, imp.topk(2, -1).indices, 1.0)
+    m = torch.kron(bm, torch.ones(S, S))[..., :T, :T] * torch.ones(T, T).tril()
+    causal = torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    s = (q @ k.transpose(-1, -2)) * D ** -0.5 + (1.0 - m) * -1e9 + causal
+    return s.softmax(-1) @ v
+
+
+def tutorial_float_mask_sdpa(q, k, v):
+    """The PyTorch tutorial's float mask: m.float().masked_fill(m == 0, -inf).masked_fill(m == 1, 0)."""
+    i = torch.arange(T)
+    m = (i[:, None] - i[None, :] >= 0) & (i[:, None] - i[None, :] < 8)
+    bias = m.float().masked_fill(m == 0, float("-inf")).masked_fill(m == 1, float(0.0))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).unsqueeze(0))
+
+
+def _per_token_importance(seed=5):
+    """(B, H, T, NB) per-token block importance whose first block is always selected."""
+    imp = torch.rand(B, H, T, NB, generator=torch.Generator().manual_seed(seed))
+    imp[..., 0] = 2.0
+    return imp
+
+
 # --------------------------------------------------------------------------- helpers
 
 def _compiled_vs_eager(fn, tensors, extra=(), rtol=1e-4):
@@ -485,6 +558,157 @@ comparison lt of call_method abs is not a bound on j - i of arange grids
 dropout_p=0.1 is not supported
 mask term 'L_user_mask_' is a graph input, its pattern cannot be read at compile time
 the attention probabilities have other users (the dense T x T matrix is needed anyway)""")
+
+    def test_mistral_log_band_bias(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(mistral_log_band, q, k, v), """\
+def forward(self, L_k_, L_q_, L_v_):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(l_q_, l_k_, l_v_, 11, 0.25)
+    getitem_1 = sliding_window_attention_default[0]
+    return (getitem_1,)
+""")
+        _compiled_vs_eager(mistral_log_band, [q, k, v])
+
+    def test_llama_full_triu_and_tril_biases_add_up_to_a_window(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(llama_full_triu_window, q, k, v), """\
+def forward(self, L_k_, L_q_, L_v_):
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(l_q_, l_k_, l_v_, 9, 0.25)
+    getitem = sliding_window_attention_default[0]
+    return (getitem,)
+""")
+        _compiled_vs_eager(llama_full_triu_window, [q, k, v])
+
+    def test_hf_broadcast_band_on_bthd_inputs(self):
+        q, k, v = (t.transpose(1, 2).contiguous() for t in _qkv())
+        self.assertExpectedInline(rewritten_graph(hf_broadcast_band_finfo, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    q = l_q_.transpose(1, 2)
+    k = l_k_.transpose(1, 2)
+    v = l_v_.transpose(1, 2)
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(q, k, v, 12, 0.25)
+    getitem_5 = sliding_window_attention_default[0]
+    transpose_4 = getitem_5.transpose(1, 2)
+    return (transpose_4,)
+""")
+        _compiled_vs_eager(hf_broadcast_band_finfo, [q, k, v])
+
+    def test_inplace_masked_fill_is_part_of_the_mask(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(inplace_causal_fill, q, k, v, _importance()), """\
+def forward(self, L_imp_, L_k_, L_q_, L_v_):
+    l_imp_ = L_imp_
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    topk = l_imp_.topk(2, -1)
+    getitem_1 = topk[1]
+    transpose = l_k_.transpose(-1, -2)
+    matmul = l_q_ @ transpose
+    s = matmul * 0.25
+    ones = torch.ones(40, 40, dtype = torch.bool)
+    tril = ones.tril()
+    invert = ~tril
+    masked_fill_ = s.masked_fill_(invert, -inf)
+    topk_to_indices = bcpt_compile_lowering_attention_topk_to_indices(getitem_1, 1, 2)
+    getitem_3 = topk_to_indices[0]
+    getitem_4 = topk_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_3, getitem_4, 16, 16, True, 0.25)
+    getitem_5 = nsa_selected_attention_default[0]
+    return (getitem_5,)
+""")
+        _compiled_vs_eager(inplace_causal_fill, [q, k, v], (_importance(),))
+
+    def test_per_token_key_expanded_mask_is_query_block_one(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(per_token_key_expanded, q, k, v, _per_token_importance()), """\
+def forward(self, L_imp_tok_, L_q_, L_k_, L_v_):
+    l_imp_tok_ = L_imp_tok_
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    topk = l_imp_tok_.topk(2, dim = -1)
+    idx = topk[1]
+    topk_to_indices = bcpt_compile_lowering_attention_topk_to_indices(idx, 1, 2)
+    getitem_5 = topk_to_indices[0]
+    getitem_6 = topk_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_5, getitem_6, 16, 1, True, 0.25)
+    getitem_7 = nsa_selected_attention_default[0]
+    return (getitem_7,)
+""")
+        _compiled_vs_eager(per_token_key_expanded, [q, k, v], (_per_token_importance(),))
+
+    def test_product_mask_and_nested_biases(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(product_bias_plus_causal, q, k, v, _importance()), """\
+def forward(self, L_imp_, L_k_, L_q_, L_v_):
+    l_imp_ = L_imp_
+    l_k_ = L_k_
+    l_q_ = L_q_
+    l_v_ = L_v_
+    topk = l_imp_.topk(2, -1)
+    getitem_1 = topk[1]
+    topk_to_indices = bcpt_compile_lowering_attention_topk_to_indices(getitem_1, 1, 2)
+    getitem_3 = topk_to_indices[0]
+    getitem_4 = topk_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_3, getitem_4, 16, 16, True, 0.25)
+    getitem_5 = nsa_selected_attention_default[0]
+    return (getitem_5,)
+""")
+        _compiled_vs_eager(product_bias_plus_causal, [q, k, v], (_importance(),))
+
+    def test_tutorial_float_mask_sdpa(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(tutorial_float_mask_sdpa, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(l_q_, l_k_, l_v_, 8, 0.25)
+    getitem_4 = sliding_window_attention_default[0]
+    return (getitem_4,)
+""")
+        _compiled_vs_eager(tutorial_float_mask_sdpa, [q, k, v])
+
+    def test_in_place_writes_and_false_biases_are_near_misses(self):
+        """Writes the pass cannot read (setitem on the scores, a mask or its ones edited in place,
+        the probabilities zeroed in place) and biases that are not 0 / -big are refused."""
+        q, k, v = _qkv()
+
+        def misses(q, k, v):
+            i = torch.arange(T)
+            band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 10)
+            s = q @ k.transpose(-1, -2)
+            s[..., ~band] = float("-inf")                                           # setitem on the scores
+            a = s.softmax(-1) @ v
+            m = band.clone()
+            m[:, :4] = True                                                         # the mask edited in place
+            b = (q @ k.mT).masked_fill(~m, float("-inf")).softmax(-1) @ v
+            c = ((q @ k.mT) + (1 - band.float()) * float("-inf")).softmax(-1) @ v   # 0 * -inf is NaN
+            keeps_ones = band.float().masked_fill(band == 0, float("-inf"))         # 1.0 where visible
+            d = F.scaled_dot_product_attention(q, k, v, attn_mask=keeps_ones)
+            p = (q @ k.mT).masked_fill(~band, float("-inf")).softmax(-1).float()
+            p.masked_fill_(torch.eye(T, dtype=torch.bool), 0.0)                     # probabilities edited
+            return a, b, c, d, p @ v
+
+        report = explain(misses, q, k, v)
+        self.assertEqual(report.counts["attention"], 0)
+        self.assertExpectedInline("\n".join(sorted(m.reason for m in report.misses if m.family == "attention")),
+                                  """\
+a 0/1 mask times -inf is NaN where the mask is 0
+additive mask call_method masked_fill is not where(mask, 0, -inf) or zeros.masked_fill(mask, -inf)
+mask term call_method clone is written in place, its pattern cannot be read at compile time
+the attention probabilities have other users (the dense T x T matrix is needed anyway)
+the scores are written in place by setitem""")
 
     def test_explain_counts_each_site(self):
         q, k, v = _qkv()

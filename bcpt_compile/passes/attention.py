@@ -3,14 +3,16 @@
 Matched on the Dynamo graph, in two shapes:
 
 * explicit: ``softmax(mask(scale * q k^T)) @ v`` (``@``/``matmul``/``einsum``; the mask applied
-  by ``masked_fill``, ``torch.where`` or an additive ``-inf`` bias, possibly in several steps);
+  by ``masked_fill`` (also in place), ``torch.where`` or additive ``-inf`` biases (``where``,
+  ``log`` of a 0/1 mask, ``full(-inf).triu(1)``, sums of those), possibly in several steps);
 * ``F.scaled_dot_product_attention(q, k, v, attn_mask=M)`` (bool or additive float M).
 
 The mask is read as a conjunction of terms, each understood semantically rather than by
 spelling: diagonal bounds ``lo <= j - i <= hi`` (from ``tril``/``triu`` of ones, or
 comparisons of ``arange`` grids, negated or not), and at most one block-level mask
 expanded by S in both trailing dims (``repeat_interleave`` twice, ``kron`` with a ones
-block, or ``expand`` + ``reshape``). Then:
+block, or ``expand`` + ``reshape``) or a per-token one expanded along the keys only
+(query block 1). Constants written in place are not read. Then:
 
 * block term (+ optional causal bound ``hi = 0``) -> ``bcpt.nsa_selected_attention``; the
   kernel's index table is the top-k that ``scatter``-ed the block mask when the graph shows
@@ -83,6 +85,7 @@ class BlockTerm:
     size: int
     negate: bool = False
     compare: Optional[tuple[str, float]] = None  # visible where ``mask <op> value`` instead (importance threshold)
+    query_block: Optional[int] = None  # query rows per mask row: None = size; 1 = a per-token selection
 
 
 @dataclasses.dataclass
@@ -139,8 +142,28 @@ def _number(x: Any) -> Optional[float]:
 
 
 def _is_masked_value(x: Any) -> bool:
+    """A fill at or below ``BIG_NEGATIVE``: a number, or a constant tensor of one
+    (``torch.tensor(-inf)``, ``full_like(s, finfo.min)``, casts of those)."""
     val = _number(x)
-    return val is not None and val <= BIG_NEGATIVE
+    if val is not None:
+        return val <= BIG_NEGATIVE
+    while isinstance(x, Node) and (is_method(x, "to", "type_as", "float", "half", "bfloat16") or
+                                   is_function(x, torch.Tensor.to)):
+        x = x.args[0]
+    if is_function(x, torch.tensor, torch.as_tensor, torch.scalar_tensor) or is_method(x, "new_tensor"):
+        val = _number(x.args[1] if is_method(x, "new_tensor") else x.args[0]) if len(x.args) > int(
+            is_method(x, "new_tensor")) else None
+        return val is not None and val <= BIG_NEGATIVE
+    if (is_function(x, torch.full, torch.full_like) or is_method(x, "new_full")) \
+            and not any(_writes(u, x) for u in x.users):
+        val = _number(_fill_value(x))
+        return val is not None and val <= BIG_NEGATIVE
+    return False
+
+
+def _fill_value(node: Node) -> Any:
+    """The fill of ``full(size, c)``, ``full_like(x, c)`` or ``x.new_full(size, c)``."""
+    return arg(node, 2, "fill_value") if is_method(node, "new_full") else arg(node, 1, "fill_value")
 
 
 def _ndim(node: Any) -> Optional[int]:
@@ -180,20 +203,34 @@ def _from_bool(node: Any, depth: int = 8) -> bool:
         return False
     if _is_all_ones(node):
         return True
+    if (is_function(node, operator.mul, torch.mul) or is_method(node, "mul")) and len(node.args) == 2:
+        return all(isinstance(a, Node) and _from_bool(a, depth - 1) for a in node.args)
+    if is_function(node, operator.sub, torch.sub) and _number(node.args[0]) == 1.0:
+        return _from_bool(node.args[1], depth - 1)
+    if (is_method(node, "scatter") or is_function(node, torch.scatter)) and not node.kwargs.get("reduce"):
+        src = arg(node, 3, "src", arg(node, 3, "value"))  # zeros.scatter(-1, idx, 1.0)
+        return _from_bool(node.args[0], depth - 1) and (src is True or src is False or _number(src) in (0.0, 1.0)
+                                                         or (isinstance(src, Node) and _from_bool(src, depth - 1)))
+    if _is_zeros(node):
+        return True
     if is_function(node, torch.tril, torch.triu, torch.kron, torch.repeat_interleave, operator.getitem) or is_method(
-            node, "tril", "triu", "repeat_interleave", "expand", "reshape", "view", "unsqueeze"):
+            node, "tril", "triu", "repeat_interleave", "expand", "expand_as", "broadcast_to", "reshape", "view",
+            "unsqueeze"):
         return _from_bool(node.args[0], depth - 1) and (not is_function(node, torch.kron) or _is_all_ones(node.args[1]))
     return False
 
 
-def _is_filled_with(node: Any, value: bool) -> bool:
-    """A tensor of all ones (True) or all zeros (False): ones/zeros factories or ``full``."""
+def _is_filled_with(node: Any, value: bool, written_ok: bool = False) -> bool:
+    """A tensor of all ones (True) or all zeros (False): ones/zeros factories or ``full``,
+    not written in place afterwards (unless ``written_ok``: the caller reads the writes)."""
     node = _strip_casts(node)
+    if not written_ok and isinstance(node, Node) and any(_writes(u, node) for u in node.users):
+        return False
     makers, method = (ONES, "new_ones") if value else ((torch.zeros, torch.zeros_like), "new_zeros")
     if is_function(node, *makers) or is_method(node, method):
         return True
     if is_function(node, torch.full, torch.full_like) or is_method(node, "new_full"):
-        fill = arg(node, 1, "fill_value")
+        fill = _fill_value(node)
         return fill is value or _number(fill) == float(value)
     return False
 
@@ -202,8 +239,8 @@ def _is_all_ones(node: Any) -> bool:
     return _is_filled_with(node, True)
 
 
-def _is_zeros(node: Any) -> bool:
-    return _is_filled_with(node, False)
+def _is_zeros(node: Any, written_ok: bool = False) -> bool:
+    return _is_filled_with(node, False, written_ok)
 
 
 def _full_slices(index: Any) -> bool:
@@ -234,7 +271,7 @@ def _grid(node: Any) -> Optional[tuple[int, int, int]]:
     """``ci * i + cj * j + c`` for an expression of query (column) and key (row) aranges."""
     if isinstance(node, int) and not isinstance(node, bool):
         return (0, 0, node)
-    if not isinstance(node, Node):
+    if not isinstance(node, Node) or any(_writes(u, node) for u in node.users):
         return None
     val = example_value(node)
     if _arange_len(node) is not None:
@@ -290,6 +327,8 @@ def _block_expansion(node: Node) -> Optional[tuple[Node, int]]:
         inner = node.args[0]
         if not is_method(inner, "repeat_interleave") and not is_function(inner, torch.repeat_interleave):
             return None
+        if any(isinstance(n, Node) and _writes(u, n) for n in (node, inner) for u in n.users):
+            return None
         s1, d1 = arg(node, 1, "repeats"), _dim(node, arg(node, 2, "dim"))
         s2, d2 = arg(inner, 1, "repeats"), _dim(inner, arg(inner, 2, "dim"))
         nd = _ndim(node)
@@ -324,9 +363,55 @@ def _block_expansion(node: Node) -> Optional[tuple[Node, int]]:
     return None
 
 
+def _token_expansion(node: Node) -> Optional[tuple[Node, int]]:
+    """(per-token block mask (..., T, NK), S) if node expands only its key dim by S:
+    ``sel.repeat_interleave(S, -1)``, one mask row per query token (query block 1)."""
+    node = _strip_casts(node)
+    if not (is_method(node, "repeat_interleave") or is_function(node, torch.repeat_interleave)):
+        return None
+    s1, d1, nd = arg(node, 1, "repeats"), _dim(node, arg(node, 2, "dim")), _ndim(node)
+    if not isinstance(s1, int) or nd is None or d1 != nd - 1 or _block_expansion(node) is not None:
+        return None
+    inner = node.args[0]
+    if any(_writes(u, node) for u in node.users) or is_method(inner, "repeat_interleave") \
+            or is_function(inner, torch.repeat_interleave):
+        return None
+    return inner, s1
+
+
 def _full_slices_or_none(index: Any) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     return all(it is None or it is Ellipsis or it == slice(None) for it in items)
+
+
+def _broadcast_source(node: Any) -> Optional[Node]:
+    """src when node is src broadcast to more leading dims (``m[None, None]``, ``unsqueeze(0)``,
+    ``view(1, 1, T, T)``, ``expand``): the last two dims stay (query, key) and every other dim
+    keeps its place counted from the right, so a block mask's head dim stays a head dim."""
+    if not isinstance(node, Node) or not node.args or not isinstance(node.args[0], Node):
+        return None
+    src, sv, out = node.args[0], example_value(node.args[0]), example_value(node)
+    if sv is None or out is None or sv.dim() < 2 or out.dim() < sv.dim():
+        return None
+    if is_method(node, "expand", "expand_as", "broadcast_to") or is_function(node, torch.broadcast_to):
+        return src
+    if is_method(node, "view", "reshape", "unsqueeze") or is_function(node, torch.reshape, torch.unsqueeze):
+        if is_method(node, "unsqueeze") or is_function(node, torch.unsqueeze):
+            if arg(node, 1, "dim") not in (0, -out.dim()):
+                return None
+        lead = out.dim() - sv.dim()
+        return src if tuple(out.shape) == (1,) * lead + tuple(sv.shape) else None
+    if is_function(node, operator.getitem):
+        items = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
+        if any(not (it is None or it is Ellipsis or it == slice(None)) for it in items) or items.count(Ellipsis) > 1:
+            return None
+        if Ellipsis not in items:
+            items.append(Ellipsis)
+        e = items.index(Ellipsis)
+        items[e:e + 1] = [slice(None)] * (sv.dim() - sum(it is not None for it in items if it is not Ellipsis))
+        first = next((n for n, it in enumerate(items) if it is not None), len(items))
+        return src if all(it is not None for it in items[first:]) else None
+    return None
 
 
 # ----------------------------------------------------------------------------- mask analysis
@@ -337,6 +422,8 @@ def visible_set(node: Any, positive: bool = True) -> Visible:
         raise NotAMask(f"mask is a constant {node!r}")
     if node.op == "placeholder" or node.op == "get_attr":
         raise NotAMask(f"mask term '{node.target}' is a graph input, its pattern cannot be read at compile time")
+    if any(_writes(u, node) for u in node.users):
+        raise NotAMask(f"mask term {_name(node)} is written in place, its pattern cannot be read at compile time")
     if is_method(node, "eq") or is_function(node, operator.eq, torch.eq):
         if _number(node.args[1]) == 0.0 or node.args[1] is False:
             return visible_set(node.args[0], not positive)
@@ -347,10 +434,12 @@ def visible_set(node: Any, positive: bool = True) -> Visible:
         inner = node.args[0]
         while is_function(inner, operator.getitem) and _full_slices(inner.args[1]):
             inner = inner.args[0]  # a crop [..., :T, :T] commutes with the comparison
-        expansion = _block_expansion(inner)
+        expansion, qb = _block_expansion(inner), None
+        if expansion is None:
+            expansion, qb = _token_expansion(inner), 1
         if expansion is not None:  # an expanded block-level score compared with a threshold
             return Visible(block=BlockTerm(expansion[0], expansion[1], negate=not positive,
-                                           compare=(cmp_name, _number(node.args[1]))))
+                                           compare=(cmp_name, _number(node.args[1])), query_block=qb))
     if is_method(node, "ne", "gt") or is_function(node, operator.ne, torch.ne, operator.gt, torch.gt):
         if (_number(node.args[1]) == 0.0 or node.args[1] is False) and _grid(node.args[0]) is None:
             src = example_value(node.args[0])
@@ -368,6 +457,17 @@ def visible_set(node: Any, positive: bool = True) -> Visible:
         return visible_set(node.args[0], not positive)
     if is_function(node, operator.getitem) and _full_slices(node.args[1]):
         return visible_set(node.args[0], positive)
+    if _broadcast_source(node) is not None:
+        return visible_set(node.args[0], positive)
+    if (is_function(node, operator.mul, torch.mul) or is_method(node, "mul")) and len(node.args) == 2 \
+            and all(isinstance(a, Node) and _from_bool(a) for a in node.args):
+        # a product of 0/1 masks is nonzero where both are: a conjunction
+        if positive:
+            return visible_set(node.args[0], True) & visible_set(node.args[1], True)
+        raise NotAMask("the complement of a product of masks (a union of masks)")
+    if (is_function(node, operator.sub, torch.sub) or is_method(node, "sub")) and _number(node.args[0]) == 1.0 \
+            and _from_bool(node.args[1]):
+        return visible_set(node.args[1], not positive)  # 1 - m of a 0/1 mask
     conj = is_function(node, *AND) or is_method(node, "logical_and", "bitwise_and", "__and__")
     disj = is_function(node, *OR) or is_method(node, "logical_or", "bitwise_or", "__or__")
     if (conj and positive) or (disj and not positive):
@@ -391,6 +491,10 @@ def visible_set(node: Any, positive: bool = True) -> Visible:
     if expansion is not None:
         bm, size = expansion
         return Visible(block=BlockTerm(bm, size, negate=not positive))
+    expansion = _token_expansion(node)
+    if expansion is not None:  # per-token selection: the key dim only
+        bm, size = expansion
+        return Visible(block=BlockTerm(bm, size, negate=not positive, query_block=1))
     raise NotAMask(f"mask term {_name(node)} is not a causal/band bound or a block-expanded mask")
 
 
@@ -398,17 +502,72 @@ def _additive_bias(bias: Any) -> Visible:
     """Visible set of an additive bias that is 0 where visible and -inf (or -big) elsewhere."""
     if not isinstance(bias, Node):
         raise NotAMask("additive bias is a constant")
+    if is_method(bias, *_BOOL_CASTS) or is_function(bias, torch.Tensor.to):
+        src, out = example_value(bias.args[0]), example_value(bias)
+        if src is not None and out is not None and src.is_floating_point() and out.is_floating_point():
+            return _additive_bias(bias.args[0])  # a float cast keeps 0 at 0 and -big at or below -1e4
+    if _broadcast_source(bias) is not None or (is_function(bias, operator.getitem) and _full_slices(bias.args[1])):
+        return _additive_bias(bias.args[0])
     if is_function(bias, torch.where) and len(bias.args) == 3:
         m, a, b = bias.args
         if _number(a) == 0.0 and _is_masked_value(b):
             return visible_set(m, True)
         if _is_masked_value(a) and _number(b) == 0.0:
             return visible_set(m, False)
-    if is_method(bias, "masked_fill") and _is_zeros(bias.args[0]) and _is_masked_value(arg(bias, 2, "value")):
-        return visible_set(bias.args[1], False)
+    if is_method(bias, "masked_fill") or is_function(bias, torch.masked_fill):
+        base, m, value = bias.args[0], arg(bias, 1, "mask"), arg(bias, 2, "value")
+        if _is_zeros(base) and _is_masked_value(value):
+            return visible_set(m, False)
+        if _is_masked_value(base) and _number(value) == 0.0:  # full(-inf).masked_fill(keep, 0)
+            return visible_set(m, True)
+        if _number(value) == 0.0 and _fills_the_rest(base, m):  # m.float().masked_fill(m == 0, -inf).masked_fill(m == 1, 0)
+            return visible_set(m, True)
+    for fn, name in ((torch.triu, "triu"), (torch.tril, "tril")):  # full(-inf).triu(1): -inf above the diagonal
+        if (is_function(bias, fn) or is_method(bias, name)) and _is_masked_value(bias.args[0]):
+            d = arg(bias, 1, "diagonal", 0)
+            if not isinstance(d, int):
+                raise NotAMask(f"{name} with a non-constant diagonal")
+            return Visible(hi=d - 1) if name == "triu" else Visible(lo=d + 1)
+    if is_function(bias, torch.log) or is_method(bias, "log"):  # log of a 0/1 mask: 0 or -inf
+        if _from_bool(bias.args[0]):
+            return visible_set(bias.args[0], True)
+        raise NotAMask("log of a tensor that is not provably a 0/1 mask")
+    if (is_function(bias, operator.add, torch.add) or is_method(bias, "add")) and len(bias.args) == 2 \
+            and not bias.kwargs:
+        return _additive_bias(bias.args[0]) & _additive_bias(bias.args[1])  # biases add up: masked by either
+    if (is_function(bias, operator.mul, torch.mul) or is_method(bias, "mul")) and len(bias.args) == 2:
+        for m, c in (bias.args, bias.args[::-1]):
+            if isinstance(m, Node) and _is_masked_value(c) and _from_bool(m):
+                if not math.isfinite(_number(c)):
+                    raise NotAMask("a 0/1 mask times -inf is NaN where the mask is 0")
+                return visible_set(m, False)  # (1 - m) * -1e9: masked where (1 - m) is 1
     if bias.op == "placeholder":
         raise NotAMask(f"additive mask '{bias.target}' is a graph input, its pattern cannot be read at compile time")
     raise NotAMask(f"additive mask {_name(bias)} is not where(mask, 0, -inf) or zeros.masked_fill(mask, -inf)")
+
+
+def _fills_the_rest(base: Any, keep: Any) -> bool:
+    """Whether ``base`` is ``x.masked_fill(drop, -big)`` where drop and keep split a 0/1 mask
+    (``m == 0`` / ``m == 1``, ``~m`` / ``m``): every entry is then -big or about to be 0."""
+    if not (is_method(base, "masked_fill") or is_function(base, torch.masked_fill)):
+        return False
+    drop = arg(base, 1, "mask")
+    if not _is_masked_value(arg(base, 2, "value")):
+        return False
+
+    def split(n: Any) -> Optional[tuple[Node, bool]]:
+        """(m, True) for m == 1 / m, (m, False) for m == 0 / ~m, with m provably 0/1."""
+        if is_method(n, "eq") or is_function(n, operator.eq, torch.eq):
+            val = _number(n.args[1]) if n.args[1] not in (True, False) else float(n.args[1])
+            if val in (0.0, 1.0) and _from_bool(n.args[0]):
+                return _strip_casts(n.args[0]), val == 1.0
+        if is_function(n, *NOT) or is_method(n, "logical_not", "bitwise_not"):
+            inner = split(n.args[0])
+            return (inner[0], not inner[1]) if inner is not None else None
+        return (_strip_casts(n), True) if isinstance(n, Node) and _from_bool(n) else None
+
+    a, b = split(drop), split(keep)
+    return a is not None and b is not None and a[0] is b[0] and a[1] != b[1]
 
 
 # ----------------------------------------------------------------------------- scores / softmax / PV
@@ -493,9 +652,13 @@ def _softmax_input(node: Any) -> Optional[Node]:
 
 def _peel_probabilities(p: Any) -> tuple[Optional[Node], Optional[str]]:
     """The softmax behind the PV matmul's left operand, through casts and inactive dropout."""
+    shared = False  # a cast of the probabilities used elsewhere (or written in place)
     while isinstance(p, Node):
         if _softmax_input(p) is not None:
+            if shared:
+                return None, "the attention probabilities have other users (the dense T x T matrix is needed anyway)"
             return p, None
+        shared = shared or len(p.users) != 1
         if is_method(p, "to", "type_as", "float", "half", "bfloat16") or is_function(p, torch.Tensor.to):
             p = p.args[0]
             continue
@@ -509,11 +672,14 @@ def _peel_probabilities(p: Any) -> tuple[Optional[Node], Optional[str]]:
     return None, None
 
 
-def _peel_scores(node: Node) -> tuple[Node, float, Visible]:
-    """Undo masks and scalings from the softmax input back to q k^T."""
+def _peel_scores(node: Node, reader: Node) -> tuple[Node, float, Visible]:
+    """Undo masks and scalings from the softmax input back to q k^T (``reader``: the softmax)."""
     vis = Visible()
     scale = 1.0
     while True:
+        for m in _inplace_masks(node, reader):
+            vis = vis & visible_set(m, False)
+        reader = node
         if is_method(node, "masked_fill") or is_function(node, torch.masked_fill):
             value = arg(node, 2, "value")
             if not _is_masked_value(value):
@@ -530,14 +696,29 @@ def _peel_scores(node: Node) -> tuple[Node, float, Visible]:
                 vis, node = vis & visible_set(m, False), b
                 continue
             raise NotAMask("torch.where does not choose between the scores and -inf")
-        if is_function(node, operator.add, torch.add) or is_method(node, "add"):
+        if (is_function(node, operator.add, operator.iadd, torch.add) or is_method(node, "add", "add_")) \
+                and len(node.args) == 2:  # ``scores += bias`` writes scores, which only this add reads
+            if node.kwargs:
+                raise NotAMask("additive term on the scores with alpha")
             a, b = node.args[0], node.args[1]
-            for scores, bias in ((a, b), (b, a)):
-                if _qk(_strip_scale(scores)[0]) is not None or _is_masking(scores):
+            # the bias is the side that parses as one (scores + bias1 + bias2 nests the adds);
+            # the side that looks like the scores is tried as the scores first, for its reason
+            looks = lambda x: _qk(_strip_scale(x)[0]) is not None or _is_masking(x)  # noqa: E731
+            orders = sorted(((a, b), (b, a)), key=lambda sb: not looks(sb[0]))
+            first_error = None
+            for scores, bias in orders:
+                try:
                     vis, node = vis & _additive_bias(bias), scores
                     break
+                except NotAMask as exc:
+                    first_error = first_error or exc
             else:
+                if looks(a) or looks(b):
+                    raise first_error
                 raise NotAMask("additive term on the scores is not a recognisable mask")
+            continue
+        if _is_upcast(node):
+            node = node.args[0]  # scores.float() before the softmax: exact, and the kernels accumulate in fp32
             continue
         inner, c = _strip_scale(node, single=True)
         if inner is not node:
@@ -545,6 +726,59 @@ def _peel_scores(node: Node) -> tuple[Node, float, Visible]:
             node = inner
             continue
         return node, scale, vis
+
+
+def _is_upcast(node: Any) -> bool:
+    """A cast to float32 (or to the same dtype) of a floating tensor: it changes no value."""
+    if not (is_method(node, "float", "to", "type", "type_as") or is_function(node, torch.Tensor.to)):
+        return False
+    src, out = example_value(node.args[0]), example_value(node)
+    return src is not None and out is not None and src.is_floating_point() and (
+        out.dtype == src.dtype or out.dtype == torch.float32)
+
+
+_INPLACE_FUNCS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand,
+                  operator.ior, operator.ixor)
+
+
+def _writes(user: Node, node: Node, depth: int = 4) -> bool:
+    """Whether ``user`` writes ``node`` in place, directly or through a view of it."""
+    if user.op == "call_method" and str(user.target).endswith("_") and user.args and user.args[0] is node:
+        return True
+    if user.op == "call_function" and user.args and user.args[0] is node and (user.target in _INPLACE_FUNCS or (
+            str(getattr(user.target, "__name__", "")).endswith("_")
+            and getattr(user.target, "__module__", None) not in ("_operator", "operator"))):
+        return True
+    if depth and user.args and user.args[0] is node and (
+            is_method(user, *_VIEW_METHODS, "view_as", "reshape") or is_function(user, operator.getitem)):
+        return any(_writes(u, user, depth - 1) for u in user.users)
+    return False
+
+
+def _inplace_masks(node: Any, reader: Node) -> list:
+    """Masks that ``node.masked_fill_(m, -big)`` wrote before ``reader`` read node (Dynamo keeps
+    the in-place call and lets later reads use node itself); any other in-place write refuses."""
+    if not isinstance(node, Node):
+        return []
+    masks = []
+    for user in node.users:
+        if user is reader or not _writes(user, node):
+            continue
+        if is_method(user, "masked_fill_") and user.args[0] is node and _is_masked_value(arg(user, 2, "value")) \
+                and _runs_before(user, reader):
+            masks.append(arg(user, 1, "mask"))
+            continue
+        raise NotAMask(f"the scores are written in place by {_name(user)}")
+    return masks
+
+
+def _runs_before(a: Node, b: Node) -> bool:
+    n = a.next
+    while n is not a and n.op != "root":
+        if n is b:
+            return True
+        n = n.next
+    return False
 
 
 def _is_masking(node: Any) -> bool:
@@ -584,7 +818,7 @@ def _explicit_site(pv_node: Node) -> Union[Site, str, None]:
         return why
     v = pv[1]
     try:
-        core, scale, vis = _peel_scores(_softmax_input(sm))
+        core, scale, vis = _peel_scores(_softmax_input(sm), sm)
     except NotAMask as exc:
         return str(exc) if _mentions_qk(_softmax_input(sm)) else None
     qk = _qk(core)
@@ -672,8 +906,8 @@ def _classify(site: Site) -> Union[str, tuple[str, Any], None]:
     if S < 16 or S & (S - 1):
         return f"block size {S} is not a power of two >= 16"
     bm = example_value(bt.mask)
-    nb = -(-T // S)
-    if bm is None or bm.dim() < 2 or tuple(bm.shape[-2:]) != (nb, nb):
+    nb, nq = -(-T // S), -(-T // (bt.query_block or S))
+    if bm is None or bm.dim() < 2 or tuple(bm.shape[-2:]) != (nq, nb):
         return f"block mask shape {tuple(bm.shape) if bm is not None else '?'} does not tile T={T} by {S}"
     return ("selected", vis.hi == 0)
 
@@ -835,11 +1069,14 @@ def _probe(node: Node) -> torch.Tensor:
     return ids[..., None].expand(val.shape).clone()
 
 
-def _masks_on(node: Node) -> tuple[Node, float, list[tuple[Any, bool]]]:
-    """Peel masked_fill / where / scale from the softmax input: (scores, scale, [(mask, visible_when)])."""
+def _masks_on(node: Node, reader: Node) -> tuple[Node, float, list[tuple[Any, bool]]]:
+    """Peel masked_fill / where / scale from the softmax input: (scores, scale, [(mask, visible_when)]).
+    NotAMask when the scores are written in place other than by ``masked_fill_(m, -big)``."""
     masks: list[tuple[Any, bool]] = []
     scale = 1.0
     while True:
+        masks += [(m, False) for m in _inplace_masks(node, reader)]
+        reader = node
         if (is_method(node, "masked_fill") or is_function(node, torch.masked_fill)) \
                 and _is_masked_value(arg(node, 2, "value")):
             masks.append((arg(node, 1, "mask"), False))
@@ -874,7 +1111,10 @@ def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
     sm, _ = _peel_probabilities(pv[0])
     if sm is None or len(sm.users) != 1:
         return None
-    core, scale, masks = _masks_on(_softmax_input(sm))
+    try:
+        core, scale, masks = _masks_on(_softmax_input(sm), sm)
+    except NotAMask:
+        return None  # written in place: the dense path reports it
     qk = _qk(core)
     if qk is None:
         return None
@@ -1215,7 +1455,10 @@ def _gathered_site(pv_node: Node) -> Union[GatheredSite, str, None]:
         return f"{what}: the softmax is not over the key slots"
     if len(sm.users) != 1:
         return "the attention probabilities have other users (the dense T x T matrix is needed anyway)"
-    core, scale, masks = _masks_on(_softmax_input(sm))
+    try:
+        core, scale, masks = _masks_on(_softmax_input(sm), sm)
+    except NotAMask as exc:
+        return f"{what}: {exc}"
     qk = _contraction(core)
     if qk is None or len(qk[4]) != len(p_sub):
         return f"{what}: the scores are not q times the gathered keys ({_name(core)})"
@@ -1393,12 +1636,12 @@ def _topk_table(bt: BlockTerm) -> Optional[tuple[Node, Any]]:
     scatter = None
     if is_method(node, "scatter") or is_function(node, torch.scatter):
         scatter = node
-    elif _is_zeros(node):
+    elif _is_zeros(node, written_ok=True):
         inplace = [u for u in node.users if is_method(u, "scatter_") and u.args[0] is node]
         if len(inplace) == 1 and all(u is inplace[0] or not (u.op == "call_method" and str(u.target).endswith("_"))
                                      for u in node.users):
             scatter = inplace[0]
-    if scatter is None or not _is_zeros(scatter.args[0]):
+    if scatter is None or not _is_zeros(scatter.args[0], written_ok=scatter is not node):
         return None
     dim, idx, src = arg(scatter, 1, "dim"), arg(scatter, 2, "index"), arg(scatter, 3, "src", arg(scatter, 3, "value"))
     if _dim(scatter, dim) != (_ndim(scatter) or 0) - 1 or scatter.kwargs.get("reduce") is not None:
@@ -1454,8 +1697,8 @@ def _heads_ok(bt: BlockTerm, H: int, Hkv: int) -> Optional[str]:
 def rewrite_sparse_attention(gm: torch.fx.GraphModule, opts: BcptOptions, report: Report) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        if getattr(node, "_erased", False) or node.op != "call_function":
-            continue
+        if getattr(node, "_erased", False) or node.op not in ("call_function", "call_method"):
+            continue  # call_method too: ``p.matmul(v)`` is an anchor
         sdpa = is_function(node, *SDPA)
         if not sdpa:
             gathered = _gathered_site(node)
@@ -1508,7 +1751,7 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, opts: BcptOptions, report
                 bt = site.vis.block
                 idx, counts = _table_nodes(graph, bt, B, Hkv)
                 call = graph.call_function(torch.ops.bcpt.nsa_selected_attention.default,
-                                           (q, k, v, idx, counts, bt.size, bt.size,
+                                           (q, k, v, idx, counts, bt.size, bt.query_block or bt.size,
                                             bool(kind[1]), float(scale)))
                 op = "bcpt.nsa_selected_attention"
             out = graph.call_function(operator.getitem, (call, 0))
