@@ -210,6 +210,94 @@ def tutorial_float_mask_sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).unsqueeze(0))
 
 
+# --------------------------------------------------------------------------- other layouts
+
+def _band(t=T, w=12):
+    i = torch.arange(t)
+    return (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < w)
+
+
+def bthd_einsum_band(q, k, v):
+    """(B, T, H, D) inputs, einsums that name the heads in place, finfo.min fill; output (B, T, H, D)."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * D ** -0.5
+    s = s.masked_fill(~_band(), torch.finfo(s.dtype).min)
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(dim=-1), v)
+
+
+def bthd_einsum_block_transposed_out(q, k, v, imp):
+    """(B, T, H, D) inputs, other letters, a top-k block mask; output (B, H, T, D) transposed back."""
+    bm = torch.zeros_like(imp, dtype=torch.bool).scatter(-1, imp.topk(2, -1).indices, True)
+    m = bm.repeat_interleave(S, -2).repeat_interleave(S, -1)[..., :T, :T] & torch.ones(T, T, dtype=torch.bool).tril()
+    s = torch.einsum("nixc,njxc->nxij", q, k) / math.sqrt(D)
+    return torch.einsum("nxij,njxc->nxic", s.masked_fill(~m, float("-inf")).softmax(-1), v).transpose(1, 2)
+
+
+def grouped_gqa_einsum(q, k, v, imp):
+    """q viewed (B, H_kv, G, T, D), einops' grouped einsums, a block mask shared by the group
+    (its group dim is 1), causal."""
+    b, h, t, d = q.shape
+    bm = torch.zeros_like(imp, dtype=torch.bool).scatter(-1, imp.topk(2, -1).indices, True)[:, :, None]
+    m = bm.repeat_interleave(S, -2).repeat_interleave(S, -1)[..., :T, :T] & torch.ones(T, T, dtype=torch.bool).tril()
+    s = torch.einsum("bhgid,bhjd->bhgij", q.view(b, k.shape[1], -1, t, d), k) * d ** -0.5
+    out = torch.einsum("bhgij,bhjd->bhgid", s.masked_fill(~m, float("-inf")).softmax(-1), v)
+    return out.reshape(b, h, t, d)
+
+
+def ellipsis_einsum(q, k, v):
+    s = torch.einsum("...id,...jd->...ij", q, k) / math.sqrt(D)
+    return torch.einsum("...ij,...jd->...id", s.masked_fill(~_band(), float("-inf")).softmax(-1), v)
+
+
+def bmm_repeated_band(q, k, v):
+    """3-D bmm on (B*H, T, D), a (T, T) band repeated to (B*H, T, T)."""
+    b, h, t, d = q.shape
+    q3, k3, v3 = (x.reshape(b * h, t, d) for x in (q, k, v))
+    s = torch.bmm(q3, k3.transpose(1, 2)) * d ** -0.5
+    s = s.masked_fill(~_band().repeat(b * h, 1, 1), float("-inf"))
+    return torch.bmm(s.softmax(-1), v3).view(b, h, t, d)
+
+
+def bmm_block_per_head(q, k, v, imp):
+    """3-D bmm, a (B*H, NB, NB) block mask expanded to (B*H, T, T), causal broadcast over B*H."""
+    b, h, t, d = q.shape
+    q3, k3, v3 = (x.reshape(b * h, t, d) for x in (q, k, v))
+    bm = torch.zeros_like(imp, dtype=torch.bool).scatter(-1, imp.topk(2, -1).indices, True).reshape(b * h, NB, NB)
+    m = bm.repeat_interleave(S, -2).repeat_interleave(S, -1)[..., :T, :T] & torch.ones(T, T, dtype=torch.bool).tril()
+    s = torch.bmm(q3, k3.transpose(1, 2)) * d ** -0.5
+    return torch.bmm(s.masked_fill(~m, float("-inf")).softmax(-1), v3).view(b, h, t, d)
+
+
+def baddbmm_flattened_mask(q, k, v):
+    """HF-style baddbmm(empty, q, k^T, beta=0, alpha=scale), a (B, H, T, T) band flattened to
+    (B*H, T, T), torch.where with finfo.min."""
+    b, h, t, d = q.shape
+    q3, k3, v3 = (x.reshape(b * h, t, d) for x in (q, k, v))
+    s = torch.baddbmm(torch.empty(b * h, t, t), q3, k3.transpose(1, 2), beta=0, alpha=d ** -0.5)
+    m = _band()[None, None].expand(b, h, t, t).reshape(b * h, t, t)
+    return torch.bmm(torch.where(m, s, torch.finfo(s.dtype).min).softmax(-1), v3).view(b, h, t, d)
+
+
+def gpt2_upcast_reordered(q, k, v):
+    """GPT-2's _upcast_and_reordered_attn: baddbmm on (B*H, T, D) in fp32, the scores reshaped to
+    (B, H, T, T) before the mask, matmul with the 4-D v."""
+    b, h, t, d = q.shape
+    w = torch.empty(b * h, t, t, dtype=torch.float32)
+    q3, k3 = q.reshape(-1, t, d), k.transpose(-1, -2).reshape(-1, d, t)
+    w = torch.baddbmm(w, q3.float(), k3.float(), beta=0, alpha=1.0 / float(d) ** 0.5).reshape(b, h, t, t)
+    w = torch.where(_band()[None, None], w, torch.finfo(w.dtype).min)
+    return torch.matmul(w.softmax(dim=-1).type(v.dtype), v)
+
+
+def bloom_baddbmm_view(q, k, v):
+    """Bloom: bias.baddbmm(q, k, beta=1, alpha) with a zero bias (no ALiBi), scores viewed as
+    (B, H, T, T) for the mask, probabilities viewed back to (B*H, T, T) for bmm."""
+    b, h, t, d = q.shape
+    q3, k3, v3 = q.reshape(b * h, t, d), k.reshape(b * h, t, d).transpose(1, 2), v.reshape(b * h, t, d)
+    s = torch.zeros(b * h, 1, t).baddbmm(q3, k3, beta=1.0, alpha=d ** -0.5)
+    s = s.view(b, h, t, t).masked_fill(~_band()[None, None], torch.finfo(s.dtype).min)
+    return torch.bmm(F.softmax(s, dim=-1).view(b * h, t, t), v3).view(b, h, t, d)
+
+
 def _per_token_importance(seed=5):
     """(B, H, T, NB) per-token block importance whose first block is always selected."""
     imp = torch.rand(B, H, T, NB, generator=torch.Generator().manual_seed(seed))
@@ -725,6 +813,240 @@ the scores are written in place by setitem""")
                          ["bcpt.nsa_selected_attention", "bcpt.sliding_window_attention",
                           "bcpt.sliding_window_attention"])
         self.assertIn("test_attention_pass.py", report.sites[0].source)
+
+
+class TestAttentionLayouts(expecttest.TestCase):
+    """q k^T and P @ V in other layouts: read as einsum letters, q, k, v permuted/reshaped to the
+    ops' (B, H, T, D) and the output back to the user's layout."""
+
+    def _check(self, fn, tensors, extra=(), op="bcpt.sliding_window_attention"):
+        torch._dynamo.reset()
+        report = _sites(fn, *tensors, *extra)
+        self.assertEqual([s.op for s in report.sites if s.family == "attention"], [op])
+        _compiled_vs_eager(fn, tensors, extra)
+
+    def test_bthd_einsums(self):
+        q, k, v = (t.transpose(1, 2).contiguous() for t in _qkv())
+        self.assertExpectedInline(rewritten_graph(bthd_einsum_band, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    permute = l_q_.permute(0, 2, 1, 3)
+    permute_1 = l_k_.permute(0, 2, 1, 3)
+    permute_2 = l_v_.permute(0, 2, 1, 3)
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(permute, permute_1, permute_2, 12, 0.25)
+    getitem_4 = sliding_window_attention_default[0]
+    permute_3 = getitem_4.permute(0, 2, 1, 3)
+    return (permute_3,)
+""")
+        self._check(bthd_einsum_band, [q, k, v])
+
+    def test_bthd_einsum_block_mask_output_transposed(self):
+        q, k, v = (t.transpose(1, 2).contiguous() for t in _qkv())
+        self.assertExpectedInline(rewritten_graph(bthd_einsum_block_transposed_out, q, k, v, _importance()), """\
+def forward(self, L_imp_, L_q_, L_k_, L_v_):
+    l_imp_ = L_imp_
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    topk = l_imp_.topk(2, -1)
+    getitem_1 = topk[1]
+    permute = l_q_.permute(0, 2, 1, 3)
+    permute_1 = l_k_.permute(0, 2, 1, 3)
+    permute_2 = l_v_.permute(0, 2, 1, 3)
+    topk_to_indices = bcpt_compile_lowering_attention_topk_to_indices(getitem_1, 1, 2)
+    getitem_3 = topk_to_indices[0]
+    getitem_4 = topk_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(permute, permute_1, permute_2, getitem_3, getitem_4, 16, 16, True, 0.25)
+    getitem_5 = nsa_selected_attention_default[0]
+    transpose = getitem_5.transpose(1, 2)
+    return (transpose,)
+""")
+        self._check(bthd_einsum_block_transposed_out, [q, k, v], (_importance(),), "bcpt.nsa_selected_attention")
+
+    def test_grouped_gqa_einsums(self):
+        q, k, v = _qkv(h=4, hkv=2)
+        self.assertExpectedInline(rewritten_graph(grouped_gqa_einsum, q, k, v, _importance()), """\
+def forward(self, L_q_, L_imp_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_imp_ = L_imp_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    zeros_like = torch.zeros_like(l_imp_, dtype = torch.bool)
+    topk = l_imp_.topk(2, -1)
+    getitem_1 = topk[1]
+    scatter = zeros_like.scatter(-1, getitem_1, True)
+    bm = scatter[(slice(None, None, None), slice(None, None, None), None)]
+    view = l_q_.view(1, 2, -1, 40, 16)
+    reshape_1 = view.reshape((1, 4, 40, 16))
+    reshape_2 = bm.reshape((1, 2, 3, 3))
+    block_mask_to_indices = bcpt_compile_lowering_attention_block_mask_to_indices(reshape_2, 1, 2)
+    getitem_4 = block_mask_to_indices[0]
+    getitem_5 = block_mask_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(reshape_1, l_k_, l_v_, getitem_4, getitem_5, 16, 16, True, 0.25)
+    getitem_6 = nsa_selected_attention_default[0]
+    reshape_3 = getitem_6.reshape((1, 2, 2, 40, 16))
+    reshape = reshape_3.reshape(1, 4, 40, 16)
+    return (reshape,)
+""")
+        self._check(grouped_gqa_einsum, [q, k, v], (_importance(),), "bcpt.nsa_selected_attention")
+
+    def test_ellipsis_einsums(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(ellipsis_einsum, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(l_q_, l_k_, l_v_, 12, 0.25)
+    getitem_4 = sliding_window_attention_default[0]
+    return (getitem_4,)
+""")
+        self._check(ellipsis_einsum, [q, k, v])
+
+    def test_bmm_with_a_repeated_band(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(bmm_repeated_band, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    q3 = l_q_.reshape(2, 40, 16)
+    k3 = l_k_.reshape(2, 40, 16)
+    v3 = l_v_.reshape(2, 40, 16)
+    reshape_3 = q3.reshape((1, 2, 40, 16))
+    reshape_4 = k3.reshape((1, 2, 40, 16))
+    reshape_5 = v3.reshape((1, 2, 40, 16))
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(reshape_3, reshape_4, reshape_5, 12, 0.25)
+    getitem_4 = sliding_window_attention_default[0]
+    reshape_6 = getitem_4.reshape((2, 40, 16))
+    view = reshape_6.view(1, 2, 40, 16)
+    return (view,)
+""")
+        self._check(bmm_repeated_band, [q, k, v])
+
+    def test_bmm_with_a_per_head_block_mask(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(bmm_block_per_head, q, k, v, _importance()), """\
+def forward(self, L_q_, L_k_, L_v_, L_imp_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    l_imp_ = L_imp_
+    q3 = l_q_.reshape(2, 40, 16)
+    k3 = l_k_.reshape(2, 40, 16)
+    v3 = l_v_.reshape(2, 40, 16)
+    zeros_like = torch.zeros_like(l_imp_, dtype = torch.bool)
+    topk = l_imp_.topk(2, -1)
+    getitem_1 = topk[1]
+    scatter = zeros_like.scatter(-1, getitem_1, True)
+    bm = scatter.reshape(2, 3, 3)
+    reshape_4 = q3.reshape((1, 2, 40, 16))
+    reshape_5 = k3.reshape((1, 2, 40, 16))
+    reshape_6 = v3.reshape((1, 2, 40, 16))
+    block_mask_to_indices = bcpt_compile_lowering_attention_block_mask_to_indices(bm, 1, 2)
+    getitem_3 = block_mask_to_indices[0]
+    getitem_4 = block_mask_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(reshape_4, reshape_5, reshape_6, getitem_3, getitem_4, 16, 16, True, 0.25)
+    getitem_5 = nsa_selected_attention_default[0]
+    reshape_7 = getitem_5.reshape((2, 40, 16))
+    view = reshape_7.view(1, 2, 40, 16)
+    return (view,)
+""")
+        self._check(bmm_block_per_head, [q, k, v], (_importance(),), "bcpt.nsa_selected_attention")
+
+    def test_baddbmm_beta_zero_with_a_flattened_mask(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(baddbmm_flattened_mask, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    q3 = l_q_.reshape(2, 40, 16)
+    k3 = l_k_.reshape(2, 40, 16)
+    v3 = l_v_.reshape(2, 40, 16)
+    reshape_4 = q3.reshape((1, 2, 40, 16))
+    reshape_5 = k3.reshape((1, 2, 40, 16))
+    reshape_6 = v3.reshape((1, 2, 40, 16))
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(reshape_4, reshape_5, reshape_6, 12, 0.25)
+    getitem_5 = sliding_window_attention_default[0]
+    reshape_7 = getitem_5.reshape((2, 40, 16))
+    view = reshape_7.view(1, 2, 40, 16)
+    return (view,)
+""")
+        self._check(baddbmm_flattened_mask, [q, k, v])
+
+    def test_gpt2_scores_reshaped_before_the_mask(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(gpt2_upcast_reordered, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    q3 = l_q_.reshape(-1, 40, 16)
+    transpose = l_k_.transpose(-1, -2)
+    k3 = transpose.reshape(-1, 16, 40)
+    float_1 = q3.float()
+    float_2 = k3.float()
+    reshape_3 = float_1.reshape((1, 2, 40, 16))
+    permute = float_2.permute(0, 2, 1)
+    reshape_4 = permute.reshape((1, 2, 40, 16))
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(reshape_3, reshape_4, l_v_, 12, 0.25)
+    getitem_5 = sliding_window_attention_default[0]
+    return (getitem_5,)
+""")
+        self._check(gpt2_upcast_reordered, [q, k, v])
+
+    def test_bloom_baddbmm_and_views(self):
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(bloom_baddbmm_view, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    q3 = l_q_.reshape(2, 40, 16)
+    reshape_1 = l_k_.reshape(2, 40, 16)
+    v3 = l_v_.reshape(2, 40, 16)
+    reshape_3 = q3.reshape((1, 2, 40, 16))
+    reshape_4 = reshape_1.reshape((1, 2, 40, 16))
+    reshape_5 = v3.reshape((1, 2, 40, 16))
+    sliding_window_attention_default = torch.ops.bcpt.sliding_window_attention.default(reshape_3, reshape_4, reshape_5, 12, 0.25)
+    getitem_5 = sliding_window_attention_default[0]
+    reshape_6 = getitem_5.reshape((2, 40, 16))
+    view_2 = reshape_6.view(1, 2, 40, 16)
+    return (view_2,)
+""")
+        self._check(bloom_baddbmm_view, [q, k, v])
+
+    def test_layout_near_misses_name_their_reason(self):
+        """Per-query-head selection inside a KV group, a block mask reshaped across its leading
+        dims (its heads are not tracked), broadcast heads (MQA by einsum broadcasting)."""
+        q, k, v = _qkv(h=4, hkv=2)
+        q2, k2, v2 = _qkv(seed=3)
+        imp4 = torch.randn(B, 4, NB, NB, generator=torch.Generator().manual_seed(2)) + 100 * torch.eye(NB)
+
+        def misses(q, k, v, q2, k2, v2, imp4, imp):
+            b, h, t, d = q.shape
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            bm = torch.zeros_like(imp4, dtype=torch.bool).scatter(-1, imp4.topk(2, -1).indices, True)
+            m = bm.repeat_interleave(S, -2).repeat_interleave(S, -1)[..., :T, :T].view(b, 2, 2, t, t) & causal
+            s = torch.einsum("bhgid,bhjd->bhgij", q.view(b, 2, 2, t, d), k).masked_fill(~m, float("-inf"))
+            x = torch.einsum("bhgij,bhjd->bhgid", s.softmax(-1), v)                 # mask viewed per group
+            bm2 = torch.zeros_like(imp, dtype=torch.bool).scatter(-1, imp.topk(2, -1).indices, True)
+            m2 = (bm2.repeat_interleave(S, -2).repeat_interleave(S, -1)[..., :T, :T] & causal).reshape(2, t, t)
+            s2 = torch.bmm(q2.reshape(2, t, d), k2.reshape(2, t, d).mT).masked_fill(~m2, float("-inf"))
+            y = torch.bmm(s2.softmax(-1), v2.reshape(2, t, d))                       # (B, H) mask flattened
+            s3 = torch.einsum("bhqd,bhkd->bhqk", q, k[:, :1]).masked_fill(~_band(), float("-inf"))
+            z = torch.einsum("bhqk,bhkd->bhqd", s3.softmax(-1), v[:, :1])            # heads broadcast
+            return x, y, z
+
+        report = explain(misses, q, k, v, q2, k2, v2, imp4, _importance())
+        self.assertEqual(report.counts["attention"], 0)
+        self.assertExpectedInline("\n".join(sorted(m.reason for m in report.misses if m.family == "attention")), """\
+block mask moved across its leading dims by call_method reshape: its heads cannot be matched to the scores'
+block mask moved across its leading dims by call_method view: its heads cannot be matched to the scores'
+dim 'h' of q k^T / P @ V has sizes 4 and 1 (broadcast batch or heads)""")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ Matched on the Dynamo graph, in two shapes:
   ``log`` of a 0/1 mask, ``full(-inf).triu(1)``, sums of those), possibly in several steps);
 * ``F.scaled_dot_product_attention(q, k, v, attn_mask=M)`` (bool or additive float M).
 
+The explicit products may be in any layout (einsums on (B, T, H, D), grouped GQA views, ellipses,
+3-D ``bmm``/``baddbmm`` on (B*H, T, D)): they are read as einsum letters and q, k, v are
+permuted/reshaped to the ops' (B, H, T, D), the output back (see "layouts" below).
+
 The mask is read as a conjunction of terms, each understood semantically rather than by
 spelling: diagonal bounds ``lo <= j - i <= hi`` (from ``tril``/``triu`` of ones, or
 comparisons of ``arange`` grids, negated or not), and at most one block-level mask
@@ -459,6 +463,8 @@ def visible_set(node: Any, positive: bool = True) -> Visible:
         return visible_set(node.args[0], positive)
     if _broadcast_source(node) is not None:
         return visible_set(node.args[0], positive)
+    if _leading_move(node) is not None:
+        return _band_only(visible_set(node.args[0], positive), node)
     if (is_function(node, operator.mul, torch.mul) or is_method(node, "mul")) and len(node.args) == 2 \
             and all(isinstance(a, Node) and _from_bool(a) for a in node.args):
         # a product of 0/1 masks is nonzero where both are: a conjunction
@@ -498,6 +504,15 @@ def visible_set(node: Any, positive: bool = True) -> Visible:
     raise NotAMask(f"mask term {_name(node)} is not a causal/band bound or a block-expanded mask")
 
 
+def _band_only(vis: Visible, node: Node) -> Visible:
+    """A mask moved across its leading dims: a band is the same in every (T, T) slice, but which
+    head a block mask's row belongs to is not tracked through the move."""
+    if vis.block is not None:
+        raise NotAMask(f"block mask moved across its leading dims by {_name(node)}: its heads cannot be "
+                       "matched to the scores'")
+    return vis
+
+
 def _additive_bias(bias: Any) -> Visible:
     """Visible set of an additive bias that is 0 where visible and -inf (or -big) elsewhere."""
     if not isinstance(bias, Node):
@@ -508,6 +523,8 @@ def _additive_bias(bias: Any) -> Visible:
             return _additive_bias(bias.args[0])  # a float cast keeps 0 at 0 and -big at or below -1e4
     if _broadcast_source(bias) is not None or (is_function(bias, operator.getitem) and _full_slices(bias.args[1])):
         return _additive_bias(bias.args[0])
+    if _leading_move(bias) is not None:
+        return _band_only(_additive_bias(bias.args[0]), bias)
     if is_function(bias, torch.where) and len(bias.args) == 3:
         m, a, b = bias.args
         if _number(a) == 0.0 and _is_masked_value(b):
@@ -541,6 +558,8 @@ def _additive_bias(bias: Any) -> Visible:
                 if not math.isfinite(_number(c)):
                     raise NotAMask("a 0/1 mask times -inf is NaN where the mask is 0")
                 return visible_set(m, False)  # (1 - m) * -1e9: masked where (1 - m) is 1
+    if _is_zeros(bias):
+        return Visible()  # a zero bias (Bloom's baddbmm input without ALiBi) hides nothing
     if bias.op == "placeholder":
         raise NotAMask(f"additive mask '{bias.target}' is a graph input, its pattern cannot be read at compile time")
     raise NotAMask(f"additive mask {_name(bias)} is not where(mask, 0, -inf) or zeros.masked_fill(mask, -inf)")
@@ -580,19 +599,24 @@ class Site:
     v: Node
     scale: Optional[float]  # None: 1/sqrt(D)
     vis: Visible
+    layout: Optional[Layout] = None  # None: q, k, v are already (B, H, T, D) (SDPA)
 
 
-def _transposed_k(node: Any) -> Optional[Node]:
-    if not isinstance(node, Node) or _ndim(node) != 4:
+def _transposed_k(node: Any, rank: int = 4) -> Optional[Node]:
+    """x for ``x.transpose(-2, -1)`` (``.mT``, ``permute(…, -1, -2)``) of a ``rank``-D x (None: any rank >= 2)."""
+    nd = _ndim(node)
+    if not isinstance(node, Node) or nd is None or nd < 2 or (rank is not None and nd != rank):
         return None
     if is_method(node, "transpose", "swapaxes", "swapdims") or is_function(node, torch.transpose):
-        dims = {d % 4 for d in node.args[1:3]} if len(node.args) >= 3 else set()
-        return node.args[0] if dims == {2, 3} else None
+        dims = {d % nd for d in node.args[1:3] if isinstance(d, int)} if len(node.args) >= 3 else set()
+        return node.args[0] if dims == {nd - 2, nd - 1} else None
     if is_function(node, getattr) and node.args[1] == "mT":
         return node.args[0]
     if is_method(node, "permute"):
         dims = node.args[1:] if len(node.args) > 2 else node.args[1]
-        return node.args[0] if tuple(d % 4 for d in dims) == (0, 1, 3, 2) else None
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        return node.args[0] if tuple(d % nd for d in dims) == (*range(nd - 2), nd - 1, nd - 2) else None
     return None
 
 
@@ -640,6 +664,250 @@ def _pv(node: Any) -> Optional[tuple[Node, Node]]:
     return None
 
 
+# ----------------------------------------------------------------------------- layouts
+#
+# q k^T and P V are written in many layouts: matmuls on (B, H, T, D), einsums on (B, T, H, D),
+# grouped 5-D GQA views (B, H_kv, G, T, D), ellipses, 3-D bmm on (B*H, T, D). Each product is
+# read as an einsum (letters), and attention is recognised by what the letters do rather than
+# by where they sit: the scores contract one feature letter d of q and k and keep the query
+# letter i (q only) and the key letter j (k only) last; the letters both keep are batch/head
+# dims, the ones only q keeps are the query heads of a KV group. A ``Layout`` records them,
+# and the rewrite permutes/reshapes q, k, v to the ops' (B, H, T, D) and the output back.
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _product(node: Any) -> Optional[tuple[Node, Node, str, str, str]]:
+    """(a, b, a_sub, b_sub, out_sub) for a product of two tensors in einsum letters: ``einsum``
+    (an ellipsis becomes letters, right-aligned), ``matmul`` / ``bmm`` of operands of equal rank."""
+    if not isinstance(node, Node):
+        return None
+    if is_function(node, *EINSUM):
+        eq, *ops = node.args
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = list(ops[0])
+        if not isinstance(eq, str) or "->" not in eq or len(ops) != 2 or node.kwargs \
+                or not all(isinstance(o, Node) for o in ops):
+            return None
+        lhs, out = eq.replace(" ", "").split("->")
+        subs = lhs.split(",")
+        nds = [_ndim(o) for o in ops]
+        if len(subs) != 2 or None in nds:
+            return None
+        fresh = [c for c in _LETTERS if c not in eq]
+        n_ell = [nd - (len(sb) - 3) if "..." in sb else 0 for sb, nd in zip(subs, nds)]
+        m = max(n_ell)
+        if min(n_ell) < 0 or m > len(fresh):
+            return None
+        ell = "".join(fresh[:m])
+        subs = [sb.replace("...", ell[m - n:]) for sb, n in zip(subs, n_ell)]
+        out = out.replace("...", ell)
+        if any(len(sb) != nd or len(set(sb)) != nd or not sb.isalpha() for sb, nd in zip(subs, nds)) \
+                or len(set(out)) != len(out) or not set(out) <= set(subs[0] + subs[1]):
+            return None
+        return ops[0], ops[1], subs[0], subs[1], out
+    if is_function(node, *MATMUL, torch.bmm) or is_method(node, "matmul", "bmm"):
+        a, b = node.args[:2]
+        na, nb = _ndim(a), _ndim(b)
+        if na is None or na < 2 or na != nb:
+            return None
+        batch = _LETTERS[:na - 2].upper()
+        return a, b, batch + "xy", batch + "yz", batch + "xz"
+    return None
+
+
+@dataclasses.dataclass
+class Scores:
+    """q k^T read as letters: q's dims ``q_sub``, k's ``k_sub``, the product's ``s_sub`` (…, i, j)."""
+
+    q: Node
+    k: Node
+    q_sub: str
+    k_sub: str
+    s_sub: str
+    alpha: float = 1.0          # baddbmm's alpha
+    bias: Optional[Node] = None  # baddbmm's input with beta = 1: an additive mask
+
+
+def _scores(node: Any) -> Optional[Scores]:
+    """q k^T in any layout: a product whose letters contract one feature dim, and whose last two
+    letters are a query dim of one operand and a key dim of the other (the softmax is over keys).
+    ``baddbmm(x, q, k^T, beta=0, alpha=c)`` is ``c q k^T`` (x ignored), with ``beta=1`` x is a bias."""
+    alpha, bias = 1.0, None
+    if is_function(node, torch.baddbmm) or is_method(node, "baddbmm"):
+        if len(node.args) != 3 or set(node.kwargs) - {"beta", "alpha"}:
+            return None
+        beta, alpha = _number(node.kwargs.get("beta", 1)), _number(node.kwargs.get("alpha", 1))
+        if alpha is None or alpha <= 0 or beta not in (0.0, 1.0) or _ndim(node.args[1]) != 3:
+            return None
+        bias = node.args[0] if beta == 1.0 else None
+        prod = (node.args[1], node.args[2], "Axy", "Ayz", "Axz")
+    else:
+        prod = _product(node)
+    if prod is None:
+        return None
+    a, b, a_sub, b_sub, s_sub = prod
+    for x, sub in ((a, a_sub), (b, b_sub)):  # a transpose of the last two dims only swaps letters
+        inner = _transposed_k(x, None)
+        if inner is not None:
+            if x is a:
+                a, a_sub = inner, a_sub[:-2] + a_sub[-1] + a_sub[-2]
+            else:
+                b, b_sub = inner, b_sub[:-2] + b_sub[-1] + b_sub[-2]
+    if len(s_sub) < 2:
+        return None
+    i, j = s_sub[-2], s_sub[-1]
+    if i in b_sub and j in a_sub:
+        a, b, a_sub, b_sub = b, a, b_sub, a_sub
+    feat = (set(a_sub) & set(b_sub)) - set(s_sub)
+    if not (i in a_sub and i not in b_sub and j in b_sub and j not in a_sub and len(feat) == 1) \
+            or set(s_sub) | feat != set(a_sub) | set(b_sub) or not set(b_sub) - feat - {j} <= set(a_sub):
+        return None
+    return Scores(a, b, a_sub, b_sub, s_sub, alpha, bias)
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where the ops' (B, H, T, D) dims are in the user's q, k, v and output, as letters.
+
+    q is ``lead + group + i + d``, k ``lead + j + d``, v ``lead_pv + j + e``, the output
+    ``lead_pv + group + i + e``, each in the user's order (``*_sub``). The op's B is the
+    leading letters but the last, its KV heads the last, its query heads that times the group
+    letters (GQA: head // G is the KV head). ``lead_pv`` differs from ``lead`` only when the
+    scores or probabilities are reshaped across their leading dims: the flat index over the
+    leading dims is unchanged by such reshapes, so both sides flatten to the same (B, H)."""
+
+    q_sub: str
+    k_sub: str
+    v_sub: str
+    o_sub: str
+    s_lead: str   # the scores' leading letters, in their order (block masks align with them)
+    lead: str
+    group: str
+    lead_pv: str
+    i: str
+    j: str
+    d: str
+    e: str
+    sizes: dict
+
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """q, k, v as the op takes them: (B, H_kv * G, T, D), (B, H_kv, T, D), (B, H_kv, T, E)."""
+        z = self.sizes
+        hkv = z[self.lead[-1]] if self.lead else 1
+        n = math.prod(z[c] for c in self.lead)
+        b, g = n // hkv if hkv else 0, math.prod(z[c] for c in self.group)
+        return (b, hkv * g, z[self.i], z[self.d]), (b, hkv, z[self.j], z[self.d]), (b, hkv, z[self.j], z[self.e])
+
+    def identity(self) -> bool:
+        """Already the op's layout: nothing to permute or reshape."""
+        return self.lead_pv == self.lead == self.s_lead and not self.group and len(self.lead) == 2 and (
+            self.q_sub, self.k_sub, self.v_sub, self.o_sub) == (self.lead + self.i + self.d, self.lead + self.j + self.d,
+                                                                self.lead + self.j + self.e, self.lead + self.i + self.e)
+
+
+def _layout(sc: Scores, core: Node, p: Node, v: Node, p_sub: str, v_sub: str, o_sub: str,
+            out: Node) -> Union[Layout, str]:
+    """The layout of ``softmax(mask(q k^T)) -> P @ V`` (``core``: q k^T) from the two products' letters."""
+    s_sub, i, j = sc.s_sub, sc.s_sub[-2], sc.s_sub[-1]
+    d = ((set(sc.q_sub) & set(sc.k_sub)) - set(s_sub)).pop()
+    s_lead = s_sub[:-2]
+    lead = "".join(c for c in s_lead if c in sc.k_sub)
+    group = "".join(c for c in s_lead if c not in sc.k_sub)
+    reshaped = tuple(example_value(core).shape) != tuple(example_value(p).shape)
+    used = set(sc.q_sub + sc.k_sub + s_sub)
+    fresh = iter(c for c in _LETTERS if c not in used)
+    ren = {p_sub[-2]: i, p_sub[-1]: j}
+    if not reshaped:
+        ren.update(zip(p_sub[:-2], s_lead))
+    for c in p_sub + v_sub + o_sub:
+        if c not in ren:
+            ren[c] = next(fresh)
+    p_sub, v_sub, o_sub = ("".join(ren[c] for c in x) for x in (p_sub, v_sub, o_sub))
+    lead_pv = p_sub[:-2] if reshaped else lead
+    if reshaped and group:
+        return "grouped (GQA) scores reshaped across their leading dims"
+    e = set(v_sub) & set(o_sub) - set(p_sub)
+    if len(e) != 1 or set(v_sub) != set(lead_pv + j) | e or set(o_sub) != set(lead_pv + group + i) | e \
+            or (reshaped and set(p_sub) != set(lead_pv + i + j)):
+        return f"P @ V does not contract the key dim of the probabilities ({p_sub},{v_sub}->{o_sub})"
+    e = e.pop()
+    sizes: dict = {}
+    for node, sub in ((sc.q, sc.q_sub), (sc.k, sc.k_sub), (core, s_sub), (p, p_sub), (v, v_sub), (out, o_sub)):
+        val = example_value(node)
+        if val is None:
+            return "shapes unknown (no example values)"
+        for c, n in zip(sub, val.shape):
+            if isinstance(n, torch.SymInt):
+                return "dynamic shapes are not supported yet"
+            if sizes.setdefault(c, int(n)) != n:
+                return f"dim '{c}' of q k^T / P @ V has sizes {sizes[c]} and {n} (broadcast batch or heads)"
+    return Layout(sc.q_sub, sc.k_sub, v_sub, o_sub, s_lead, lead, group, lead_pv, i, j, d, e, sizes)
+
+
+def _to_op_layout(graph: torch.fx.Graph, lay: Layout, q: Node, k: Node, v: Node) -> list[Node]:
+    """q, k, v permuted and reshaped to the op's (B, H, T, D); no-op steps are left out."""
+    out = []
+    for node, sub, order, shape in zip((q, k, v), (lay.q_sub, lay.k_sub, lay.v_sub),
+                                       (lay.lead + lay.group + lay.i + lay.d, lay.lead + lay.j + lay.d,
+                                        lay.lead_pv + lay.j + lay.e), lay.shapes()):
+        if sub != order:
+            node = graph.call_method("permute", (node, *[sub.index(c) for c in order]))
+        if tuple(shape) != tuple(lay.sizes[c] for c in order):
+            node = graph.call_method("reshape", (node, tuple(shape)))
+        out.append(node)
+    return out
+
+
+def _from_op_layout(graph: torch.fx.Graph, lay: Layout, out: Node) -> Node:
+    """The op's (B, H, T, E) output back in the user's layout ``o_sub``."""
+    order = lay.lead_pv + lay.group + lay.i + lay.e
+    shape = tuple(lay.sizes[c] for c in order)
+    if len(shape) != 4 or shape[:2] != lay.shapes()[0][:2]:
+        out = graph.call_method("reshape", (out, shape))
+    if order != lay.o_sub:
+        out = graph.call_method("permute", (out, *[order.index(c) for c in lay.o_sub]))
+    return out
+
+
+def _block_layout(bt: BlockTerm, lay: Layout) -> Union[str, None]:
+    """Why the block mask's leading dims cannot be served in this layout, or None."""
+    bm = example_value(bt.mask)
+    n = bm.dim() - 2
+    if n > len(lay.s_lead):
+        return f"block mask {tuple(bm.shape)} has more leading dims than the scores"
+    for c, size in zip(lay.s_lead[len(lay.s_lead) - n:], bm.shape[:n]):
+        if c in lay.group and size != 1:
+            return (f"block mask has {size} entries along the query-head group dim '{c}': the query heads of a "
+                    "KV group do not share one selection")
+        if size not in (1, lay.sizes[c]):
+            return f"block mask {tuple(bm.shape)} does not broadcast against the scores"
+    return None
+
+
+def _block_to_op_layout(graph: torch.fx.Graph, node: Node, lay: Optional[Layout], shape: tuple) -> Node:
+    """A block-level tensor of ``shape`` (…, NQ, X), aligned with the scores' leading dims, as
+    (B|1, H_kv|1, NQ, X)."""
+    if lay is None or (lay.s_lead == lay.lead and len(lay.lead) <= 2):
+        return node  # already (B, H_kv)-aligned from the right; the table helpers broadcast
+    n = len(shape) - 2
+    full = (1,) * (len(lay.s_lead) - n) + tuple(shape)
+    order = lay.lead + lay.group
+    sizes = [full[lay.s_lead.index(c)] for c in order]
+    if n < len(lay.s_lead):
+        node = graph.call_method("reshape", (node, full))
+    perm = [lay.s_lead.index(c) for c in order]
+    if perm != sorted(perm):
+        node = graph.call_method("permute", (node, *perm, len(full) - 2, len(full) - 1))
+    front = sizes[:max(len(lay.lead) - 1, 0)]
+    if any(s != 1 for s in front) and any(s == 1 for s in front):  # flattening needs them all full
+        node = graph.call_method("expand", (node, *[lay.sizes[c] for c in lay.lead[:-1]], *sizes[len(front):],
+                                                -1, -1))
+        front = [lay.sizes[c] for c in lay.lead[:-1]]
+    hkv = sizes[len(lay.lead) - 1] if lay.lead else 1
+    return graph.call_method("reshape", (node, (math.prod(front), hkv, *shape[-2:])))
+
+
 def _softmax_input(node: Any) -> Optional[Node]:
     if not isinstance(node, Node):
         return None
@@ -650,8 +918,9 @@ def _softmax_input(node: Any) -> Optional[Node]:
     return None
 
 
-def _peel_probabilities(p: Any) -> tuple[Optional[Node], Optional[str]]:
-    """The softmax behind the PV matmul's left operand, through casts and inactive dropout."""
+def _peel_probabilities(p: Any, leading: bool = False) -> tuple[Optional[Node], Optional[str]]:
+    """The softmax behind the PV matmul's left operand, through casts and inactive dropout
+    (and, with ``leading``, reshapes of the leading dims: Bloom's ``view(B * H, T, T)``)."""
     shared = False  # a cast of the probabilities used elsewhere (or written in place)
     while isinstance(p, Node):
         if _softmax_input(p) is not None:
@@ -659,7 +928,8 @@ def _peel_probabilities(p: Any) -> tuple[Optional[Node], Optional[str]]:
                 return None, "the attention probabilities have other users (the dense T x T matrix is needed anyway)"
             return p, None
         shared = shared or len(p.users) != 1
-        if is_method(p, "to", "type_as", "float", "half", "bfloat16") or is_function(p, torch.Tensor.to):
+        if is_method(p, "to", "type_as", "float", "half", "bfloat16") or is_function(p, torch.Tensor.to) or (
+                leading and (_leading_reshape(p) is not None or is_method(p, "type"))):
             p = p.args[0]
             continue
         if is_function(p, F.dropout, torch.dropout, torch.nn.functional.dropout):
@@ -679,6 +949,9 @@ def _peel_scores(node: Node, reader: Node) -> tuple[Node, float, Visible]:
     while True:
         for m in _inplace_masks(node, reader):
             vis = vis & visible_set(m, False)
+        if reader is not node and isinstance(node, Node) and _leading_reshape(reader) is None \
+                and getattr(example_value(reader), "shape", None) != getattr(example_value(node), "shape", None):
+            raise NotAMask("the mask broadcasts the scores to more dims")
         reader = node
         if is_method(node, "masked_fill") or is_function(node, torch.masked_fill):
             value = arg(node, 2, "value")
@@ -703,7 +976,7 @@ def _peel_scores(node: Node, reader: Node) -> tuple[Node, float, Visible]:
             a, b = node.args[0], node.args[1]
             # the bias is the side that parses as one (scores + bias1 + bias2 nests the adds);
             # the side that looks like the scores is tried as the scores first, for its reason
-            looks = lambda x: _qk(_strip_scale(x)[0]) is not None or _is_masking(x)  # noqa: E731
+            looks = lambda x: _scores(_strip_scale(x)[0]) is not None or _is_masking(x)  # noqa: E731
             orders = sorted(((a, b), (b, a)), key=lambda sb: not looks(sb[0]))
             first_error = None
             for scores, bias in orders:
@@ -720,12 +993,45 @@ def _peel_scores(node: Node, reader: Node) -> tuple[Node, float, Visible]:
         if _is_upcast(node):
             node = node.args[0]  # scores.float() before the softmax: exact, and the kernels accumulate in fp32
             continue
+        if _leading_reshape(node) is not None:  # GPT-2's scores.reshape(B, H, T, T) of a (B*H, T, T) bmm
+            node = node.args[0]
+            continue
         inner, c = _strip_scale(node, single=True)
         if inner is not node:
             scale *= c
             node = inner
             continue
         return node, scale, vis
+
+
+def _leading_reshape(node: Any) -> Optional[Node]:
+    """x for a reshape of x that keeps its last two dims (only the leading dims are split or merged)."""
+    if not (is_method(node, "reshape", "view", "flatten", "unflatten") or
+            is_function(node, torch.reshape, torch.flatten, torch.unflatten)) or not isinstance(node.args[0], Node):
+        return None
+    src, out = example_value(node.args[0]), example_value(node)
+    if src is None or out is None or src.dim() < 2 or out.dim() < 2 or tuple(src.shape[-2:]) != tuple(out.shape[-2:]):
+        return None
+    return node.args[0]
+
+
+def _leading_move(node: Any) -> Optional[Node]:
+    """x for data movement of a mask x that only touches its leading dims (every (T, T) slice is one
+    of x's): leading reshapes, ``repeat`` with 1 for the last two dims, ``repeat_interleave`` on a
+    leading dim (HF's ``mask.repeat_interleave(H, 0)`` to (B * H, T, T))."""
+    if _leading_reshape(node) is not None:
+        return node.args[0]
+    out = example_value(node)
+    if out is None or out.dim() < 2 or not isinstance(node, Node) or not node.args or not isinstance(node.args[0], Node):
+        return None
+    if is_method(node, "repeat") or is_function(node, torch.tile) or is_method(node, "tile"):
+        reps = node.args[1:] if len(node.args) > 2 else node.args[1]
+        reps = tuple(reps) if isinstance(reps, (list, tuple)) else (reps,)
+        return node.args[0] if len(reps) >= 2 and tuple(reps[-2:]) == (1, 1) else None
+    if is_method(node, "repeat_interleave") or is_function(node, torch.repeat_interleave):
+        d = _dim(node, arg(node, 2, "dim"))
+        return node.args[0] if d is not None and d < out.dim() - 2 and _ndim(node.args[0]) == out.dim() else None
+    return None
 
 
 def _is_upcast(node: Any) -> bool:
@@ -810,31 +1116,45 @@ def _strip_scale(node: Any, single: bool = False) -> tuple[Any, float]:
 # ----------------------------------------------------------------------------- classification
 
 def _explicit_site(pv_node: Node) -> Union[Site, str, None]:
-    pv = _pv(pv_node)
+    pv = _product(pv_node)
     if pv is None:
         return None
-    sm, why = _peel_probabilities(pv[0])
+    p, v, p_sub, v_sub, o_sub = pv
+    sm, why = _peel_probabilities(p, leading=True)
     if sm is None:
         return why
-    v = pv[1]
     try:
         core, scale, vis = _peel_scores(_softmax_input(sm), sm)
     except NotAMask as exc:
+        sv = example_value(sm)
+        if sv is not None and sv.dim() >= 2 and sv.shape[-1] != sv.shape[-2]:
+            return None  # queries and keys of different lengths (NSA's compressed branch): never ours
         return str(exc) if _mentions_qk(_softmax_input(sm)) else None
-    qk = _qk(core)
-    if qk is None:
+    sc = _scores(core)
+    if sc is None:
         return None
     if len(sm.users) != 1:
         return "the attention probabilities have other users (the dense T x T matrix is needed anyway)"
-    return Site(pv_node, qk[0], qk[1], v, scale, vis)
+    if sc.bias is not None:
+        try:
+            vis = vis & _additive_bias(sc.bias)
+        except NotAMask as exc:
+            return str(exc)
+    lay = _layout(sc, core, p, v, p_sub, v_sub, o_sub, pv_node)
+    if isinstance(lay, str):
+        return lay
+    if vis.block is not None and lay.lead_pv != lay.lead:
+        return "block mask on scores reshaped across their leading dims: its heads cannot be matched to q's"
+    return Site(pv_node, sc.q, sc.k, v, scale * sc.alpha, vis, None if lay.identity() else lay)
 
 
 def _mentions_qk(node: Any, depth: int = 6) -> bool:
     """Whether q k^T is among the first inputs of node: reasons are only worth reporting for attention."""
     if not isinstance(node, Node) or depth == 0:
         return False
-    if _qk(node) is not None:
-        return True
+    val = example_value(node)
+    if _scores(node) is not None and val is not None and val.shape[-1] == val.shape[-2]:
+        return True  # square: a matmul into a softmax over other sizes is a linear layer, not attention
     return any(_mentions_qk(n, depth - 1) for n in node.all_input_nodes)
 
 
@@ -862,21 +1182,34 @@ def _sdpa_site(node: Node) -> Union[Site, str, None]:
     return Site(node, q, k, v, _number(scale) if scale is not None else None, vis)
 
 
+def _op_shapes(site: Site) -> list:
+    """q, k, v shapes as the op will take them."""
+    if site.layout is not None:
+        return list(site.layout.shapes())
+    return [tuple(example_value(n).shape) for n in (site.q, site.k, site.v)]
+
+
 def _refusal(site: Site, gqa_ok: bool) -> Optional[str]:
     vals = [example_value(n) for n in (site.q, site.k, site.v)]
     if any(v is None for v in vals):
         return "shapes unknown (no example values)"
-    q, k, v = vals
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "q, k, v are not 4-D (B, H, T, D)"
     if any(isinstance(s, torch.SymInt) for t in vals for s in t.shape):
         return "dynamic shapes are not supported yet"
-    if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
-        return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not self-attention shapes"
-    if q.shape[2] != k.shape[2]:
-        return f"query length {q.shape[2]} differs from key length {k.shape[2]} (cross-attention or KV cache)"
-    if q.shape[1] != k.shape[1] and not (gqa_ok and k.shape[1] and q.shape[1] % k.shape[1] == 0):
-        return f"query heads {q.shape[1]} and key heads {k.shape[1]} do not match"
+    if site.layout is not None and site.layout.group:
+        gqa_ok = True  # the group letters say which query heads share a KV head
+    q, k, v = (tuple(s) for s in _op_shapes(site))  # (B, H, T, D) as the op will see them
+    if len(q) != 4 or len(k) != 4 or len(v) != 4:
+        return "q, k, v are not 4-D (B, H, T, D)"
+    if k != v or q[-1] != k[-1] or q[0] != k[0]:
+        return f"q {q}, k {k}, v {v} are not self-attention shapes"
+    if q[2] != k[2]:
+        return f"query length {q[2]} differs from key length {k[2]} (cross-attention or KV cache)"
+    if q[1] != k[1] and not (gqa_ok and k[1] and q[1] % k[1] == 0):
+        return f"query heads {q[1]} and key heads {k[1]} do not match"
+    if site.layout is not None and site.vis.block is not None:
+        reason = _block_layout(site.vis.block, site.layout)
+        if reason is not None:
+            return reason
     for t in vals:
         if t.dtype not in SUPPORTED_DTYPES:
             return f"dtype {t.dtype} is not supported (float32, bfloat16, float16)"
@@ -890,7 +1223,7 @@ def _refusal(site: Site, gqa_ok: bool) -> Optional[str]:
 def _classify(site: Site) -> Union[str, tuple[str, Any], None]:
     """("window", w) / ("selected", causal) / None (plain causal or dense: not ours) / a reason."""
     vis = site.vis
-    T = example_value(site.q).shape[2]
+    T = _op_shapes(site)[0][2]
     if vis.block is None:
         if vis.hi is None and vis.lo is None:
             return None
@@ -1652,6 +1985,9 @@ def _topk_table(bt: BlockTerm) -> Optional[tuple[Node, Any]]:
     top = idx.args[0]
     if not (is_method(top, "topk") or is_function(top, torch.topk)):
         return None
+    iv, sv = example_value(idx), example_value(scatter)
+    if iv is None or sv is None or tuple(iv.shape[:-1]) != tuple(sv.shape[:-1]):
+        return None  # a smaller index scatters into part of the mask only: read the mask itself
     tdim = arg(top, 2, "dim", -1)
     if _dim(top.args[0], tdim) != (_ndim(top.args[0]) or 0) - 1:  # any top-k: its indices are distinct
         return None
@@ -1663,12 +1999,14 @@ def _topk_table(bt: BlockTerm) -> Optional[tuple[Node, Any]]:
     return None
 
 
-def _table_nodes(graph: torch.fx.Graph, bt: BlockTerm, batch: int, kv_heads: int) -> tuple[Node, Node]:
+def _table_nodes(graph: torch.fx.Graph, bt: BlockTerm, batch: int, kv_heads: int,
+                 lay: Optional[Layout] = None) -> tuple[Node, Node]:
     found = _topk_table(bt)
     if found is not None:
         idx, valid = found
         if valid is not None:
             idx = graph.call_function(torch.where, (valid, idx, -1))
+        idx = _block_to_op_layout(graph, idx, lay, tuple(example_value(found[0]).shape))
         table = graph.call_function(topk_to_indices, (idx, batch, kv_heads))
     else:
         mask = bt.mask
@@ -1681,6 +2019,7 @@ def _table_nodes(graph: torch.fx.Graph, bt: BlockTerm, batch: int, kv_heads: int
             mask = graph.call_function(torch.ne, (mask, 0))
         if bt.negate:
             mask = graph.call_function(torch.logical_not, (mask,))
+        mask = _block_to_op_layout(graph, mask, lay, tuple(example_value(bt.mask).shape))
         table = graph.call_function(block_mask_to_indices, (mask, batch, kv_heads))
     return (graph.call_function(operator.getitem, (table, 0)), graph.call_function(operator.getitem, (table, 1)))
 
@@ -1732,29 +2071,33 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, opts: BcptOptions, report
                 continue
             if isinstance(kind, str):
                 reason = kind
-        qv, kv = example_value(site.q), example_value(site.k)
-        if reason is None and kind[0] == "selected":
-            reason = _heads_ok(site.vis.block, qv.shape[1], kv.shape[1])
+        qs, ks, _ = _op_shapes(site)
+        if reason is None and kind[0] == "selected" and site.layout is None:
+            reason = _heads_ok(site.vis.block, qs[1], ks[1])
         if reason is not None:
             report.add_miss(FAMILY, node, reason)
             continue
-        B, H, T, D = qv.shape
-        Hkv = kv.shape[1]
+        B, H, T, D = qs
+        Hkv = ks[1]
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(D)
         with graph.inserting_before(node):
             q, k, v = _cast_to(graph, [site.q, site.k, site.v], node)
+            if site.layout is not None:
+                q, k, v = _to_op_layout(graph, site.layout, q, k, v)
             if kind[0] == "window":
                 call = graph.call_function(torch.ops.bcpt.sliding_window_attention.default,
                                            (q, k, v, int(kind[1]), float(scale)))
                 op = "bcpt.sliding_window_attention"
             else:
                 bt = site.vis.block
-                idx, counts = _table_nodes(graph, bt, B, Hkv)
+                idx, counts = _table_nodes(graph, bt, B, Hkv, site.layout)
                 call = graph.call_function(torch.ops.bcpt.nsa_selected_attention.default,
                                            (q, k, v, idx, counts, bt.size, bt.query_block or bt.size,
                                             bool(kind[1]), float(scale)))
                 op = "bcpt.nsa_selected_attention"
             out = graph.call_function(operator.getitem, (call, 0))
+            if site.layout is not None:
+                out = _from_op_layout(graph, site.layout, out)
         out.meta.update({k: v for k, v in node.meta.items()
                          if k in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
         report.add_site(FAMILY, node, op, [site.q, site.k, site.v])
