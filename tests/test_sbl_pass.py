@@ -589,3 +589,60 @@ def test_autocast_region_keeps_eager_dtypes_and_values():
     (gw,) = torch.autograd.grad(out.float().sum(), (w,))
     (ew,) = torch.autograd.grad(eager.float().sum(), (w,))
     assert gw.dtype == torch.float32 and ((gw - ew).norm() / ew.norm()).item() < 2e-2
+
+
+class _DroppedProductSBL(torch.nn.Module):
+    """Tiny-ONN SBL with ``nn.Dropout`` on the product, as a training model writes it."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.w = torch.nn.Parameter(torch.randn(N, K, generator=g) / K**0.5)
+        self.k = torch.nn.Parameter(torch.randn(N, K, generator=g) / K**0.5)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.drop(torch.nn.functional.linear(x, self.w)) * torch.relu(x @ self.k.T - 0.1)
+
+
+def test_active_dropout_on_the_product_is_refused_with_a_reason():
+    """In training the dropout's random mask sits between the product and the gate: not
+    looked through (eval's identity dropout is), and explain says why instead of nothing."""
+    model = _DroppedProductSBL()
+    x = torch.randn(B, T, K, generator=torch.Generator().manual_seed(5))
+    report = bcpt_compile.explain(model, x, options=AOT)
+    assert report.counts["sbl"] == 0
+    [miss] = report.misses
+    assert "dropout on the product linear(x, W) is active (training)" in miss.reason and "self.drop" in miss.source
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="bcpt", options=AOT)
+    torch.manual_seed(9)
+    out = compiled(x)
+    torch.manual_seed(9)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)  # same random mask: aot_eager, same RNG order
+    model.eval()
+    torch._dynamo.reset()
+    assert bcpt_compile.explain(model, x, options=AOT).counts["sbl"] == 1
+    outs, grads = _grads_of(model, (x,), AOT)
+    ref_outs, ref_grads = _grads_of(model, (x,))
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _gate_before_break(x, w, k):
+    r = torch.relu(x @ k.T - 0.1)
+    torch._dynamo.graph_break()
+    return torch.nn.functional.linear(x, w) * r
+
+
+def test_gate_from_before_a_graph_break_is_refused_with_a_reason():
+    """A graph break between the gate and the product leaves R a graph input of the second
+    graph: its zeros are not provable there, and the reason points at the break."""
+    x, w, k = _args("threshold_mul")[:2] + (torch.randn(N, K) / K**0.5,)
+    report = bcpt_compile.explain(_gate_before_break, x, w, k)
+    assert report.counts["sbl"] == 0 and report.graphs == 2
+    [miss] = report.misses
+    assert "graph input" in miss.reason and "graph break" in miss.reason
+    torch._dynamo.reset()
+    out = torch.compile(_gate_before_break, backend="bcpt", options=AOT)(x, w, k)
+    torch.testing.assert_close(out, _gate_before_break(x, w, k), rtol=1e-4, atol=1e-5)

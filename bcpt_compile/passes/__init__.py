@@ -7,8 +7,10 @@ from a copy) and logged, unless ``strict`` is set.
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, Iterator
 
+import torch
 import torch.fx
 
 from .._logging import log
@@ -38,8 +40,38 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     return copy
 
 
-def run_passes(gm: torch.fx.GraphModule, opts: BcptOptions) -> Report:
-    report = Report(graphs=1)
+#: Higher-order ops whose body is the user's code, run as written (``torch.utils.checkpoint``:
+#: recomputed in the backward). Dynamo puts it in a subgraph, so the passes go into it.
+BODY_HOPS = (torch.ops.higher_order.tag_activation_checkpoint,)
+
+
+def _bodies(gm: torch.fx.GraphModule) -> Iterator[torch.fx.GraphModule]:
+    """The subgraphs of ``BODY_HOPS`` calls, each once. A body called once gets the outer
+    inputs' ``grapharg`` on its placeholders (the real tensor a pass may look up, e.g. a
+    table's fused-optimizer mode); one shared by several calls could see different tensors."""
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in BODY_HOPS and node.args:
+            attr = node.args[0]
+            if isinstance(attr, torch.fx.Node) and attr.op == "get_attr":
+                calls.setdefault(attr.target, []).append(node)
+    for target, nodes in calls.items():
+        body = getattr(gm, target, None)
+        if not isinstance(body, torch.fx.GraphModule):
+            continue
+        if len(nodes) == 1:
+            inner = [n for n in body.graph.nodes if n.op == "placeholder"]
+            for ph, outer in zip(inner, nodes[0].args[1:]):
+                if isinstance(outer, torch.fx.Node) and "grapharg" in outer.meta:
+                    ph.meta.setdefault("grapharg", outer.meta["grapharg"])
+        yield body
+
+
+def run_passes(gm: torch.fx.GraphModule, opts: BcptOptions, *, body: bool = False) -> Report:
+    """Run the passes on ``gm``, then inside its checkpointed bodies (``body``: one of those,
+    not a graph of its own for ``explain``; host tables are not prefetched there, since the
+    recompute would gather their rows a second time outside the prefetch schedule)."""
+    report = Report(graphs=0 if body else 1)
     for family, fn in PASSES:
         if not opts.enabled(family):
             continue
@@ -61,4 +93,7 @@ def run_passes(gm: torch.fx.GraphModule, opts: BcptOptions) -> Report:
         for miss in local.misses:
             log.info("near-miss [%s] %s at %s", miss.family, miss.reason, miss.source)
         report.extend(local)
+    inner_opts = dataclasses.replace(opts, deepembed_tables="gpu")
+    for sub in list(_bodies(gm)):
+        report.extend(run_passes(sub, inner_opts, body=True))
     return report

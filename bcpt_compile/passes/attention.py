@@ -937,6 +937,8 @@ def _peel_probabilities(p: Any, leading: bool = False) -> tuple[Optional[Node], 
             if _number(prob) == 0.0 or training is False:
                 p = p.args[0]
                 continue
+            if isinstance(prob, Node):  # dynamic=True: floats are graph inputs, p may change
+                return None, "dropout on the attention probabilities has p as a graph input (dynamic=True), not provably 0"
             return None, "dropout on the attention probabilities is active"
         return None, None
     return None, None
@@ -1180,6 +1182,15 @@ def _sdpa_site(node: Node) -> Union[Site, str, None]:
     except NotAMask as exc:
         return str(exc)
     return Site(node, q, k, v, _number(scale) if scale is not None else None, vis)
+
+
+def _dynamic_first(node: Node, reason: str) -> str:
+    """Under dynamic shapes a mask's arange grids are symbolic and fail to read as a band or
+    block mask; the reason worth showing is the dynamic shape, with the mask's after it."""
+    val = example_value(node)
+    if val is not None and "dynamic" not in reason and any(isinstance(n, torch.SymInt) for n in val.shape):
+        return f"dynamic shapes are not supported yet ({reason})"
+    return reason
 
 
 def _op_shapes(site: Site) -> list:
@@ -2058,7 +2069,7 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, opts: BcptOptions, report
         if site is None:
             continue
         if isinstance(site, str):
-            report.add_miss(FAMILY, node, site)
+            report.add_miss(FAMILY, node, _dynamic_first(node, site))
             continue
         if site.vis.block is None and site.vis.lo is None and site.vis.hi in (None, 0):
             continue  # dense or plain causal attention: not ours, and not worth a report

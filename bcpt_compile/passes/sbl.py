@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..options import BcptOptions
 from ..report import Report
 from .canonical import (
+    DROPOUT_FUNCTIONS,
     Node,
     arg,
     erase_unused,
@@ -98,6 +99,8 @@ def gate_of(node: object) -> Union[Gate, str]:
             src = gate.keep_source or (gate.value if gate.mask is None else None)
             return dataclasses.replace(gate, value=node, keep_source=src)
     what = node.target if node.op != "call_function" else getattr(node.target, "__name__", str(node.target))
+    if node.op == "placeholder":  # e.g. relu(s) computed before a graph break: not visible here
+        return f"gate is not provably zero off the mask (graph input {what}; computed before a graph break?)"
     return f"gate is not provably zero off the mask ({node.op} {what})"
 
 
@@ -192,6 +195,19 @@ def _refusal(lin_node: Node, lin_inputs: list, gate: Union[Gate, str]) -> Option
     return None
 
 
+def _dropout_on_product(ops: tuple) -> Optional[str]:
+    """Why ``dropout(linear(x, W)) * R`` is refused, if that is the product: a dropout that is
+    active (training) puts its random mask between the product and the gate, and one whose
+    ``p`` is a graph input (``dynamic=True`` does not specialise floats) may be active next call."""
+    for d, r in (ops, ops[::-1]):
+        if is_function(d, *DROPOUT_FUNCTIONS) and isinstance(d.args[0], Node) and linear_of(d.args[0]) is not None \
+                and inactive_dropout_input(d) is None and isinstance(gate_of(r), Gate):
+            if isinstance(arg(d, 1, "p", 0.5), Node):
+                return "dropout on the product linear(x, W) has p as a graph input (dynamic=True), not provably 0"
+            return "dropout on the product linear(x, W) is active (training): its random mask is not modelled"
+    return None
+
+
 def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, report: Report) -> None:
     graph = gm.graph
     for mul in list(graph.nodes):
@@ -207,6 +223,9 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
             if lin is not None:
                 break
         else:
+            reason = _dropout_on_product(ops)
+            if reason is not None:
+                report.add_miss(FAMILY, mul, reason)
             continue
         if _is_bool(strip_casts(r_node)):
             continue  # linear * mask: a plain masked product (often the gate's own s * (s > t))
