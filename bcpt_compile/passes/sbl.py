@@ -124,7 +124,7 @@ def _zero_preserving_input(node: Node) -> Optional[Node]:
     ``clamp(R, lo <= 0 <= hi)``. The value is taken as f(R) itself, the keep mask as R's."""
     val, inner = example_value(node), None
     if is_method(node, "float", "half", "bfloat16", "to", "type_as", "type", "detach", "contiguous", "clone") or \
-            is_function(node, torch.Tensor.to, torch.detach, torch.clone, *_DROPOUTS):
+            is_function(node, torch.Tensor.to, torch.detach, torch.clone, *_ZERO_KEEPING_DROPOUTS):
         inner = node.args[0]
     elif is_function(node, operator.truediv, torch.div, torch.true_divide) or is_method(node, "div", "true_divide"):
         if len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], numbers.Real) and node.args[1] != 0:
@@ -147,7 +147,9 @@ def _zero_preserving_input(node: Node) -> Optional[Node]:
     return inner if isinstance(inner, Node) and _same_shape(inner, node) else None
 
 
-_DROPOUTS = (F.dropout, torch.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+#: Dropouts that keep zeros even in training (they zero and rescale); not the alpha
+#: dropouts of ``canonical.DROPOUT_FUNCTIONS``, which move dropped entries off zero.
+_ZERO_KEEPING_DROPOUTS = (F.dropout, torch.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 
 
 def _same_shape(a: Node, b: Node) -> bool:
