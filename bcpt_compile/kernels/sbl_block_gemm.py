@@ -104,12 +104,11 @@ def _dense_forward_kernel(
     """Past the density crossover (else it returns at once): a persistent dense GEMM over
     output tiles of BM x (SPAN * BN), SPAN BCAT tiles side by side, in grouped order.
 
-    Wide tiles are what Hopper's wgmma needs to approach cuBLAS (128x256 with 8 warps: 0.41
-    to 0.46 ms for 8192x8192x2048 bf16 against cuBLAS's 0.37 and 0.62 for 128x128 tiles,
-    benchmarks/sweep_dense_gemm.py). Addresses are recomputed from 32-bit offsets each
-    step (INT64 only for tensors past 2**31 elements) rather than carried as pointer
-    tensors, which would not fit in registers beside a 128x256 accumulator. Columns of
-    inactive BCAT tiles are written as zeros, as the bits kernel wrote them."""
+    Wide tiles are what Hopper's wgmma needs to approach cuBLAS: for 8192x8192x2048 bf16
+    on the H200, pointer loads take 0.46-0.47 ms with 128x256 tiles and 8 warps, 0.51-0.63
+    with 128x128, cuBLAS 0.37 (benchmarks/sweep_dense_gemm.py). Offsets are 32-bit unless
+    a tensor passes 2**31 elements (INT64). Columns of inactive BCAT tiles are written as
+    zeros, as the bits kernel wrote them."""
     if tl.load(state_ptr) < dense_min:
         return
     tl.static_assert(SPAN == 2, "the epilogue splits the wide tile in two")
