@@ -1219,25 +1219,161 @@ def _window_any_t(q, k, v):
     return s.masked_fill(~band, float("-inf")).softmax(dim=-1) @ v
 
 
-def test_dynamic_shapes_refusal_says_dynamic_and_matches_eager():
-    """Under dynamic shapes the band's arange grids are symbolic and did not read as a band,
-    so explain blamed the comparison; the reason now leads with the dynamic shape."""
+# --------------------------------------------------------------------------- dynamic shapes
+#
+# Training calls a model with varying sequence lengths: after the second distinct shape Dynamo
+# recompiles with symbolic T (and batch). The masks below are built from the symbolic T, and
+# the pass reads them from the graph, so the dynamic graphs stay rewritten.
+
+def _dyn_nsa_topk(q, k, v):
+    """DynNSA with block importance pooled from q and k: ceil(T / S) blocks (T symbolic, S
+    constant), top-2 scattered into a block mask, repeat_interleave'd and cropped to T, causal
+    tril of ones(T, T)."""
+    b, h, t, d = q.shape
+    nb = -(-t // S)
+    pad = nb * S - t
+    qb = F.pad(q, (0, 0, 0, pad)).view(b, h, nb, S, d).mean(3)
+    kb = F.pad(k, (0, 0, 0, pad)).view(b, h, nb, S, d).mean(3)
+    imp = (qb @ kb.transpose(-1, -2)).detach() + 100 * torch.eye(nb)  # the own block is always selected
+    bm = torch.zeros_like(imp, dtype=torch.bool).scatter(-1, imp.topk(2, dim=-1).indices, True)
+    m = bm.repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1)[..., :t, :t]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d)
+    s = s.masked_fill(~m, float("-inf")).masked_fill(~causal, float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
+
+
+def _dyn_window_sdpa(q, k, v):
+    """SDPA with a bool band from tril/triu of ones(T, T), T symbolic, window 7 constant."""
+    t = q.shape[-2]
+    band = torch.ones(t, t, dtype=torch.bool, device=q.device).tril().triu(-6)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+
+
+def _dyn_expand_kron_sdpa(q, k, v):
+    """SDPA with an additive bias from a kron-expanded float block mask (first and own block)
+    and an arange causal bound, T symbolic."""
+    t = q.shape[-2]
+    nb = (t + S - 1) // S
+    blk = torch.arange(nb)
+    bm = ((blk[:, None] == blk[None, :]) | (blk[None, :] == 0)).float()
+    i = torch.arange(t)
+    keep = torch.kron(bm, torch.ones(S, S))[:t, :t].bool() & (i[:, None] >= i[None, :])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(keep, 0.0, float("-inf")))
+
+
+def _dyn_symbolic_window(q, k, v):
+    t = q.shape[-2]
+    i = torch.arange(t)
+    band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < t // 3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+
+
+def _dyn_symbolic_block(q, k, v):
+    """A block size that is a symbolic size (T // 2): the block geometry is not a constant."""
+    b, h, t, d = q.shape
+    bm = torch.ones(b, h, 2, 2, dtype=torch.bool).tril()
+    m = bm.repeat_interleave(t // 2, dim=-2).repeat_interleave(t // 2, dim=-1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+_DYN_CALLS = ((1, 40), (1, 24), (2, 57), (2, 33))  # T not a multiple of S; the third call makes B dynamic too
+
+
+def _dynamic_vs_eager(fn, calls=_DYN_CALLS):
+    """Compile once, call with several (B, T): outputs and gradients equal eager's on every call."""
     import functools
 
     import bcpt_compile
 
+    torch._dynamo.reset()
     report = bcpt_compile.Report()
     backend = functools.partial(bcpt_compile.bcpt_backend, report_sink=report, options=OPTS)
-    compiled = torch.compile(_window_any_t, backend=backend, dynamic=True)
-    for t in (T, 24):
-        q, k, v = [x[..., :t, :].clone().requires_grad_() for x in _qkv(seed=t)]
-        ref = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-        out, expected = compiled(q, k, v), _window_any_t(*ref)
+    compiled = torch.compile(fn, backend=backend)
+    for n, (b, t) in enumerate(calls):
+        g = torch.Generator().manual_seed(100 + n)
+        ins = [torch.randn(b, H, t, D, generator=g).requires_grad_() for _ in range(3)]
+        ref = [x.detach().clone().requires_grad_() for x in ins]
+        out, expected = compiled(*ins), fn(*ref)
+        assert torch.isfinite(expected).all()
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-        grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(t))
+        grad = torch.randn(expected.shape, generator=g)
         out.backward(grad)
         expected.backward(grad)
-        for a, b in zip((q, k, v), ref):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
-    assert report.counts["attention"] == 0 and report.misses
-    assert all(m.reason.startswith("dynamic shapes are not supported yet") for m in report.misses), report.misses
+        for a, e in zip(ins, ref):
+            torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-5)
+    return report
+
+
+def _symbols(report) -> None:
+    """The run went dynamic (a static graph, then symbolic T, then symbolic B: the fourth call
+    reuses the third graph, so nothing guarded T) and every graph was rewritten once."""
+    assert report.graphs == 3, report.graphs
+    assert report.counts["attention"] == report.graphs, (report.counts, report.misses)
+    assert not report.misses, report.misses
+
+
+def test_dynamic_shapes_window_stays_rewritten_and_matches_eager():
+    _symbols(_dynamic_vs_eager(_window_any_t))
+
+
+def test_dynamic_shapes_nsa_topk_stays_rewritten_and_matches_eager():
+    _symbols(_dynamic_vs_eager(_dyn_nsa_topk))
+
+
+def test_dynamic_shapes_sdpa_band_and_block_masks_stay_rewritten():
+    _symbols(_dynamic_vs_eager(_dyn_window_sdpa))
+    _symbols(_dynamic_vs_eager(_dyn_expand_kron_sdpa, _DYN_CALLS[:3]))
+
+
+def test_dynamic_shapes_symbolic_window_or_block_size_is_refused_and_matches_eager():
+    """A window or block size that is itself a symbolic size is not a constant geometry: refused
+    (under dynamic shapes only; the first, static graph is rewritten), and eager still holds."""
+    for fn, what in ((_dyn_symbolic_window, "window"), (_dyn_symbolic_block, "block size")):
+        report = _dynamic_vs_eager(fn, ((1, 32), (1, 48), (1, 64)))
+        assert report.graphs == 2 and report.counts["attention"] == 1, (report.counts, report.misses)
+        assert len(report.misses) == 1 and "symbolic size" in report.misses[0].reason \
+            and f"constant {what}" in report.misses[0].reason, report.misses
+
+
+class TestAttentionDynamic(expecttest.TestCase):
+    def test_dynamic_nsa_graph_reads_sizes_from_the_graph(self):
+        """Symbolic T and batch: the block count stays the graph's ceil(T / S), the table is
+        expanded to the batch read from q (``size(0)``), no size is baked in."""
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, H, 40, D, generator=g) for _ in range(3))
+        for x in (q, k, v):
+            torch._dynamo.mark_dynamic(x, 0)
+            torch._dynamo.mark_dynamic(x, 2)
+        self.assertExpectedInline(rewritten_graph(_dyn_nsa_topk, q, k, v), """\
+def forward(self, s85, s0, L_q_, s69, L_k_, s33, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    neg = -s0
+    floordiv = neg // 16
+    neg_1 = -floordiv
+    mul = neg_1 * 16
+    sub = mul - s0
+    pad = torch._C._nn.pad(l_q_, (0, 0, 0, sub), 'constant', None)
+    view = pad.view(s33, 2, neg_1, 16, 16)
+    qb = view.mean(3)
+    pad_1 = torch._C._nn.pad(l_k_, (0, 0, 0, sub), 'constant', None)
+    view_1 = pad_1.view(s33, 2, neg_1, 16, 16)
+    kb = view_1.mean(3)
+    transpose = kb.transpose(-1, -2)
+    matmul = qb @ transpose
+    detach = matmul.detach()
+    eye = torch.eye(neg_1)
+    mul_1 = 100 * eye
+    imp = detach + mul_1
+    topk = imp.topk(2, dim = -1)
+    getitem_5 = topk[1]
+    size_1 = l_q_.size(0)
+    topk_to_indices = bcpt_compile_lowering_attention_topk_to_indices(getitem_5, size_1, 2)
+    getitem_7 = topk_to_indices[0]
+    getitem_8 = topk_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_7, getitem_8, 16, 16, True, 0.25)
+    getitem_9 = nsa_selected_attention_default[0]
+    return (getitem_9,)
+""")

@@ -53,6 +53,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_bool, statically_known_true
 
 from ..lowering.attention import block_mask_to_indices, local_block_table, topk_to_indices
 from ..options import BcptOptions
@@ -119,6 +120,52 @@ class Visible:
 
 
 # ----------------------------------------------------------------------------- small helpers
+#
+# Under dynamic shapes example values have ``torch.SymInt`` sizes. Sizes are compared with
+# ``_same`` (provably equal, installs no guard), never with ``==`` / ``int()``, which would guard
+# on (and so specialise) the symbolic T or batch.
+
+
+def _sym(x: Any) -> Any:
+    """A size as an int or SymInt: a Python int, or a graph node holding one (``q.size(2)``), else None."""
+    if isinstance(x, Node):
+        x = x.meta.get("example_value", x.meta.get("val"))
+    return x if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool) else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """a == b for sizes (ints or SymInts), only when provable: no guard is installed."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return statically_known_true(a == b)
+    return a == b
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def _same_as_required(a: Any, b: Any) -> bool:
+    """a == b for two sizes that the replaced call itself requires to be equal (eager fails
+    otherwise, e.g. SDPA's key length of k and v, which its meta function leaves as two symbols):
+    the equality is guarded, which relates the symbols but specialises neither."""
+    if _same(a, b):
+        return True
+    if not _symbolic(a, b):
+        return False
+    hints = [x.node.hint if isinstance(x, torch.SymInt) else x for x in (a, b)]
+    return hints[0] is not None and hints[0] == hints[1] and guard_bool(a == b)
+
+
+def _symbolic(*sizes: Any) -> bool:
+    return any(isinstance(n, torch.SymInt) for n in sizes)
+
+
+def _static_size(x: Any, what: str) -> int:
+    """A size that the rewrite needs as a constant (block size, window): refuse a symbolic one."""
+    if isinstance(x, Node) and isinstance(_sym(x), torch.SymInt) or isinstance(x, torch.SymInt):
+        raise NotAMask(f"the {what} is a symbolic size (dynamic shapes): only a constant {what} is supported")
+    return x
 
 
 def _cast_to(graph: torch.fx.Graph, nodes: list, replaced: Node) -> list:
@@ -265,9 +312,9 @@ def _arange_len(node: Any) -> Optional[int]:
         return None
     nums = [a for a in node.args]
     if len(nums) == 1:
-        return nums[0] if isinstance(nums[0], int) else None
+        return _sym(nums[0])  # arange(T), T an int or a symbolic size (a graph node)
     if len(nums) in (2, 3) and nums[0] == 0 and (len(nums) == 2 or nums[2] == 1):
-        return nums[1] if isinstance(nums[1], int) else None
+        return _sym(nums[1])
     return None
 
 
@@ -291,7 +338,7 @@ def _grid(node: Any) -> Optional[tuple[int, int, int]]:
     elif is_method(node, "unsqueeze") and _arange_len(node.args[0]) is not None:
         src, col = node.args[0], node.args[1] in (1, -1)
     elif is_method(node, "view", "reshape") and _arange_len(node.args[0]) is not None and val is not None and val.dim() == 2:
-        src, col = node.args[0], val.shape[1] == 1 and val.shape[0] != 1
+        src, col = node.args[0], _same(val.shape[1], 1) and not _same(val.shape[0], 1)
     if src is not None:
         return (1, 0, 0) if col else (0, 1, 0)
     for targets, sign in (((operator.add, torch.add), 1), ((operator.sub, torch.sub), -1)):
@@ -309,6 +356,9 @@ def _compare(node: Node, positive: bool) -> Visible:
     a, b = _grid(node.args[0]), _grid(node.args[1])
     if op is None or a is None or b is None:
         other = node.args[0] if a is None else node.args[1]
+        if op is not None and isinstance(_sym(other), torch.SymInt):
+            raise NotAMask(f"comparison {_name(node)} bounds j - i by a symbolic size {_name(other)} (dynamic "
+                           "shapes): only a constant window is supported")
         raise NotAMask(f"comparison {_name(node)} of {_name(other)} is not a bound on j - i of arange grids")
     ci, cj, c = a[0] - b[0], a[1] - b[1], a[2] - b[2]
     # (ci * i + cj * j + c) op 0, with (ci, cj) = +-(1, -1): a bound on j - i
@@ -333,16 +383,16 @@ def _block_expansion(node: Node) -> Optional[tuple[Node, int]]:
             return None
         if any(isinstance(n, Node) and _writes(u, n) for n in (node, inner) for u in n.users):
             return None
-        s1, d1 = arg(node, 1, "repeats"), _dim(node, arg(node, 2, "dim"))
-        s2, d2 = arg(inner, 1, "repeats"), _dim(inner, arg(inner, 2, "dim"))
+        s1, d1 = _static_size(arg(node, 1, "repeats"), "block size"), _dim(node, arg(node, 2, "dim"))
+        s2, d2 = _static_size(arg(inner, 1, "repeats"), "block size"), _dim(inner, arg(inner, 2, "dim"))
         nd = _ndim(node)
         if not (isinstance(s1, int) and s1 == s2 and nd is not None and {d1, d2} == {nd - 2, nd - 1}):
             return None
         return inner.args[0], s1
     if is_function(node, torch.kron) and _is_all_ones(node.args[1]):
         ones = example_value(node.args[1])
-        if ones is not None and ones.dim() == 2 and ones.shape[0] == ones.shape[1]:
-            return node.args[0], int(ones.shape[0])
+        if ones is not None and ones.dim() == 2 and _same(ones.shape[0], ones.shape[1]):
+            return node.args[0], int(_static_size(ones.shape[0], "block size"))
         return None
     if is_method(node, "reshape", "view") and is_method(node.args[0], "expand"):
         exp = node.args[0]
@@ -350,18 +400,20 @@ def _block_expansion(node: Node) -> Optional[tuple[Node, int]]:
         if src is None or out is None or big is None or big.dim() < 4 or big.dim() != out.dim() + 2:
             return None
         nq, s1, nk, s2 = big.shape[-4:]
-        if tuple(src.shape[-4:]) != (nq, 1, nk, 1) or s1 != s2 or tuple(out.shape[-2:]) != (nq * s1, nk * s2):
+        if not _same_shape(src.shape[-4:], (nq, 1, nk, 1)) or not _same(s1, s2) \
+                or not _same_shape(out.shape[-2:], (nq * s1, nk * s2)):
             return None
+        _static_size(s1, "block size")
         # walk back through the singleton-inserting view to the (…, NQ, NK) block mask
         base = exp.args[0]
         while isinstance(base, Node) and (is_method(base, "unsqueeze", "view", "reshape") or
                                           (is_function(base, operator.getitem) and _full_slices_or_none(base.args[1]))):
             nxt = base.args[0]
             nv = example_value(nxt)
-            if nv is None or nv.numel() != src.numel():
+            if nv is None or not _same(nv.numel(), src.numel()):
                 break
             base = nxt
-            if tuple(nv.shape[-2:]) == (nq, nk):
+            if _same_shape(nv.shape[-2:], (nq, nk)):
                 return base, int(s1)
         return None
     return None
@@ -374,7 +426,10 @@ def _token_expansion(node: Node) -> Optional[tuple[Node, int]]:
     if not (is_method(node, "repeat_interleave") or is_function(node, torch.repeat_interleave)):
         return None
     s1, d1, nd = arg(node, 1, "repeats"), _dim(node, arg(node, 2, "dim")), _ndim(node)
-    if not isinstance(s1, int) or nd is None or d1 != nd - 1 or _block_expansion(node) is not None:
+    if nd is None or d1 != nd - 1:
+        return None
+    s1 = _static_size(s1, "block size")
+    if not isinstance(s1, int) or _block_expansion(node) is not None:
         return None
     inner = node.args[0]
     if any(_writes(u, node) for u in node.users) or is_method(inner, "repeat_interleave") \
@@ -404,7 +459,7 @@ def _broadcast_source(node: Any) -> Optional[Node]:
             if arg(node, 1, "dim") not in (0, -out.dim()):
                 return None
         lead = out.dim() - sv.dim()
-        return src if tuple(out.shape) == (1,) * lead + tuple(sv.shape) else None
+        return src if _same_shape(out.shape, (1,) * lead + tuple(sv.shape)) else None
     if is_function(node, operator.getitem):
         items = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
         if any(not (it is None or it is Ellipsis or it == slice(None)) for it in items) or items.count(Ellipsis) > 1:
@@ -796,7 +851,7 @@ class Layout:
         z = self.sizes
         hkv = z[self.lead[-1]] if self.lead else 1
         n = math.prod(z[c] for c in self.lead)
-        b, g = n // hkv if hkv else 0, math.prod(z[c] for c in self.group)
+        b, g = n // hkv if not _same(hkv, 0) else 0, math.prod(z[c] for c in self.group)
         return (b, hkv * g, z[self.i], z[self.d]), (b, hkv, z[self.j], z[self.d]), (b, hkv, z[self.j], z[self.e])
 
     def identity(self) -> bool:
@@ -814,7 +869,7 @@ def _layout(sc: Scores, core: Node, p: Node, v: Node, p_sub: str, v_sub: str, o_
     s_lead = s_sub[:-2]
     lead = "".join(c for c in s_lead if c in sc.k_sub)
     group = "".join(c for c in s_lead if c not in sc.k_sub)
-    reshaped = tuple(example_value(core).shape) != tuple(example_value(p).shape)
+    reshaped = not _same_shape(example_value(core).shape, example_value(p).shape)
     used = set(sc.q_sub + sc.k_sub + s_sub)
     fresh = iter(c for c in _LETTERS if c not in used)
     ren = {p_sub[-2]: i, p_sub[-1]: j}
@@ -838,9 +893,7 @@ def _layout(sc: Scores, core: Node, p: Node, v: Node, p_sub: str, v_sub: str, o_
         if val is None:
             return "shapes unknown (no example values)"
         for c, n in zip(sub, val.shape):
-            if isinstance(n, torch.SymInt):
-                return "dynamic shapes are not supported yet"
-            if sizes.setdefault(c, int(n)) != n:
+            if not _same(sizes.setdefault(c, n), n):
                 return f"dim '{c}' of q k^T / P @ V has sizes {sizes[c]} and {n} (broadcast batch or heads)"
     return Layout(sc.q_sub, sc.k_sub, v_sub, o_sub, s_lead, lead, group, lead_pv, i, j, d, e, sizes)
 
@@ -853,7 +906,7 @@ def _to_op_layout(graph: torch.fx.Graph, lay: Layout, q: Node, k: Node, v: Node)
                                         lay.lead_pv + lay.j + lay.e), lay.shapes()):
         if sub != order:
             node = graph.call_method("permute", (node, *[sub.index(c) for c in order]))
-        if tuple(shape) != tuple(lay.sizes[c] for c in order):
+        if not _same_shape(shape, (lay.sizes[c] for c in order)):
             node = graph.call_method("reshape", (node, tuple(shape)))
         out.append(node)
     return out
@@ -863,7 +916,7 @@ def _from_op_layout(graph: torch.fx.Graph, lay: Layout, out: Node) -> Node:
     """The op's (B, H, T, E) output back in the user's layout ``o_sub``."""
     order = lay.lead_pv + lay.group + lay.i + lay.e
     shape = tuple(lay.sizes[c] for c in order)
-    if len(shape) != 4 or shape[:2] != lay.shapes()[0][:2]:
+    if len(shape) != 4 or not _same_shape(shape[:2], lay.shapes()[0][:2]):
         out = graph.call_method("reshape", (out, shape))
     if order != lay.o_sub:
         out = graph.call_method("permute", (out, *[order.index(c) for c in lay.o_sub]))
@@ -877,10 +930,10 @@ def _block_layout(bt: BlockTerm, lay: Layout) -> Union[str, None]:
     if n > len(lay.s_lead):
         return f"block mask {tuple(bm.shape)} has more leading dims than the scores"
     for c, size in zip(lay.s_lead[len(lay.s_lead) - n:], bm.shape[:n]):
-        if c in lay.group and size != 1:
+        if c in lay.group and not _same(size, 1):
             return (f"block mask has {size} entries along the query-head group dim '{c}': the query heads of a "
                     "KV group do not share one selection")
-        if size not in (1, lay.sizes[c]):
+        if not (_same(size, 1) or _same(size, lay.sizes[c])):
             return f"block mask {tuple(bm.shape)} does not broadcast against the scores"
     return None
 
@@ -952,7 +1005,8 @@ def _peel_scores(node: Node, reader: Node) -> tuple[Node, float, Visible]:
         for m in _inplace_masks(node, reader):
             vis = vis & visible_set(m, False)
         if reader is not node and isinstance(node, Node) and _leading_reshape(reader) is None \
-                and getattr(example_value(reader), "shape", None) != getattr(example_value(node), "shape", None):
+                and not _same_shape(getattr(example_value(reader), "shape", ()) or (None,),
+                                    getattr(example_value(node), "shape", ()) or (None,)):
             raise NotAMask("the mask broadcasts the scores to more dims")
         reader = node
         if is_method(node, "masked_fill") or is_function(node, torch.masked_fill):
@@ -1012,7 +1066,7 @@ def _leading_reshape(node: Any) -> Optional[Node]:
             is_function(node, torch.reshape, torch.flatten, torch.unflatten)) or not isinstance(node.args[0], Node):
         return None
     src, out = example_value(node.args[0]), example_value(node)
-    if src is None or out is None or src.dim() < 2 or out.dim() < 2 or tuple(src.shape[-2:]) != tuple(out.shape[-2:]):
+    if src is None or out is None or src.dim() < 2 or out.dim() < 2 or not _same_shape(src.shape[-2:], out.shape[-2:]):
         return None
     return node.args[0]
 
@@ -1129,7 +1183,7 @@ def _explicit_site(pv_node: Node) -> Union[Site, str, None]:
         core, scale, vis = _peel_scores(_softmax_input(sm), sm)
     except NotAMask as exc:
         sv = example_value(sm)
-        if sv is not None and sv.dim() >= 2 and sv.shape[-1] != sv.shape[-2]:
+        if sv is not None and sv.dim() >= 2 and not _same(sv.shape[-1], sv.shape[-2]):
             return None  # queries and keys of different lengths (NSA's compressed branch): never ours
         return str(exc) if _mentions_qk(_softmax_input(sm)) else None
     sc = _scores(core)
@@ -1155,7 +1209,7 @@ def _mentions_qk(node: Any, depth: int = 6) -> bool:
     if not isinstance(node, Node) or depth == 0:
         return False
     val = example_value(node)
-    if _scores(node) is not None and val is not None and val.shape[-1] == val.shape[-2]:
+    if _scores(node) is not None and val is not None and _same(val.shape[-1], val.shape[-2]):
         return True  # square: a matmul into a softmax over other sizes is a linear layer, not attention
     return any(_mentions_qk(n, depth - 1) for n in node.all_input_nodes)
 
@@ -1184,15 +1238,6 @@ def _sdpa_site(node: Node) -> Union[Site, str, None]:
     return Site(node, q, k, v, _number(scale) if scale is not None else None, vis)
 
 
-def _dynamic_first(node: Node, reason: str) -> str:
-    """Under dynamic shapes a mask's arange grids are symbolic and fail to read as a band or
-    block mask; the reason worth showing is the dynamic shape, with the mask's after it."""
-    val = example_value(node)
-    if val is not None and "dynamic" not in reason and any(isinstance(n, torch.SymInt) for n in val.shape):
-        return f"dynamic shapes are not supported yet ({reason})"
-    return reason
-
-
 def _op_shapes(site: Site) -> list:
     """q, k, v shapes as the op will take them."""
     if site.layout is not None:
@@ -1204,19 +1249,26 @@ def _refusal(site: Site, gqa_ok: bool) -> Optional[str]:
     vals = [example_value(n) for n in (site.q, site.k, site.v)]
     if any(v is None for v in vals):
         return "shapes unknown (no example values)"
-    if any(isinstance(s, torch.SymInt) for t in vals for s in t.shape):
-        return "dynamic shapes are not supported yet"
     if site.layout is not None and site.layout.group:
         gqa_ok = True  # the group letters say which query heads share a KV head
     q, k, v = (tuple(s) for s in _op_shapes(site))  # (B, H, T, D) as the op will see them
     if len(q) != 4 or len(k) != 4 or len(v) != 4:
         return "q, k, v are not 4-D (B, H, T, D)"
-    if k != v or q[-1] != k[-1] or q[0] != k[0]:
+    if site.layout is None and len(k) == len(v) == 4 and _same(k[-1], v[-1]) and _symbolic(*k[:3], *v[:3]):
+        for a, b in zip(k[:3], v[:3]):  # SDPA: attn @ v needs v's (B, H, T) to be k's
+            _same_as_required(a, b)
+        q, k, v = (tuple(s) for s in _op_shapes(site))
+    if not _same_shape(k, v) or not _same(q[-1], k[-1]) or not _same(q[0], k[0]):
         return f"q {q}, k {k}, v {v} are not self-attention shapes"
-    if q[2] != k[2]:
+    if not _same(q[2], k[2]):
         return f"query length {q[2]} differs from key length {k[2]} (cross-attention or KV cache)"
-    if q[1] != k[1] and not (gqa_ok and k[1] and q[1] % k[1] == 0):
+    if not _same(q[1], k[1]) and not (gqa_ok and not _same(k[1], 0) and _same(q[1] % k[1], 0)):
         return f"query heads {q[1]} and key heads {k[1]} do not match"
+    if site.layout is not None and _symbolic(*site.layout.sizes.values()) and _layout_reshapes(site):
+        return ("dynamic shapes: the layout needs q, k, v (or the output, or the block mask) reshaped to the "
+                "op's (B, H, T, D) with symbolic sizes, which is not supported yet (permutes are)")
+    if _symbolic(q[-1]) and site.scale is None:
+        return "dynamic shapes: the head dim is symbolic, so the default scale 1/sqrt(D) is not a constant"
     if site.layout is not None and site.vis.block is not None:
         reason = _block_layout(site.vis.block, site.layout)
         if reason is not None:
@@ -1229,6 +1281,26 @@ def _refusal(site: Site, gqa_ok: bool) -> Optional[str]:
     if len({t.dtype for t in vals}) != 1:
         return "q, k, v have different dtypes"
     return None
+
+
+def _layout_reshapes(site: Site) -> bool:
+    """Whether the rewrite would reshape (not only permute) q, k, v, the output or the block
+    mask between the user's layout and the op's: those reshapes take the sizes as constants."""
+    lay = site.layout
+    for sub, order, shape in zip((lay.q_sub, lay.k_sub, lay.v_sub),
+                                 (lay.lead + lay.group + lay.i + lay.d, lay.lead + lay.j + lay.d,
+                                  lay.lead_pv + lay.j + lay.e), lay.shapes()):
+        if not _same_shape(shape, (lay.sizes[c] for c in order)):
+            return True
+    shape = tuple(lay.sizes[c] for c in lay.lead_pv + lay.group + lay.i + lay.e)
+    if len(shape) != 4 or not _same_shape(shape[:2], lay.shapes()[0][:2]):
+        return True
+    return site.vis.block is not None and not (lay.s_lead == lay.lead and len(lay.lead) <= 2)
+
+
+def _blocks_tile(n: Any, T: Any, S: int) -> bool:
+    """Whether n is provably ceil(T / S) (either spelling of the ceiling, for a symbolic T)."""
+    return _same(n, -(-T // S)) or _same(n, (T + S - 1) // S)
 
 
 def _classify(site: Site) -> Union[str, tuple[str, Any], None]:
@@ -1250,9 +1322,10 @@ def _classify(site: Site) -> Union[str, tuple[str, Any], None]:
     if S < 16 or S & (S - 1):
         return f"block size {S} is not a power of two >= 16"
     bm = example_value(bt.mask)
-    nb, nq = -(-T // S), -(-T // (bt.query_block or S))
-    if bm is None or bm.dim() < 2 or tuple(bm.shape[-2:]) != (nq, nb):
-        return f"block mask shape {tuple(bm.shape) if bm is not None else '?'} does not tile T={T} by {S}"
+    qb = bt.query_block or S
+    if bm is None or bm.dim() < 2 or not _blocks_tile(bm.shape[-1], T, S) or not _blocks_tile(bm.shape[-2], T, qb):
+        why = " (not provably, for a symbolic T)" if _symbolic(T) else ""
+        return f"block mask shape {tuple(bm.shape) if bm is not None else '?'} does not tile T={T} by {S}{why}"
     return ("selected", vis.hi == 0)
 
 
@@ -1997,7 +2070,7 @@ def _topk_table(bt: BlockTerm) -> Optional[tuple[Node, Any]]:
     if not (is_method(top, "topk") or is_function(top, torch.topk)):
         return None
     iv, sv = example_value(idx), example_value(scatter)
-    if iv is None or sv is None or tuple(iv.shape[:-1]) != tuple(sv.shape[:-1]):
+    if iv is None or sv is None or not _same_shape(iv.shape[:-1], sv.shape[:-1]):
         return None  # a smaller index scatters into part of the mask only: read the mask itself
     tdim = arg(top, 2, "dim", -1)
     if _dim(top.args[0], tdim) != (_ndim(top.args[0]) or 0) - 1:  # any top-k: its indices are distinct
@@ -2005,12 +2078,12 @@ def _topk_table(bt: BlockTerm) -> Optional[tuple[Node, Any]]:
     if src is True or _number(src) == 1.0:
         return idx, None
     sval = example_value(src)
-    if sval is not None and sval.dtype == torch.bool and tuple(sval.shape) == tuple(example_value(idx).shape):
+    if sval is not None and sval.dtype == torch.bool and _same_shape(sval.shape, example_value(idx).shape):
         return idx, src
     return None
 
 
-def _table_nodes(graph: torch.fx.Graph, bt: BlockTerm, batch: int, kv_heads: int,
+def _table_nodes(graph: torch.fx.Graph, bt: BlockTerm, batch: Union[int, Node], kv_heads: Union[int, Node],
                  lay: Optional[Layout] = None) -> tuple[Node, Node]:
     found = _topk_table(bt)
     if found is not None:
@@ -2038,7 +2111,7 @@ def _table_nodes(graph: torch.fx.Graph, bt: BlockTerm, batch: int, kv_heads: int
 def _heads_ok(bt: BlockTerm, H: int, Hkv: int) -> Optional[str]:
     bm = example_value(bt.mask)
     hdim = bm.shape[-3] if bm.dim() >= 3 else 1
-    if hdim not in (1, Hkv):
+    if not (_same(hdim, 1) or _same(hdim, Hkv)):
         return (f"block mask has {hdim} heads but K/V have {Hkv}: the query heads of a KV group "
                 "do not share one selection")
     return None
@@ -2069,7 +2142,7 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, opts: BcptOptions, report
         if site is None:
             continue
         if isinstance(site, str):
-            report.add_miss(FAMILY, node, _dynamic_first(node, site))
+            report.add_miss(FAMILY, node, site)
             continue
         if site.vis.block is None and site.vis.lo is None and site.vis.hi in (None, 0):
             continue  # dense or plain causal attention: not ours, and not worth a report
@@ -2095,6 +2168,11 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, opts: BcptOptions, report
             q, k, v = _cast_to(graph, [site.q, site.k, site.v], node)
             if site.layout is not None:
                 q, k, v = _to_op_layout(graph, site.layout, q, k, v)
+            # a symbolic batch / KV-head count is read from the graph (q.size(0)), never baked in
+            if _symbolic(B):
+                B = graph.call_method("size", (q, 0))
+            if _symbolic(Hkv):
+                Hkv = graph.call_method("size", (k, 1))
             if kind[0] == "window":
                 call = graph.call_function(torch.ops.bcpt.sliding_window_attention.default,
                                            (q, k, v, int(kind[1]), float(scale)))
