@@ -122,6 +122,16 @@ def inactive_dropout_input(node: Any) -> Optional[Node]:
     return node.args[0] if (p == 0 or training is False) and isinstance(node.args[0], Node) else None
 
 
+def through_inactive_dropout(node: Any) -> Any:
+    """The input of ``node`` if it is an identity dropout read only by its one user (a
+    product that a rewrite replaces), else ``node`` itself."""
+    if isinstance(node, Node) and len(node.users) == 1:
+        inner = inactive_dropout_input(node)
+        if inner is not None:
+            return inner
+    return node
+
+
 def strip_casts(node: Any) -> Any:
     """Follow dtype casts of a boolean mask (``.float()``, ``.to(x.dtype)``, ``.type_as(x)``)."""
     while isinstance(node, Node):

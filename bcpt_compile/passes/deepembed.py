@@ -41,12 +41,12 @@ from .canonical import (
     arg,
     erase_unused,
     example_value,
-    inactive_dropout_input,
     is_function,
     is_method,
     linear_of,
     mul_operands,
     relu_input,
+    through_inactive_dropout,
 )
 
 FAMILY = "deepembed"
@@ -78,14 +78,6 @@ def device_move_input(node: object) -> Node | None:
     return None
 
 
-def strip_moves(node: object) -> object:
-    while True:
-        src = device_move_input(node)
-        if src is None:
-            return node
-        node = src
-
-
 def _cast_input(node: object) -> Node | None:
     """x for a dtype cast ``x.to(dtype)``, ``.type_as(y)``, ``.float()``, ``.half()``, ``.bfloat16()``,
     ``.long()``, ``.int()`` (device moves included), else None."""
@@ -98,27 +90,28 @@ def _cast_input(node: object) -> Node | None:
     return src if isinstance(src, Node) else None
 
 
-def strip_index_casts(node: object) -> object:
-    """idx under device moves and casts between integer index dtypes (``idx.long()``); a cast
-    from another dtype is kept, so eager's error for a float idx stays."""
+def _strip_moves_and_casts(node: object, value_kept) -> object:
+    """``node`` under device moves and the dtype casts for which ``value_kept(before, after)``
+    (example values) holds."""
     while True:
         src = device_move_input(node) or _cast_input(node)
         before, after = example_value(src), example_value(node)
-        if src is None or before is None or after is None or (
-                before.dtype != after.dtype and (before.dtype not in INDEX_DTYPES or after.dtype not in INDEX_DTYPES)):
+        if src is None or before is None or after is None or not value_kept(before, after):
             return node
         node = src
+
+
+def strip_index_casts(node: object) -> object:
+    """idx under device moves and casts between integer index dtypes (``idx.long()``); a cast
+    from another dtype is kept, so eager's error for a float idx stays."""
+    return _strip_moves_and_casts(node, lambda before, after: before.dtype == after.dtype or (
+        before.dtype in INDEX_DTYPES and after.dtype in INDEX_DTYPES))
 
 
 def strip_row_casts(node: object) -> object:
     """The gathered rows under device moves and float dtype casts (``emb(idx).to(x.dtype)``)."""
-    while True:
-        src = device_move_input(node) or _cast_input(node)
-        before, after = example_value(src), example_value(node)
-        if src is None or before is None or after is None or not (
-                before.dtype in FLOAT_DTYPES and after.dtype in FLOAT_DTYPES) or before.shape != after.shape:
-            return node
-        node = src
+    return _strip_moves_and_casts(node, lambda before, after: (
+        before.dtype in FLOAT_DTYPES and after.dtype in FLOAT_DTYPES and before.shape == after.shape))
 
 
 def squared_relu_of(node: object) -> Node | None:
@@ -289,8 +282,7 @@ class _Rewriter:
         if ops is None:
             return
         for outer, g_node in (ops, ops[::-1]):
-            lin_node = inactive_dropout_input(outer) if isinstance(outer, Node) and len(outer.users) == 1 else None
-            lin_node = lin_node if lin_node is not None else outer  # eval-mode dropout: the identity
+            lin_node = through_inactive_dropout(outer)  # eval-mode dropout: the identity
             lin = linear_of(lin_node)
             g = gather_of(g_node) if lin is not None else None
             if lin is not None and g is not None:

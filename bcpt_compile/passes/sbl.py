@@ -35,6 +35,7 @@ from .canonical import (
     mul_operands,
     relu_input,
     strip_casts,
+    through_inactive_dropout,
 )
 
 FAMILY = "sbl"
@@ -217,9 +218,7 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
         if ops is None:
             continue
         for lin_node, r_node in (ops, ops[::-1]):
-            outer = lin_node  # an inactive dropout on the product is the identity
-            lin_node = inactive_dropout_input(outer) if isinstance(outer, Node) and len(outer.users) == 1 else None
-            lin_node = lin_node if lin_node is not None else outer
+            outer, lin_node = lin_node, through_inactive_dropout(lin_node)  # eval-mode dropout: the identity
             inner = _peel_view(lin_node)
             lin = linear_of(inner if inner is not None else lin_node)
             if lin is not None:
