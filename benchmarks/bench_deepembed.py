@@ -262,7 +262,14 @@ def main():
     ap.add_argument("--cprofile", action="store_true", help="print each configuration's Python hot spots")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--device", default="cuda", help="cuda; 'cpu' only checks the script (TRITON_INTERPRET=1)")
+    ap.add_argument("--host-rows", default="", help="override the host-row kernels' CUDA launch config, "
+                    "e.g. programs=16,BS=8,BW=1024,num_warps=4")
     args = ap.parse_args()
+    if args.host_rows:
+        from bcpt_compile.kernels import deepembed as de
+
+        de.HOST_ROWS_CUDA.update({k: int(v) for k, v in (kv.split("=") for kv in args.host_rows.split(","))})
+        print(f"[bench] host-row kernels: {de.HOST_ROWS_CUDA}", file=sys.stderr)
     if args.quick:
         args.layers, args.vocab, args.d, args.batch, args.seq, args.steps = 2, 4096, 256, 2, 256, 3
     if args.device == "cpu":  # a check of the script itself, not a measurement

@@ -233,9 +233,9 @@ CASES = [
     (de._rowmix_dx_kernel, dict(WRAP=False, BM=64, BR=32)),
     (de._hidden_forward_kernel, dict(GEMM, HAS_S0=True, BR=32, EVEN_K=True)),
     (de._hidden_backward_kernel, dict(HAS_S0=False, BM=64, BN=128, BR=16)),
-    (de._gather_rows_kernel, dict(BS=16, BW=256)),
-    (de._row_update_kernel, dict(ADAM=True, BS=16, BW=256)),
-    (de._row_update_kernel, dict(ADAM=False, BS=16, BW=256)),
+    (de._gather_rows_kernel, dict(PROGRAMS=16, BS=8, BW=1024)),
+    (de._row_update_kernel, dict(ADAM=True, PROGRAMS=16, BS=8, BW=1024)),
+    (de._row_update_kernel, dict(ADAM=False, PROGRAMS=16, BS=8, BW=1024)),
 ]
 failures = []
 for kernel, cx in CASES:

@@ -326,24 +326,33 @@ def _rowmix_dx_kernel(
 
 
 @triton.jit
+def _host_row_tile(plan_ptr, t, count, W, w_blocks, BS: tl.constexpr, BW: tl.constexpr):
+    """Tile t of a host-row walk: (slots, the rows they hold, columns, in-bounds mask)."""
+    slots = (t // w_blocks) * BS + tl.arange(0, BS)
+    cols = (t % w_blocks) * BW + tl.arange(0, BW)
+    live = slots < count
+    ids = tl.load(plan_ptr + 1 + slots, mask=live, other=0)
+    return slots, ids, cols, live[:, None] & (cols[None, :] < W)
+
+
+@triton.jit
 def _gather_rows_kernel(
     t_ptr, plan_ptr, rows_ptr, stats_ptr,
-    M, W, stride_tv, stride_tw, stride_rm, row_bytes,
-    BS: tl.constexpr, BW: tl.constexpr,
+    W, stride_tv, stride_tw, stride_rm, row_bytes,
+    PROGRAMS: tl.constexpr, BS: tl.constexpr, BW: tl.constexpr,
 ):
-    """rows[s] = table[uniq[s]] for the plan's first U slots; the table may be pinned host memory."""
-    pid_s = tl.program_id(0)
-    pid_w = tl.program_id(1)
+    """rows[s] = table[uniq[s]] for the plan's first U slots; the table may be pinned host memory.
+
+    Persistent, with a few programs: a read over PCIe spends its time waiting, so a whole-grid
+    launch would hold every SM for the copy's duration and stall the compute stream; PROGRAMS
+    programs keep enough reads in flight to fill the link and leave the other SMs to compute."""
     count = tl.load(plan_ptr)
-    if pid_s * BS < count:
-        slots = pid_s * BS + tl.arange(0, BS)
-        live = slots < count
-        ids = tl.load(plan_ptr + 1 + slots, mask=live, other=0)
-        cols = pid_w * BW + tl.arange(0, BW)
-        m2 = live[:, None] & (cols[None, :] < W)
+    w_blocks = tl.cdiv(W, BW)
+    for t in range(tl.program_id(0), tl.cdiv(count, BS) * w_blocks, PROGRAMS):
+        slots, ids, cols, m2 = _host_row_tile(plan_ptr, t, count, W, w_blocks, BS, BW)
         v = tl.load(t_ptr + ids[:, None] * stride_tv + cols[None, :] * stride_tw, mask=m2, other=0.0)
         tl.store(rows_ptr + slots.to(tl.int64)[:, None] * stride_rm + cols[None, :], v, mask=m2)
-    if (pid_s == 0) & (pid_w == 0):  # device-side counters: rows requested, rows copied, bytes
+    if tl.program_id(0) == 0:  # device-side counters: rows requested, rows copied, bytes
         tl.atomic_add(stats_ptr, count)
         tl.atomic_add(stats_ptr + 1, count)
         tl.atomic_add(stats_ptr + 2, count * row_bytes)
@@ -354,26 +363,24 @@ def _row_update_kernel(
     t_ptr, g_ptr, plan_ptr, m_ptr, v_ptr, step_ptr, stats_ptr,
     W, stride_tv, stride_gm, stride_sv,
     lr, beta1, beta2, eps, log_beta1, log_beta2,
-    ADAM: tl.constexpr, BS: tl.constexpr, BW: tl.constexpr,
+    ADAM: tl.constexpr, PROGRAMS: tl.constexpr, BS: tl.constexpr, BW: tl.constexpr,
 ):
     """table[uniq[s]] -= update(grad[s]) for the plan's first U slots (SGD, or SparseAdam's rule
-    with moments m, v kept per table row). Reads and writes the table in place, wherever it lives."""
-    pid_s = tl.program_id(0)
+    with moments m, v kept per table row). Reads and writes the table in place, wherever it
+    lives; persistent with a few programs, as the gather."""
     count = tl.load(plan_ptr)
-    if pid_s * BS < count:
-        slots = pid_s * BS + tl.arange(0, BS)
-        live = slots < count
-        ids = tl.load(plan_ptr + 1 + slots, mask=live, other=0)
-        cols = tl.program_id(1) * BW + tl.arange(0, BW)
-        m2 = live[:, None] & (cols[None, :] < W)
+    w_blocks = tl.cdiv(W, BW)
+    if ADAM:
+        t_step = tl.load(step_ptr).to(tl.float32) + 1.0
+        bc1 = 1.0 - tl.exp(t_step * log_beta1)
+        bc2 = 1.0 - tl.exp(t_step * log_beta2)
+        step_size = lr * tl.sqrt(bc2) / bc1
+    for t in range(tl.program_id(0), tl.cdiv(count, BS) * w_blocks, PROGRAMS):
+        slots, ids, cols, m2 = _host_row_tile(plan_ptr, t, count, W, w_blocks, BS, BW)
         g = tl.load(g_ptr + slots.to(tl.int64)[:, None] * stride_gm + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         w_ptrs = t_ptr + ids[:, None] * stride_tv + cols[None, :]
         w = tl.load(w_ptrs, mask=m2, other=0.0).to(tl.float32)
         if ADAM:
-            t = tl.load(step_ptr).to(tl.float32) + 1.0
-            bc1 = 1.0 - tl.exp(t * log_beta1)
-            bc2 = 1.0 - tl.exp(t * log_beta2)
-            step_size = lr * tl.sqrt(bc2) / bc1
             s_off = ids[:, None] * stride_sv + cols[None, :]
             m = tl.load(m_ptr + s_off, mask=m2, other=0.0)
             v = tl.load(v_ptr + s_off, mask=m2, other=0.0)
@@ -385,7 +392,7 @@ def _row_update_kernel(
         else:
             w = w - lr * g
         tl.store(w_ptrs, w.to(t_ptr.dtype.element_ty), mask=m2)
-    if (pid_s == 0) & (tl.program_id(1) == 0):
+    if tl.program_id(0) == 0:
         tl.atomic_add(stats_ptr, count)  # rows updated
 
 
@@ -638,8 +645,14 @@ def rowmix_backward(grad: torch.Tensor, a: torch.Tensor, table: torch.Tensor, id
 
 # ------------------------------------------------------------------ host-table rows
 
-def _row_blocks(t: torch.Tensor) -> tuple[int, int]:
-    return (16, 256) if t.is_cuda else (4, 16)
+#: Host-row kernels' launch config on CUDA: few persistent programs, wide rows per step.
+HOST_ROWS_CUDA = {"programs": 16, "BS": 8, "BW": 1024, "num_warps": 4}
+
+
+def _host_rows_config(t: torch.Tensor, W: int) -> dict:
+    cfg = dict(HOST_ROWS_CUDA) if t.is_cuda else {"programs": 3, "BS": 4, "BW": 16, "num_warps": 1}
+    cfg["BW"] = min(cfg["BW"], triton.next_power_of_2(W))
+    return cfg
 
 
 def gather_rows_into(table: torch.Tensor, plan: torch.Tensor, rows: torch.Tensor, stats: torch.Tensor) -> None:
@@ -648,10 +661,11 @@ def gather_rows_into(table: torch.Tensor, plan: torch.Tensor, rows: torch.Tensor
     M, W = rows.shape
     if M == 0 or W == 0:
         return
-    BS, BW = _row_blocks(rows)
-    _gather_rows_kernel[(triton.cdiv(M, BS), triton.cdiv(W, BW))](
-        table, plan, rows, stats, M, W, table.stride(0), table.stride(1), rows.stride(0),
-        W * table.element_size(), BS=BS, BW=BW, num_warps=4,
+    cfg = _host_rows_config(rows, W)
+    grid = (cfg["programs"],)  # fixed: the live slots are counted on the device
+    _gather_rows_kernel[grid](
+        table, plan, rows, stats, W, table.stride(0), table.stride(1), rows.stride(0),
+        W * table.element_size(), PROGRAMS=grid[0], BS=cfg["BS"], BW=cfg["BW"], num_warps=cfg["num_warps"],
     )
 
 
@@ -669,17 +683,18 @@ def row_update(table: torch.Tensor, grad_rows: torch.Tensor, plan: torch.Tensor,
     M, W = grad_rows.shape
     if M == 0 or W == 0:
         return
-    BS, BW = _row_blocks(grad_rows)
+    cfg = _host_rows_config(grad_rows, W)
+    grid = (cfg["programs"],)  # fixed: the live slots are counted on the device
     b1, b2 = betas
     m = exp_avg if adam else table
     v = exp_avg_sq if adam else table
     if stats is None:
         stats = torch.zeros(1, dtype=torch.int64, device=grad_rows.device)
-    _row_update_kernel[(triton.cdiv(M, BS), triton.cdiv(W, BW))](
+    _row_update_kernel[grid](
         table, grad_rows, plan, m, v, step if adam else plan, stats, W, table.stride(0), grad_rows.stride(0),
         m.stride(0) if adam else 0, float(lr), float(b1), float(b2), float(eps),
         math.log(b1) if b1 > 0 else float("-inf"), math.log(b2) if b2 > 0 else float("-inf"),
-        ADAM=adam, BS=BS, BW=BW, num_warps=4,
+        ADAM=adam, PROGRAMS=grid[0], BS=cfg["BS"], BW=cfg["BW"], num_warps=cfg["num_warps"],
     )
 
 

@@ -182,7 +182,9 @@ def _cache_for(table: Tensor, device: torch.device) -> RowCache | None:
 class _Device:
     def __init__(self, device: torch.device):
         self.device = device
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # high priority: the few programs of a host-row kernel take the first SM slots a
+        # compute kernel frees, rather than queueing behind all of its blocks
+        self.copy_stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bcpt-copy-{device}")
         self.staging = WeakIdKeyDictionary()
         # device-side counters: rows requested, rows copied, bytes copied, rows updated
