@@ -3,7 +3,8 @@
     python benchmarks/ab_sbl.py TREE_A TREE_B [--rounds 2]
 
 Each tree runs in its own process, alternately, so host speed drift hits both alike;
-prints device time (do_bench median) and host time per compiled step (no sync).
+prints device time (do_bench median) and host time per compiled step (no sync), and
+eager's times in the same process.
 """
 
 import json
@@ -38,8 +39,11 @@ for frac in (0.1, 1.0):
         step()
     host = (time.perf_counter() - t) / 50 * 1e3
     torch.cuda.synchronize()
+    eager_step = lambda: torch.autograd.grad(sbl(x, w, s), (x, w, s), dy)
     out[frac] = {"fwd": do_bench(fwd, warmup=50, rep=300, return_mode="median"),
-                 "fwdbwd": do_bench(step, warmup=50, rep=300, return_mode="median"), "host_fwdbwd": host}
+                 "fwdbwd": do_bench(step, warmup=50, rep=300, return_mode="median"), "host_fwdbwd": host,
+                 "eager_fwd": do_bench(lambda: sbl(x, w, s), warmup=50, rep=300, return_mode="median"),
+                 "eager_fwdbwd": do_bench(eager_step, warmup=50, rep=300, return_mode="median")}
 out["module"] = bcpt_compile.__file__
 print(json.dumps(out))
 '''

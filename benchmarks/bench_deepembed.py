@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -41,6 +42,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if "--device=cpu" in sys.argv or "--device cpu" in " ".join(sys.argv):  # before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import bcpt_compile  # noqa: F401
 from bcpt_compile import runtime
@@ -262,6 +265,7 @@ def main():
     ap.add_argument("--cprofile", action="store_true", help="print each configuration's Python hot spots")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--device", default="cuda", help="cuda; 'cpu' only checks the script (TRITON_INTERPRET=1)")
+    ap.add_argument("--rounds", type=int, default=1, help="time every configuration this many times, interleaved")
     ap.add_argument("--host-rows", default="", help="override the host-row kernels' CUDA launch config, "
                     "e.g. programs=16,BS=8,BW=1024,num_warps=4")
     args = ap.parse_args()
@@ -300,8 +304,9 @@ def main():
             return m, m, tables == "host", None
         return build
 
-    def compiled(tables, backend, grad="dense"):
+    def compiled(tables, backend, grad="dense", overlap=True):
         def build():
+            runtime.configure(overlap=overlap)  # reset to True after each configuration
             m = model_on(tables, sparse=(grad == "sparse"))
             extra = None
             if grad == "fused-sgd":
@@ -316,6 +321,8 @@ def main():
         "bcpt gpu": compiled("gpu", "bcpt"),
         "bcpt host fused-sgd": compiled("host", "bcpt", "fused-sgd"),
         "bcpt host sparse": compiled("host", "bcpt", "sparse"),
+        # the host-row kernels in line on the compute stream: the step without any overlap
+        "bcpt host fused-sgd serial": compiled("host", "bcpt", "fused-sgd", overlap=False),
     }
     if args.all:
         configs["eager host"] = eager("host")
@@ -323,12 +330,13 @@ def main():
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     rows, traced = [], []
     t_start = time.time()
-    for name, build in configs.items():
-        if only and not any(o in name for o in only):
-            continue
+    picked = [(name, build) for name, build in configs.items() if not only or any(o in name for o in only)]
+    for rnd, (name, build) in itertools.product(range(args.rounds), picked):  # rounds interleave the configs
+        if rnd:
+            name = f"{name} (round {rnd + 1})"
         try:
             rows.append(run_config(name, build, args, x, idx, gy))
-            if args.trace:  # a profiled process launches slower ever after: trace in a second pass
+            if args.trace and not rnd:  # a profiled process launches slower ever after: trace in a second pass
                 traced.append((name, build, rows[-1]))
         except Exception as exc:  # noqa: BLE001  keep the other rows
             import traceback
@@ -337,6 +345,7 @@ def main():
             print(f"[bench] {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             rows.append({"config": name, "error": f"{type(exc).__name__}: {str(exc)[:100]}"})
         finally:
+            runtime.configure(overlap=True)
             for r in rows[-1:]:
                 if r.get("extra") is not None:
                     r["extra"].remove()

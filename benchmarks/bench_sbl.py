@@ -126,7 +126,7 @@ def sweep_configs(x, w, s):
         for bk in (64, 128, 256):
             for warps in (4, 8):
                 for stages in (3, 4):
-                    bg.CUDA_CONFIGS[kind] = {"BK": bk, "num_warps": warps, "num_stages": stages}
+                    bg.CUDA_CONFIGS[kind] = {**bg.CUDA_CONFIGS[kind], "BK": bk, "num_warps": warps, "num_stages": stages}
                     try:
                         t = ms(bench, reps=60)
                     except Exception:  # out of shared memory etc.

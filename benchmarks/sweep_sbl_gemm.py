@@ -93,7 +93,7 @@ def sweep_backward(x, w, s, case, record):
     record(case, "backward, shipped configs", do_bench(backward, warmup=10, rep=100), flops)
     for kind in ("dx", "dw"):
         for bk, warps, stages in ((128, 8, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 4), (256, 8, 3)):
-            bg.CUDA_CONFIGS[kind] = {"BK": bk, "num_warps": warps, "num_stages": stages}
+            bg.CUDA_CONFIGS[kind] = {**defaults[kind], "BK": bk, "num_warps": warps, "num_stages": stages}
             name = f"backward, {kind} BK{bk} w{warps} s{stages}"
             try:
                 got = [t.float() for t in backward() if t is not None]

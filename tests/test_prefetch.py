@@ -46,10 +46,10 @@ def _inputs(seed=0):
 
 @pytest.fixture(autouse=True)
 def _runtime_defaults():
-    runtime.configure(cache_rows=0)
+    runtime.configure(cache_rows=0, overlap=True)
     runtime.reset_stats()
     yield
-    runtime.configure(cache_rows=0)
+    runtime.configure(cache_rows=0, overlap=True)
 
 
 class TestHintPlacement(expecttest.TestCase):
@@ -373,11 +373,17 @@ class _CudaStack(nn.Module):
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
-def test_cuda_fused_host_tables_train_without_host_sync(kind):
+@pytest.mark.parametrize("kind,overlap", [("sgd", True), ("adam", True), ("sgd", False)])
+def test_cuda_fused_host_tables_train_without_host_sync(kind, overlap):
     """Pinned host tables with a FusedRowOptimizer: a compiled (Inductor) training step runs
     with no host sync (torch.cuda.set_sync_debug_mode("error")), and outputs, gradients and the
-    updated tables equal eager GPU tables with sparse=True + SGD / SparseAdam (fp32, 1e-4)."""
+    updated tables equal eager GPU tables with sparse=True + SGD / SparseAdam (fp32, 1e-4);
+    also with the host-row kernels in line on the compute stream (``overlap=False``)."""
+    runtime.configure(overlap=overlap)  # the fixture restores the default
+    _train_host_tables_and_compare(kind)
+
+
+def _train_host_tables_and_compare(kind):
     torch.manual_seed(0)
     ref = _CudaStack().cuda()
     model = _CudaStack().cuda()

@@ -72,6 +72,7 @@ class _Config:
     cache_rows: int = 0  # per table; 0: no device cache (tables use no device memory)
     threaded: bool = True
     uva: bool = True  # zero-copy gathers from pinned tables on CUDA
+    overlap: bool = True  # host-row kernels on the copy stream; False: on the compute stream (to measure the overlap)
 
 
 _config = _Config()
@@ -79,9 +80,12 @@ _stats = RuntimeStats()
 _lock = threading.Lock()
 
 
-def configure(*, cache_rows: int | None = None, threaded: bool | None = None, uva: bool | None = None) -> None:
+def configure(*, cache_rows: int | None = None, threaded: bool | None = None, uva: bool | None = None,
+              overlap: bool | None = None) -> None:
     """Device cache size (rows per table; > 0 uses the host-bookkept fallback path), whether
-    fallback gathers run in a worker thread, and whether pinned tables use zero-copy gathers."""
+    fallback gathers run in a worker thread, whether pinned tables use zero-copy gathers, and
+    whether the zero-copy kernels overlap compute (``overlap=False`` runs them in line on the
+    compute stream: what a step costs without the copy stream, for benchmarks)."""
     if cache_rows is not None:
         if cache_rows < 0:
             raise ValueError(f"cache_rows must be >= 0, got {cache_rows}")
@@ -91,6 +95,13 @@ def configure(*, cache_rows: int | None = None, threaded: bool | None = None, uv
         _config.threaded = bool(threaded)
     if uva is not None:
         _config.uva = bool(uva)
+    if overlap is not None:
+        _config.overlap = bool(overlap)
+
+
+def side_stream(state: "_Device"):
+    """The stream host-row kernels run on: the device's copy stream, or None (in line)."""
+    return state.copy_stream if _config.overlap else None
 
 
 def stats() -> RuntimeStats:
@@ -254,15 +265,16 @@ def _kernel_gather(table: Tensor, plan: Tensor, device: torch.device):
     rows = torch.empty((m, table.shape[1]), dtype=table.dtype, device=state.device)
     pos = views(plan).inv.clone()
     event = None
-    if state.copy_stream is None:
+    copy_stream = side_stream(state)
+    if copy_stream is None:
         gather_rows_into(table, plan, rows, state.counters)
     else:
         compute = torch.cuda.current_stream(state.device)
-        state.copy_stream.wait_stream(compute)  # the plan is ready; earlier writes to the table are done
-        with torch.cuda.device(state.device), torch.cuda.stream(state.copy_stream):
+        copy_stream.wait_stream(compute)  # the plan is ready; earlier writes to the table are done
+        with torch.cuda.device(state.device), torch.cuda.stream(copy_stream):
             gather_rows_into(table, plan, rows, state.counters)
             event = torch.cuda.Event()
-            event.record(state.copy_stream)
+            event.record(copy_stream)
     count(uva_gathers=1)
     return rows, pos, event
 

@@ -192,19 +192,20 @@ def apply_rows(grad_rows: Tensor, table: Tensor, plan: Tensor, mode: str) -> Non
     state = engine.device_state(dev)
     kw = {"lr": opt.lr, "adam": adam, "betas": opt.betas, "eps": opt.eps, "exp_avg": entry.exp_avg,
           "exp_avg_sq": entry.exp_avg_sq, "step": entry.step, "stats": state.counters[3:]}
-    if dev.type == "cuda":
-        if not (table.device.type == "cpu" and table.is_pinned()) and table.device != dev:
-            raise RuntimeError("bcpt: a fused row optimizer needs its table pinned on the host "
-                               "(offload_tables(pin=True)) or on the compute device")
+    copy_stream = engine.side_stream(state) if dev.type == "cuda" else None
+    if dev.type == "cuda" and not (table.device.type == "cpu" and table.is_pinned()) and table.device != dev:
+        raise RuntimeError("bcpt: a fused row optimizer needs its table pinned on the host "
+                           "(offload_tables(pin=True)) or on the compute device")
+    if copy_stream is not None:
         compute = torch.cuda.current_stream(dev)
-        state.copy_stream.wait_stream(compute)  # the gradient is ready
-        with torch.cuda.device(dev), torch.cuda.stream(state.copy_stream):
+        copy_stream.wait_stream(compute)  # the gradient is ready
+        with torch.cuda.device(dev), torch.cuda.stream(copy_stream):
             row_update(table, grad_rows, plan, **kw)
             if adam:
                 entry.step.add_(1)
         for t in (grad_rows, plan, entry.step):  # used on the copy stream, freed on the compute stream
-            t.record_stream(state.copy_stream)
-    elif triton_runs_on(grad_rows) and table.device == dev:
+            t.record_stream(copy_stream)
+    elif dev.type == "cuda" or (triton_runs_on(grad_rows) and table.device == dev):
         row_update(table, grad_rows, plan, **kw)
         if adam:
             entry.step.add_(1)
