@@ -8,6 +8,9 @@ RWKV-8-style layer: ``x = x + value(relu(key(ln(x))) ** 2) * deepemb(idx)`` with
   ``FusedRowOptimizer`` (SGD) on the tables: the step includes the table update;
 * ``bcpt host sparse``: same tables, ``nn.Embedding(sparse=True)``: the tables' ``.grad`` is a
   sparse COO host tensor of the touched rows (eager semantics of sparse=True);
+* ``bcpt host fused-sgd serial``: the host-row kernels in line on the compute stream
+  (``runtime.configure(overlap=False)``): serial minus ``bcpt host fused-sgd`` is the copy
+  time the copy stream hides;
 * with ``--all``: ``eager host`` and ``bcpt host dense`` (dense (vocab x d) host gradients,
   eager's semantics for ``sparse=False``; slow by nature).
 
@@ -15,7 +18,8 @@ Measured per configuration: step time (forward + backward, median over timed ste
 events; no optimizer step except the fused table update), GPU memory held by the tables,
 peak GPU memory, host<->device bytes per step (runtime counters), and from a torch.profiler
 trace: the time of host-table traffic (the zero-copy gather / update kernels on the copy
-stream, plus any memcpy) and the share of it that overlaps compute kernels on other streams.
+stream, plus any memcpy) and the share of it that overlaps compute kernels on other streams
+(in the traced step: the untraced step hides more, see "serial" below).
 For the GPU-table configurations and the host fused one it prints the top CUDA kernels.
 The traces run in a second pass, after every configuration is timed: once a process has run
 the profiler, its kernel launches stay slower (CUPTI stays attached), which inflated the
