@@ -1,5 +1,6 @@
-"""Child process of test_kernels_compile.py: trace the SBL ops' CUDA-path launch code with
-symbolic shapes (no interpreter), as AOTAutograd does once Dynamo goes dynamic.
+"""Child process of test_kernels_compile.py: trace the CUDA-path launch code of the
+``triton_op`` s (SBL forward and backward, DeepEmbed's output-scale backward) with symbolic
+shapes (no interpreter), as AOTAutograd does once Dynamo goes dynamic.
 
 On CUDA the ``triton_op`` bodies are traced, so every size they compute a grid, a flag or
 a constexpr from may be a SymInt (``wrap_triton`` specialises constexprs; the rest stay
@@ -15,8 +16,11 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from bcpt_compile.kernels import bcat_cluster as bc
+from bcpt_compile.kernels import deepembed as de
 from bcpt_compile.kernels import sbl_block_gemm as bg
+from bcpt_compile.lowering import deepembed as de_op
 from bcpt_compile.lowering import sbl as sbl_op
+from bcpt_compile.runtime.plan import build_plan
 
 
 def _launches(gm) -> list:
@@ -28,7 +32,8 @@ def main() -> int:
         return torch.library.wrap_triton(kernel)
 
     patches = [mock.patch.object(bg, "launchable", traced), mock.patch.object(bc, "launchable", traced),
-               mock.patch.object(sbl_op, "_use_kernels", lambda x: True)]
+               mock.patch.object(de, "launchable", traced), mock.patch.object(sbl_op, "_use_kernels", lambda x: True),
+               mock.patch.object(de_op, "_use_kernels", lambda x: True)]
     for p in patches:
         p.start()
     M, N, K, block = 100, 48, 32, 16
@@ -58,8 +63,30 @@ def main() -> int:
             if not any(isinstance(d, torch.SymInt) for n in gm.graph.nodes if n.op == "placeholder"
                        for d in n.meta["val"].shape):
                 failures.append(f"{name} reorder={reorder}: shapes were not symbolic")
+    failures += _deepembed_backward()
     print("\n".join(failures) or "traced")
     return 1 if failures else 0
+
+
+def _deepembed_backward() -> list:
+    """gh and the row-sparse table gradient (segment sum tiles + fixup) from a plan."""
+    T, d, V = 64, 24, 40
+    grad, z, h = torch.randn(T, d), torch.randn(T, d), torch.randn(T, 2 * d)
+    w, table = torch.randn(d, 2 * d), torch.randn(V, d)
+    idx = torch.randint(0, V, (T,))
+    plan = build_plan(idx)
+
+    def backward(grad, h, w, table, idx, z, plan):
+        return de_op._linear_backward_grads(grad, h, w, None, table, idx, z, False, [True, True, False, True], plan)
+
+    try:
+        gm = make_fx(backward, tracing_mode="symbolic")(grad, h, w, table, idx, z, plan)
+    except Exception as exc:
+        return [f"deepembed backward: {type(exc).__name__}: {exc}"]
+    launches = _launches(gm)
+    if len(launches) < 3:  # gh, segment-sum tiles, fixup
+        return [f"deepembed backward: {len(launches)} kernel launches traced"]
+    return []
 
 
 if __name__ == "__main__":

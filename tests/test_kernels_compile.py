@@ -19,10 +19,10 @@ def test_every_kernel_compiles_for_hopper():
     assert "compiled" in out.stdout
 
 
-def test_sbl_cuda_launchers_trace_with_symbolic_shapes():
-    """Once Dynamo goes dynamic, AOTAutograd traces the SBL triton_ops' bodies with SymInt
-    sizes: grids, flags and constexprs computed from them must trace (child process, no
-    interpreter, since the kernels must be JIT functions for wrap_triton)."""
+def test_cuda_launchers_trace_with_symbolic_shapes():
+    """Once Dynamo goes dynamic, AOTAutograd traces the triton_ops' bodies (SBL, DeepEmbed's
+    backward) with SymInt sizes: grids, flags and constexprs computed from them must trace
+    (child process, no interpreter, since the kernels must be JIT functions for wrap_triton)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     child = pathlib.Path(__file__).with_name("_trace_launchers_child.py")
     out = subprocess.run([sys.executable, str(child)], env=env, capture_output=True, text=True, timeout=600)

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launchable
 from .tile_gemm import dot_precision as _dot_precision
 from .tile_gemm import grouped_tile as _grouped_tile
 from .tile_gemm import mma as _mma
@@ -555,14 +556,17 @@ def plan_segment_sum(a: torch.Tensor, b: torch.Tensor | None, plan: torch.Tensor
     flags = {"MODE": mode, "DEST_UNIQ": dest_uniq, "ZERO_TAIL": zero_tail, "BT": BT, "BW": BW}
     slabs = triton.cdiv(W, BW)
     if cfg["impl"] == "rows":
-        _row_walk_segment_sum_kernel[(M, slabs)](a, bb, plan, out, *args, **flags, num_warps=cfg["num_warps"])
+        launchable(_row_walk_segment_sum_kernel, out)[(M, slabs)](a, bb, plan, out, *args, **flags,
+                                                                 num_warps=cfg["num_warps"])
         return out
     tiles = triton.cdiv(M, BT)
     part = torch.empty((tiles, 2, W), dtype=torch.float32, device=out.device)
-    _tile_segment_sum_kernel[(tiles, slabs)](a, bb, plan, out, part, *args, **flags, num_warps=cfg["num_warps"])
+    launchable(_tile_segment_sum_kernel, out)[(tiles, slabs)](a, bb, plan, out, part, *args, **flags,
+                                                             num_warps=cfg["num_warps"])
     if tiles > 1:
-        _tile_fixup_kernel[(tiles, slabs)](plan, part, out, M, W, out.stride(0), DEST_UNIQ=dest_uniq, BT=BT, BW=BW,
-                                           BJ=cfg["BJ"], num_warps=cfg["num_warps"])
+        launchable(_tile_fixup_kernel, out)[(tiles, slabs)](
+            plan, part, out, M, W, out.stride(0), DEST_UNIQ=dest_uniq, BT=BT, BW=BW, BJ=cfg["BJ"],
+            num_warps=cfg["num_warps"])
     return out
 
 
@@ -597,7 +601,7 @@ def out_scale_backward(grad: torch.Tensor, z: torch.Tensor, table: torch.Tensor,
         gh = torch.empty((M, N), dtype=z.dtype, device=grad.device)
         if M and N:
             BM, BN = _ew_blocks(grad)
-            _gh_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+            launchable(_gh_kernel, grad)[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
                 grad, table, idx, gh, M, N, table.shape[0], grad.stride(0), grad.stride(1),
                 table.stride(0), table.stride(1), WRAP=wrap, BM=BM, BN=BN, num_warps=4)
     if need_table:

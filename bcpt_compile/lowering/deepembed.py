@@ -32,6 +32,7 @@ from torch import Tensor
 from ..kernels import triton_runs_on
 from ..runtime import ops as _runtime_ops  # noqa: F401  registers bcpt::row_plan / gather_rows / prefetch / wait
 from ..runtime.plan import build_plan
+from .twins import cpu_twin
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -138,10 +139,19 @@ def _(h, weight, bias, table, idx, indexing, plan=None, slots=False):
     return h.new_empty(shape, dtype=torch.promote_types(h.dtype, table.dtype)), h.new_empty(shape)
 
 
-@torch.library.custom_op("bcpt::deepembed_linear_backward", mutates_args=())
+@torch.library.triton_op("bcpt::deepembed_linear_backward", mutates_args=())
 def deepembed_linear_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, table: Tensor,
                               idx: Tensor, z: Tensor, indexing: bool, needs: Sequence[bool],
                               plan: Tensor | None = None, slots: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dh, dW, db, dtable), an empty tensor for each one not needed. A ``triton_op``: traced
+    on CUDA, so a compiled backward launches its kernels from Inductor's code (``twins.py``)."""
+    args = (grad, h, weight, bias, table, idx, z, indexing, needs, plan, slots)
+    if grad.device.type == "cuda":
+        return _linear_backward_grads(*args)
+    return torch.ops.bcpt.deepembed_linear_backward_cpu(*args)
+
+
+def _linear_backward_grads(grad, h, weight, bias, table, idx, z, indexing, needs, plan=None, slots=False):
     need_dh, need_dw, need_db, need_dt = (bool(n) for n in needs)
     need_db = need_db and bias is not None
     rows = table.shape[0]
@@ -169,7 +179,10 @@ def deepembed_linear_backward(grad: Tensor, h: Tensor, weight: Tensor, bias: Ten
     return dh, dw, db, dtable if dtable is not None else _unneeded(grad)
 
 
-@deepembed_linear_backward.register_fake
+_deepembed_linear_backward_cpu = cpu_twin(deepembed_linear_backward, _linear_backward_grads)
+
+
+@_deepembed_linear_backward_cpu.register_fake
 def _(grad, h, weight, bias, table, idx, z, indexing, needs, plan=None, slots=False):
     need_dh, need_dw, need_db, need_dt = (bool(n) for n in needs)
     need_db = need_db and bias is not None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import tile_state_size, triton_runs_on
+from .twins import cpu_twin
 
 
 def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, mask: Optional[Tensor]) -> None:
@@ -63,13 +64,6 @@ def _tokens_features(gate: Tensor) -> tuple:
     return tokens, gate.shape[-1]
 
 
-def _signature(op) -> str:
-    """``op``'s schema without its name: each triton_op's opaque ``*_cpu`` twin is declared
-    from it, so the signature is written once and the two ops cannot drift apart."""
-    schema = str(op._opoverload._schema)
-    return schema[schema.index("("):]
-
-
 @torch.library.triton_op("bcpt::sbl_masked_linear", mutates_args=())
 def sbl_masked_linear(
     x: Tensor,
@@ -89,10 +83,7 @@ def sbl_masked_linear(
     sets it when the gate requires grad): the backward then reads it instead of computing
     a second SDDMM, for the same memory eager spends saving the linear output.
 
-    A ``triton_op``: on CUDA, AOTAutograd traces this body, so Inductor sees the Triton
-    launches and runs them with its own launcher (and CUDA graphs) rather than paying
-    Python's launch cost per kernel inside an opaque op. Other devices go to an opaque
-    op, since the interpreter's kernels cannot run on fake tensors.
+    A ``triton_op``: traced on CUDA, an opaque twin elsewhere (``twins.py``).
     """
     if x.device.type == "cuda":
         return _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossover, reorder, save_product)
@@ -128,8 +119,7 @@ def _forward(x, weight, bias, gate, mask, threshold, block_size, density_crossov
             z.view(gate.shape) if z is not None else _no_product(gate))
 
 
-_sbl_masked_linear_cpu = torch.library.custom_op(
-    "bcpt::sbl_masked_linear_cpu", mutates_args=(), schema=_signature(sbl_masked_linear))(_forward)
+_sbl_masked_linear_cpu = cpu_twin(sbl_masked_linear, _forward)
 
 
 @_sbl_masked_linear_cpu.register_fake
@@ -207,9 +197,7 @@ def _reference_backward(grad, x, weight, bias, gate, mask, threshold, need_ds, p
     return dx, dw, db, ds
 
 
-_sbl_masked_linear_backward_cpu = torch.library.custom_op(
-    "bcpt::sbl_masked_linear_backward_cpu", mutates_args=(), schema=_signature(sbl_masked_linear_backward)
-)(_backward_grads)
+_sbl_masked_linear_backward_cpu = cpu_twin(sbl_masked_linear_backward, _backward_grads)
 
 
 @_sbl_masked_linear_backward_cpu.register_fake
