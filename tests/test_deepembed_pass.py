@@ -766,3 +766,74 @@ def forward(self, L_self_parameters_K_, L_x_, L_self_parameters_s_emb_, L_idx_, 
     matmul_4 = getitem_2 @ l_self_parameters_v_
     return (matmul_4,)
 """)
+
+
+# ------------------------------------------------------------------ second red-team round (RWKV training-style modules)
+
+class RwkvTrainHidden(HiddenScale):
+    """RWKV-7 DeepEmbed as training code writes it: ``s0`` a (1, 1, hidden) parameter, ``nn.Embedding``
+    rows, and ``(x @ s1).view(B, T, 1, r) @ rows.view(B, T, r, r)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.s0 = nn.Parameter(torch.ones(1, 1, HID))
+        del self.s_emb  # the rows come from an nn.Embedding here
+        self.table = nn.Embedding(VOCAB, R * R)
+
+    def forward(self, x, idx):
+        b, t, _ = x.size()
+        k = torch.relu(x @ self.K) ** 2
+        ss = (x @ self.s1).view(b, t, 1, R) @ self.table(idx).view(b, t, R, R)
+        k = k * ((ss.view(b, t, R) @ self.s2) + self.s0)
+        return k @ self.V
+
+
+class ResidualInPlaceFFN(OutScale):
+    """RWKV-8 output scale whose result gets the residual added in place (``out += x``)."""
+
+    def forward(self, x, idx):
+        out = self.value(torch.relu(self.key(x)) ** 2) * self.deepemb(idx)
+        out += x
+        return out
+
+
+@pytest.mark.parametrize("model_cls, op", [(RwkvTrainHidden, "bcpt.deepembed_rowmix+hidden"),
+                                           (ResidualInPlaceFFN, "bcpt.deepembed_linear")])
+def test_rwkv_training_style_modules_match_eager(model_cls, op):
+    """A (1, 1, hidden) ``s0`` still fuses the hidden scale (it is reshaped to the op's vector), and
+    an in-place write on the output-scale result runs under explain (the result is cloned first)."""
+    torch.manual_seed(0)
+    model = model_cls()
+    report = bcpt_compile.explain(model, *_inputs())
+    assert [s.op for s in report.sites if s.family == "deepembed"] == [op], str(report)
+    _compare(model, *_inputs(3))
+
+
+class TestSecondRoundSnapshots(expecttest.TestCase):
+    def test_rwkv_train_hidden_3d_s0(self):
+        torch.manual_seed(0)
+        self.assertExpectedInline(rewritten_graph(RwkvTrainHidden(), *_inputs()), """\
+def forward(self, L_x_, L_self_parameters_K_, L_self_parameters_s1_, L_self_modules_table_parameters_weight_, L_idx_, L_self_parameters_s2_, L_self_parameters_s0_, L_self_parameters_V_):
+    l_x_ = L_x_
+    l_self_parameters_k_ = L_self_parameters_K_
+    l_self_parameters_s1_ = L_self_parameters_s1_
+    l_self_modules_table_parameters_weight_ = L_self_modules_table_parameters_weight_
+    l_idx_ = L_idx_
+    l_self_parameters_s2_ = L_self_parameters_s2_
+    l_self_parameters_s0_ = L_self_parameters_s0_
+    l_self_parameters_v_ = L_self_parameters_V_
+    row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 10, False)
+    matmul_1 = l_x_ @ l_self_parameters_s1_
+    view = matmul_1.view(2, 3, 1, 4)
+    reshape = torch.reshape(view, (-1, 4))
+    deepembed_rowmix_default = torch.ops.bcpt.deepembed_rowmix.default(reshape, l_self_modules_table_parameters_weight_, l_idx_, 4, False, row_plan_default, False)
+    reshape_as = deepembed_rowmix_default.reshape_as(view)
+    view_2 = reshape_as.view(2, 3, 4)
+    t = torch.t(l_self_parameters_k_)
+    reshape_1 = torch.reshape(view_2, (-1, 4))
+    reshape_2 = l_self_parameters_s0_.reshape(-1)
+    deepembed_hidden_default = torch.ops.bcpt.deepembed_hidden.default(l_x_, t, reshape_1, l_self_parameters_s2_, reshape_2)
+    getitem = deepembed_hidden_default[0]
+    matmul_4 = getitem @ l_self_parameters_v_
+    return (matmul_4,)
+""")

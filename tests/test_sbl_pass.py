@@ -646,3 +646,88 @@ def test_gate_from_before_a_graph_break_is_refused_with_a_reason():
     torch._dynamo.reset()
     out = torch.compile(_gate_before_break, backend="bcpt", options=AOT)(x, w, k)
     torch.testing.assert_close(out, _gate_before_break(x, w, k), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ client spellings, second red-team round
+# (Tiny-ONN bcat_poc / RoPE_SBL write ``masked.view(...)`` then ``+= bias`` in place; RWKV-style
+# code keeps biases as (1, 1, N) parameters; mixed-precision code casts the product with ``.float()``)
+F = torch.nn.functional
+
+
+def viewed_product_written_in_place(x, w, s):
+    b, t, _ = x.shape
+    flat = x.view(-1, x.shape[-1])
+    out = (F.linear(flat, w) * torch.relu(s.view(b * t, -1))).view(b, t, -1)
+    out += torch.zeros(w.shape[0], dtype=x.dtype)  # Tiny-ONN's zero sbl_bias, added in place
+    return out
+
+
+def feature_bias_parameter(x, w, b, s):
+    return (x @ w.t() + b.view(1, 1, -1)) * F.relu(s)
+
+
+def same_dtype_cast_product(x, w, s):
+    return (F.linear(x, w).float() * torch.relu(s).float()).to(x.dtype)
+
+
+def fused_gate_up(x, w, s):
+    gate, up = F.linear(x, torch.cat([w, w.flip(0)])).chunk(2, dim=-1)
+    return up * F.relu(gate)
+
+
+@pytest.mark.parametrize("name", ["viewed_product_written_in_place", "feature_bias_parameter", "same_dtype_cast_product"])
+def test_second_round_client_spellings_match_eager(name):
+    """Each rewrites to one site, explain runs the rewritten graph eagerly (an in-place write on
+    the op's result gets a clone, since autograd forbids writing a custom op's view output), and
+    outputs and gradients match eager."""
+    fn = globals()[name]
+    x, w, b, s = _args("matmul_bias_before")
+    args = (x, w, b, s) if name == "feature_bias_parameter" else (x, w, s)
+    report = bcpt_compile.explain(fn, *args, options=AOT)
+    assert report.counts["sbl"] == 1, report
+    assert_compiled_matches_eager(fn, args)
+
+
+class SecondRoundSnapshotTest(TestCase):
+    def test_viewed_product_written_in_place(self):
+        x, w, _, s = _args("matmul_bias_before")
+        self.assertExpectedInline(rewritten_graph(viewed_product_written_in_place, x, w, s), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    flat = l_x_.view(-1, 24)
+    view_1 = l_s_.view(18, -1)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(flat, l_w_, None, view_1, None, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    clone = getitem.clone()
+    out = clone.view(2, 9, -1)
+    zeros = torch.zeros(40, dtype = torch.float32)
+    out += zeros;  out_1 = out
+    return (out_1,)
+""")
+
+    def test_feature_bias_parameter(self):
+        x, w, b, s = _args("matmul_bias_before")
+        self.assertExpectedInline(rewritten_graph(feature_bias_parameter, x, w, b, s), """\
+def forward(self, L_w_, L_x_, L_b_, L_s_):
+    l_w_ = L_w_
+    l_x_ = L_x_
+    l_b_ = L_b_
+    l_s_ = L_s_
+    view = l_b_.view(1, 1, -1)
+    reshape = view.reshape(-1)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, reshape, l_s_, None, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+
+def test_fused_gate_up_slice_is_refused_with_a_reason():
+    """``gate, up = gate_up_proj(x).chunk(2, -1)``: the product's weight is not split, so the
+    pass leaves it, and explain says why rather than nothing."""
+    x, w, _, s = _args("matmul_bias_before")
+    report = bcpt_compile.explain(fused_gate_up, x, w, s)
+    assert report.counts["sbl"] == 0
+    [miss] = report.misses
+    assert miss.reason.startswith("the product is a slice of a fused linear"), miss.reason

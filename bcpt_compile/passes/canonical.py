@@ -275,13 +275,67 @@ def linear_of(node: Any) -> Optional[LinearMatch]:
         wval = example_value(einsum.weight)
         return einsum if wval is not None and wval.dim() == 2 else None
     ops = add_operands(node)
-    if ops is not None:  # (x @ W^T) + b with a 1-D bias
+    if ops is not None:  # (x @ W^T) + b with a per-feature bias
         for lin, bias in (ops, ops[::-1]):
             inner = linear_of(lin)
-            bval = example_value(bias)
-            if inner is not None and inner.bias is None and bval is not None and bval.dim() == 1 and len(lin.users) == 1:
+            if inner is not None and inner.bias is None and len(lin.users) == 1 and _is_feature_bias(bias, lin, node):
                 return dataclasses.replace(inner, bias=bias)
     return None
+
+
+def _is_feature_bias(bias: Any, product: Node, total: Node) -> bool:
+    """``bias`` adds one value per output feature: shape (N,), or (1, ..., 1, N) as RWKV-style
+    ``nn.Parameter(torch.zeros(1, 1, N))`` writes it, without broadcasting the product up."""
+    b, z, y = example_value(bias), example_value(product), example_value(total)
+    if b is None or z is None or y is None or b.dim() == 0 or z.dim() == 0 or y.shape != z.shape:
+        return False
+    return b.shape[-1] == z.shape[-1] and all(d == 1 for d in b.shape[:-1])
+
+
+def flat_bias(graph: torch.fx.Graph, bias: Any) -> Any:
+    """The (N,) vector the fused ops take for a ``LinearMatch.bias`` (a (1, ..., 1, N) bias is reshaped)."""
+    val = example_value(bias)
+    if val is None or val.dim() == 1:
+        return bias
+    return graph.call_method("reshape", (bias, -1))
+
+
+INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def mutated_later(node: Node) -> bool:
+    """Some later op writes ``node``'s result (or a view of it) in place: ``y += r`` on the
+    FFN's output, ``out.view(...).add_(b)``. Aliases are found by storage, as Dynamo records them."""
+    val = example_value(node)
+    try:
+        storage = val.untyped_storage()._cdata if val is not None else None
+    except (NotImplementedError, RuntimeError):
+        return True  # unknown aliasing: assume the worst
+    aliases, stack = {node}, list(node.users)
+    while storage is not None and stack:
+        user = stack.pop()
+        if user in aliases:
+            continue
+        writes = is_function(user, *INPLACE_FUNCTIONS) or is_inplace_relu(user) or (
+            user.op == "call_method" and str(user.target).endswith("_"))
+        if writes and user.args and user.args[0] in aliases:
+            return True
+        uval = example_value(user)
+        try:
+            alias = uval is not None and uval.untyped_storage()._cdata == storage
+        except (NotImplementedError, RuntimeError):
+            alias = False
+        if alias:  # a view of the result: its writers write the result too
+            aliases.add(user)
+            stack += list(user.users)
+    return False
+
+
+def own_result(graph: torch.fx.Graph, out: Node, replaced: Node) -> Node:
+    """``out`` (a fused op's result standing in for ``replaced``), cloned when a later op writes
+    it in place: the custom ops' outputs are views that autograd forbids writing outside
+    AOTAutograd (``explain``, ``inner_compiler="eager"``); Inductor fuses the copy into the write."""
+    return graph.call_method("clone", (out,)) if mutated_later(replaced) else out
 
 
 def erase_unused(*nodes: Any) -> None:

@@ -41,10 +41,12 @@ from .canonical import (
     arg,
     erase_unused,
     example_value,
+    flat_bias,
     is_function,
     is_method,
     linear_of,
     mul_operands,
+    own_result,
     relu_input,
     through_inactive_dropout,
 )
@@ -308,7 +310,7 @@ class _Rewriter:
             h, weight, bias = (
                 self.graph.call_method("to", (n, z_dtype))
                 if n is not None and example_value(n) is not None and example_value(n).dtype != z_dtype else n
-                for n in (lin.x, weight, lin.bias)
+                for n in (lin.x, weight, flat_bias(self.graph, lin.bias))
             )
             call = self.graph.call_function(torch.ops.bcpt.deepembed_linear.default,
                                             (h, weight, bias, table, idx, indexing, plan, slots))
@@ -316,6 +318,7 @@ class _Rewriter:
             y_dtype = example_value(mul).dtype
             if torch.promote_types(z_dtype, example_value(g.table).dtype) != y_dtype:  # rows cast first
                 out = self.graph.call_method("to", (out, y_dtype))
+            out = own_result(self.graph, out, mul)
         out.meta.update({k: v for k, v in mul.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack")})
         self.report.add_site(FAMILY, mul, "bcpt.deepembed_linear", [lin.x, lin.weight, g.table, g.idx])
         mul.replace_all_uses_with(out)
@@ -433,8 +436,9 @@ class _Rewriter:
             kw = self.graph.call_function(torch.t, (ul.weight,)) if ul.weight_is_kn else ul.weight
             s2w = lm.weight if lm.weight_is_kn else self.graph.call_function(torch.t, (lm.weight,))
             b2 = self.graph.call_function(torch.reshape, (mix, (-1, r)))
-            call = self.graph.call_function(torch.ops.bcpt.deepembed_hidden.default, (ul.x, kw, b2, s2w, lm.bias))
-            k = self.graph.call_function(operator.getitem, (call, 0))
+            s0 = flat_bias(self.graph, lm.bias)  # RWKV keeps s0 as a (1, 1, hidden) parameter
+            call = self.graph.call_function(torch.ops.bcpt.deepembed_hidden.default, (ul.x, kw, b2, s2w, s0))
+            k = own_result(self.graph, self.graph.call_function(operator.getitem, (call, 0)), kmul)
         k.meta.update({key: v for key, v in kmul.meta.items() if key in ("example_value", "stack_trace", "nn_module_stack")})
         kmul.replace_all_uses_with(k)
         erase_unused(kmul, sq, scale)

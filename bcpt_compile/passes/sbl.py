@@ -26,6 +26,7 @@ from .canonical import (
     arg,
     erase_unused,
     example_value,
+    flat_bias,
     inactive_dropout_input,
     is_function,
     is_inplace_relu,
@@ -33,6 +34,7 @@ from .canonical import (
     is_zero,
     linear_of,
     mul_operands,
+    own_result,
     relu_input,
     strip_casts,
     through_inactive_dropout,
@@ -158,6 +160,25 @@ def _same_shape(a: Node, b: Node) -> bool:
     return va is not None and vb is not None and va.shape == vb.shape
 
 
+def _through_identities(node: object) -> object:
+    """The product under what leaves it unchanged: an inactive dropout, and casts to the dtype it
+    already has (``linear(x, W).float()`` in a float32 model, ``.type_as(x)``, ``.contiguous()``),
+    each read only by the next."""
+    while isinstance(node, Node):
+        inner = through_inactive_dropout(node)
+        if inner is node and len(node.users) == 1 and (
+                is_method(node, "float", "half", "bfloat16", "to", "type_as", "type", "contiguous")
+                or is_function(node, torch.Tensor.to)) and isinstance(node.args[0], Node):
+            before, after = example_value(node.args[0]), example_value(node)
+            same = before is not None and after is not None and (before.dtype, before.shape, before.device) == (
+                after.dtype, after.shape, after.device)
+            inner = node.args[0] if same else node
+        if inner is node:
+            break
+        node = inner
+    return node
+
+
 def _peel_view(node: object) -> Optional[Node]:
     """The linear under ``view``/``reshape``/``flatten`` that keep the feature (last) dim."""
     if not (is_method(node, "view", "reshape", "flatten") or is_function(node, torch.reshape, torch.flatten)):
@@ -211,6 +232,19 @@ def _dropout_on_product(ops: tuple) -> Optional[str]:
     return None
 
 
+def _slice_of_fused_product(ops: tuple) -> Optional[str]:
+    """Why ``up * relu(gate)`` with ``gate, up = linear(x, W).chunk(2, -1)`` (a fused gate/up
+    projection) is refused: the op would need W's rows split, which the pass does not do."""
+    for piece, r in (ops, ops[::-1]):
+        src = piece.args[0] if is_function(piece, operator.getitem) and isinstance(piece.args[0], Node) else None
+        if is_method(src, "chunk", "split", "tensor_split") or is_function(src, torch.chunk, torch.split):
+            src = src.args[0]
+        if isinstance(src, Node) and linear_of(src) is not None and isinstance(gate_of(r), Gate):
+            return ("the product is a slice of a fused linear (e.g. gate_up_proj(x).chunk(2, -1)): "
+                    "its weight is not split, so the whole product is computed anyway")
+    return None
+
+
 def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, report: Report) -> None:
     graph = gm.graph
     for mul in list(graph.nodes):
@@ -218,13 +252,13 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
         if ops is None:
             continue
         for lin_node, r_node in (ops, ops[::-1]):
-            outer, lin_node = lin_node, through_inactive_dropout(lin_node)  # eval-mode dropout: the identity
+            outer, lin_node = lin_node, _through_identities(lin_node)  # eval-mode dropout, same-dtype casts
             inner = _peel_view(lin_node)
             lin = linear_of(inner if inner is not None else lin_node)
             if lin is not None:
                 break
         else:
-            reason = _dropout_on_product(ops)
+            reason = _dropout_on_product(ops) or _slice_of_fused_product(ops)
             if reason is not None:
                 report.add_miss(FAMILY, mul, reason)
             continue
@@ -239,7 +273,7 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
         reshaped = inner is not None  # a view sits between the linear and the product
         with graph.inserting_before(mul):
             weight = graph.call_function(torch.t, (lin.weight,)) if lin.weight_is_kn else lin.weight
-            x, bias, value, mask = lin.x, lin.bias, gate.value, gate.mask
+            x, bias, value, mask = lin.x, flat_bias(graph, lin.bias), gate.value, gate.mask
             # under autocast the linear ran in its cast dtype: cast its inputs alike, since
             # the custom op is not autocast-aware
             lin_dtype = example_value(inner if inner is not None else lin_node).dtype
@@ -271,6 +305,7 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
             out = graph.call_function(operator.getitem, (call, 0))  # y; the rest feeds the backward
             if reshaped:
                 out = graph.call_method("view", (out, shape))
+            out = own_result(graph, out, mul)
         out.meta.update({k: v for k, v in mul.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack", "source_fn_stack")})
         report.add_site(FAMILY, mul, "bcpt.sbl_masked_linear", [lin.x, lin.weight, gate.value])
         mul.replace_all_uses_with(out)
