@@ -298,6 +298,76 @@ def bloom_baddbmm_view(q, k, v):
     return torch.bmm(F.softmax(s, dim=-1).view(b * h, t, t), v3).view(b, h, t, d)
 
 
+def hf_make_causal_mask_window(q, k, v):
+    """HF 4.36's _make_causal_mask with a sliding window: full(min) with in-place masked_fill_ of the
+    causal part and of the keys beyond the window, cast, expanded, cropped, added; fp32 softmax."""
+    t = q.shape[-2]
+    mask = torch.full((t, t), torch.finfo(q.dtype).min)
+    cond = torch.arange(mask.size(-1))
+    mask.masked_fill_(cond < (cond + 1).view(mask.size(-1), 1), 0)
+    mask = mask.to(q.dtype)
+    mask.masked_fill_(torch.tril(torch.ones_like(mask, dtype=torch.bool), diagonal=-11), torch.finfo(q.dtype).min)
+    mask = mask[None, None, :, :].expand(q.shape[0], 1, t, t)
+    w = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 + mask[:, :, :, :k.shape[-2]]
+    w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(F.dropout(w, p=0.1, training=False), v)
+
+
+def hf_cache_position_window(q, k, v):
+    """HF 4.4x's cache-position mask: full(min) *= (future | beyond the window), bitwise_or_ in place."""
+    t = q.shape[-2]
+    cache_position = torch.arange(0, t)
+    mask = torch.full((t, t), fill_value=torch.finfo(q.dtype).min, dtype=q.dtype)
+    attend = torch.arange(t) > cache_position.reshape(-1, 1)
+    attend.bitwise_or_(torch.arange(t) <= (cache_position.reshape(-1, 1) - 9))
+    mask *= attend
+    mask = mask[None, None, :, :].expand(q.shape[0], 1, -1, -1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, :, :t])
+
+
+def index_grid_4d_window(q, k, v):
+    """Mask-function style: 4-D broadcast index grids, kv <= q and kv > q - w, as an SDPA bool mask."""
+    t = q.shape[-2]
+    q_idx, kv_idx = torch.arange(t)[None, None, :, None], torch.arange(t)[None, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=((kv_idx <= q_idx) & (kv_idx > q_idx - 10)))
+
+
+def loop_and_abs_window(q, k, v):
+    """A mask filled row by row in a loop, and a causal bound next to ``abs(i - j) < w``."""
+    t = q.shape[-2]
+    m = torch.zeros(t, t, dtype=torch.bool)
+    for r in range(t):
+        m[r, max(0, r - 12): r + 1] = True
+    pos = torch.arange(t)
+    rel = pos[:, None] - pos[None, :]
+    near = (rel >= 0) & (rel.abs() < 8)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    s = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~near, float("-inf"))
+    return a + torch.softmax(s.float(), dim=-1).type_as(q) @ v
+
+
+MOBA_T, MOBA_H = 64, 2
+
+
+def moba_gate_bias(q, k, v):
+    """MoBA's naive reference on (T, H, D): per-token gate over mean-pooled key chunks (future chunks
+    -inf, own chunk +inf), top-k, where(keep, 0, -inf) repeated over each chunk's keys, a causal
+    masked_fill_ in place on that bias, ``qk += gate; qk *= scale``."""
+    S = 16
+    t, h, d = q.shape
+    gate = torch.einsum("shd,nhd->hsn", q.float(), k.view(t // S, S, h, d).mean(1).float())
+    tok, blk = torch.arange(t)[:, None], torch.arange(t // S)[None, :]
+    gate = gate.masked_fill(((blk + 1) * S > tok)[None], float("-inf")).masked_fill((blk == tok // S)[None], float("inf"))
+    val, idx = torch.topk(gate, k=2, dim=-1)
+    keep = (gate >= val.min(dim=-1).values.unsqueeze(-1)) & torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, idx, True)
+    bias = torch.where(keep, 0.0, float("-inf")).repeat_interleave(S, dim=-1)[:, :, :t]
+    bias.masked_fill_(torch.ones(t, t, dtype=torch.bool).tril().logical_not().unsqueeze(0), float("-inf"))
+    qk = torch.einsum("xhd,yhd->hxy", q.float(), k.float())
+    qk += bias
+    qk *= d ** -0.5
+    return torch.einsum("hxy,yhd->xhd", qk.softmax(dim=-1), v.float()).type_as(q)
+
+
 def _per_token_importance(seed=5):
     """(B, H, T, NB) per-token block importance whose first block is always selected."""
     imp = torch.rand(B, H, T, NB, generator=torch.Generator().manual_seed(seed))
@@ -642,7 +712,7 @@ gathered attention: the values are gathered but the keys are computed on after t
         self.assertExpectedInline("\n".join(reasons), """\
 block mask has 4 heads but K/V have 2: the query heads of a KV group do not share one selection
 block size 8 is not a power of two >= 16
-comparison lt of call_method abs is not a bound on j - i of arange grids
+diagonal band -4 <= j - i <= 4 is not a causal sliding window
 dropout_p=0.1 is not supported
 mask term 'L_user_mask_' is a graph input, its pattern cannot be read at compile time
 the attention probabilities have other users (the dense T x T matrix is needed anyway)""")
@@ -792,11 +862,71 @@ def forward(self, L_q_, L_k_, L_v_):
         self.assertEqual(report.counts["attention"], 0)
         self.assertExpectedInline("\n".join(sorted(m.reason for m in report.misses if m.family == "attention")),
                                   """\
-a 0/1 mask times -inf is NaN where the mask is 0
-additive mask call_method masked_fill is not where(mask, 0, -inf) or zeros.masked_fill(mask, -inf)
-mask term call_method clone is written in place, its pattern cannot be read at compile time
+constant additive mask call_method masked_fill holds values other than 0 and -inf / -big (a positional bias, not a mask)
+constant additive mask mul holds NaN (e.g. a 0/1 mask times -inf)
+constant mask invert (evaluated) is not a diagonal band lo <= j - i <= hi
 the attention probabilities have other users (the dense T x T matrix is needed anyway)
 the scores are written in place by setitem""")
+
+    def test_hf_in_place_constant_masks_are_evaluated(self):
+        """HF's masks written in place (masked_fill_ on full(min), ``*=`` with bitwise_or_) depend on no
+        input: the pass evaluates them and reads the window off the values."""
+        q, k, v = _qkv()
+        for fn, window in ((hf_make_causal_mask_window, 11), (hf_cache_position_window, 9)):
+            code = rewritten_graph(fn, q, k, v)
+            calls = [line.split("(", 1)[1] for line in code.splitlines() if "bcpt." in line]
+            self.assertEqual(calls, [f"l_q_, l_k_, l_v_, {window}, 0.25)"])
+            _compiled_vs_eager(fn, [q, k, v])
+
+    def test_index_grids_loops_and_abs_bands_are_evaluated(self):
+        q, k, v = _qkv(h=4, hkv=4)
+        report = _sites(index_grid_4d_window, q, k, v)
+        self.assertEqual([s.op for s in report.sites], ["bcpt.sliding_window_attention"])
+        _compiled_vs_eager(index_grid_4d_window, [q, k, v])
+        report = _sites(loop_and_abs_window, q, k, v)
+        self.assertEqual([s.op for s in report.sites], ["bcpt.sliding_window_attention"] * 2)
+        _compiled_vs_eager(loop_and_abs_window, [q, k, v])
+
+    def test_moba_gate_bias_is_per_token_selection(self):
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(MOBA_T, MOBA_H, D, generator=g) for _ in range(3))
+        code = rewritten_graph(moba_gate_bias, q, k, v)
+        self.assertIn("block_mask_to_indices", code)
+        self.assertExpectedInline([line for line in code.splitlines() if "nsa_selected" in line][0].strip(), """nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(reshape, reshape_1, reshape_2, getitem_9, getitem_10, 16, 1, True, 0.25)""")
+        _compiled_vs_eager(moba_gate_bias, [q, k, v])
+
+    def test_constant_mask_near_misses_name_their_reason(self):
+        """Constant masks are evaluated only when their value is unambiguous, and must be a band."""
+        q, k, v = _qkv()
+
+        def misses(q, k, v):
+            band = torch.ones(T, T, dtype=torch.bool).tril().triu(-9)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+            band[:, 0] = True                                                    # written between readers
+            b = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+            m = torch.ones(T, T, dtype=torch.bool).tril().triu(-9)
+            m.to(torch.bool)[:, 0] = q[0, 0, :, 0] > 0                           # through an alias, by data
+            c = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+            i = torch.arange(T)
+            local = ((i[:, None] // 16) == (i[None, :] // 16)) & (i[:, None] >= i[None, :])
+            d = F.scaled_dot_product_attention(q, k, v, attn_mask=local)         # block-diagonal, not a band
+            rel = (i[None, :] - i[:, None]).float()
+            e = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(rel <= 0, rel * 0.5, float("-inf")))
+            s = q @ k.transpose(2, 3) * 0.25
+            near = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 10)
+            s = torch.tanh(s / 50.0) * 50.0 + torch.where(near, 0.0, torch.finfo(s.dtype).min)
+            f = F.softmax(s, dim=-1, dtype=torch.float32) @ v                    # Gemma 2 soft-capping
+            return a + b + c + d + e + f
+
+        report = explain(misses, q, k, v)
+        self.assertEqual(report.counts["attention"], 0)
+        self.assertExpectedInline("\n".join(sorted(m.reason for m in report.misses if m.family == "attention")), """\
+constant additive mask where holds values other than 0 and -inf / -big (a positional bias, not a mask)
+constant mask and_ (evaluated) is not a diagonal band lo <= j - i <= hi
+constant mask call_method triu is written in place between its readers
+constant mask call_method triu is written in place between its readers
+constant mask call_method triu is written in place by a computed value
+the scores are computed on by tanh between q k^T and the mask (e.g. Gemma 2's tanh soft-capping): only constant scales are supported""")
 
     def test_explain_counts_each_site(self):
         q, k, v = _qkv()

@@ -476,7 +476,18 @@ def _broadcast_source(node: Any) -> Optional[Node]:
 # ----------------------------------------------------------------------------- mask analysis
 
 def visible_set(node: Any, positive: bool = True) -> Visible:
-    """Where ``node`` is nonzero (``positive``) or zero, as a ``Visible``; NotAMask if unprovable."""
+    """Where ``node`` is nonzero (``positive``) or zero, as a ``Visible``; NotAMask if unprovable.
+    A term the algebra cannot read is evaluated when it depends on no graph input."""
+    try:
+        return _read_mask(node, positive)
+    except NotAMask:
+        vis = _constant_mask(node, positive)
+        if vis is None:
+            raise
+        return vis
+
+
+def _read_mask(node: Any, positive: bool) -> Visible:
     if not isinstance(node, Node):
         raise NotAMask(f"mask is a constant {node!r}")
     if node.op == "placeholder" or node.op == "get_attr":
@@ -569,9 +580,34 @@ def _band_only(vis: Visible, node: Node) -> Visible:
 
 
 def _additive_bias(bias: Any) -> Visible:
-    """Visible set of an additive bias that is 0 where visible and -inf (or -big) elsewhere."""
+    """Visible set of an additive bias that is 0 where visible and -inf (or -big) elsewhere.
+    A bias the algebra cannot read is evaluated when it depends on no graph input."""
+    try:
+        return _read_bias(bias)
+    except NotAMask:
+        vis = _constant_bias(bias)
+        if vis is None:
+            raise
+        return vis
+
+
+def _read_bias(bias: Any) -> Visible:
     if not isinstance(bias, Node):
         raise NotAMask("additive bias is a constant")
+    fills = [u for u in bias.users if u not in _READ_WRITES and _writes(u, bias)]
+    if fills:  # ``bias.masked_fill_(m, -inf)`` before it is read (MoBA's gate under a causal tril)
+        readers = [u for u in bias.users if u not in fills]
+        if not all(is_method(u, "masked_fill_") and u.args[0] is bias and _is_masked_value(arg(u, 2, "value"))
+                   and all(_runs_before(u, r) for r in readers) for u in fills):
+            raise NotAMask(f"additive mask {_name(bias)} is written in place by {_name(fills[0])}")
+        _READ_WRITES.update(fills)
+        try:
+            vis = _additive_bias(bias)
+        finally:
+            _READ_WRITES.difference_update(fills)
+        for u in fills:
+            vis = vis & visible_set(arg(u, 1, "mask"), False)
+        return vis
     if is_method(bias, *_BOOL_CASTS) or is_function(bias, torch.Tensor.to):
         src, out = example_value(bias.args[0]), example_value(bias)
         if src is not None and out is not None and src.is_floating_point() and out.is_floating_point():
@@ -594,6 +630,13 @@ def _additive_bias(bias: Any) -> Visible:
             return visible_set(m, True)
         if _number(value) == 0.0 and _fills_the_rest(base, m):  # m.float().masked_fill(m == 0, -inf).masked_fill(m == 1, 0)
             return visible_set(m, True)
+        if _is_masked_value(value):  # a bias masked once more (MoBA's gate bias under a causal tril)
+            return _additive_bias(base) & visible_set(m, False)
+    for expansion, query_block in ((_block_expansion, None), (_token_expansion, 1)):
+        found = expansion(bias)
+        blocks = _block_level_bias(found[0]) if found is not None else None
+        if blocks is not None:  # where(block_mask, 0, -inf) expanded to tokens (MoBA's gate)
+            return Visible(block=BlockTerm(blocks[0], found[1], negate=blocks[1], query_block=query_block))
     for fn, name in ((torch.triu, "triu"), (torch.tril, "tril")):  # full(-inf).triu(1): -inf above the diagonal
         if (is_function(bias, fn) or is_method(bias, name)) and _is_masked_value(bias.args[0]):
             d = arg(bias, 1, "diagonal", 0)
@@ -620,6 +663,21 @@ def _additive_bias(bias: Any) -> Visible:
     raise NotAMask(f"additive mask {_name(bias)} is not where(mask, 0, -inf) or zeros.masked_fill(mask, -inf)")
 
 
+def _block_level_bias(node: Any) -> Optional[tuple[Node, bool]]:
+    """(m, negate) for a 0 / -big bias chosen by a mask: ``where(m, 0, -inf)`` -> (m, False),
+    ``where(m, -inf, 0)`` / ``zeros.masked_fill(m, -inf)`` -> (m, True)."""
+    if is_function(node, torch.where) and len(node.args) == 3 and isinstance(node.args[0], Node):
+        m, a, b = node.args
+        if _number(a) == 0.0 and _is_masked_value(b):
+            return m, False
+        if _is_masked_value(a) and _number(b) == 0.0:
+            return m, True
+    if (is_method(node, "masked_fill") or is_function(node, torch.masked_fill)) and _is_zeros(node.args[0]) \
+            and _is_masked_value(arg(node, 2, "value")) and isinstance(arg(node, 1, "mask"), Node):
+        return arg(node, 1, "mask"), True
+    return None
+
+
 def _fills_the_rest(base: Any, keep: Any) -> bool:
     """Whether ``base`` is ``x.masked_fill(drop, -big)`` where drop and keep split a 0/1 mask
     (``m == 0`` / ``m == 1``, ``~m`` / ``m``): every entry is then -big or about to be 0."""
@@ -642,6 +700,156 @@ def _fills_the_rest(base: Any, keep: Any) -> bool:
 
     a, b = split(drop), split(keep)
     return a is not None and b is not None and a[0] is b[0] and a[1] != b[1]
+
+
+# ----------------------------------------------------------------------------- constant masks (evaluated)
+#
+# Real models build their masks in many more ways than the algebra above reads: HF's
+# ``full(min).masked_fill_(...)`` and ``causal_mask *= diag`` with ``bitwise_or_``, masks
+# filled row by row in a Python loop, ``abs(i - j) < w`` next to a causal bound, index
+# grids broadcast to 4-D. When a mask term depends on no graph input, its values are fixed
+# by the graph, so the pass *evaluates* it (replaying, in graph order, the constant nodes it
+# is computed from and the in-place writes into them) and reads the band off the values.
+
+#: Largest constant intermediate (elements) evaluated at compile time: T = 8k masks fit.
+_MAX_CONST_NUMEL = 1 << 26
+_RANDOM_NAMES = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "exponential", "cauchy",
+                 "geometric", "log_normal", "random")
+
+
+def _is_inplace(node: Node) -> bool:
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    return node.op == "call_function" and (node.target in _INPLACE_FUNCS or (
+        str(getattr(node.target, "__name__", "")).endswith("_")
+        and getattr(node.target, "__module__", None) not in ("_operator", "operator")))
+
+
+def _ancestors(node: Node) -> set:
+    out, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in out:
+            out.add(n)
+            stack += n.all_input_nodes
+    return out
+
+
+def _constant_value(node: Node) -> Optional[torch.Tensor]:
+    """node's value as its readers outside the constant subgraph see it, or None when it depends
+    on a graph input (NotAMask when it is constant but cannot be evaluated safely).
+
+    The nodes it is computed from are replayed in graph order together with every in-place
+    write on a constant in the graph (so writes through views and aliases land as in eager);
+    the value is taken before each outside reader and must be the same for all of them."""
+    memo: dict = {}
+    if not isinstance(node, Node) or node.op not in ("call_function", "call_method") \
+            or _depends_on_input(node, memo):
+        return None
+    readers = [u for u in node.users if _depends_on_input(u, memo)]
+    if not readers:
+        return None  # read only by other constants: the outermost constant term is evaluated instead
+    mine = _ancestors(node)
+    replay, written_from_outside = set(mine), []
+    for n in node.graph.nodes:
+        if not _is_inplace(n) or not n.args or not isinstance(n.args[0], Node) \
+                or _depends_on_input(n.args[0], memo):
+            continue
+        if _depends_on_input(n, memo):  # a computed value written into a constant
+            written_from_outside.append(n.args[0])
+            replay |= _ancestors(n.args[0])
+        else:
+            replay |= _ancestors(n)
+    for n in replay:
+        name = str(getattr(n.target, "__name__", n.target))
+        if any(r in name for r in _RANDOM_NAMES):
+            raise NotAMask(f"constant mask {_name(node)} is built with a random op ({name})")
+        val = n.meta.get("example_value", n.meta.get("val"))
+        if isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape):
+            raise NotAMask(f"constant mask {_name(node)} has symbolic sizes (dynamic shapes): it is "
+                           "evaluated only for static shapes")
+        if isinstance(val, torch.Tensor) and val.numel() > _MAX_CONST_NUMEL:
+            raise NotAMask(f"constant mask {_name(node)} is too large to evaluate at compile time")
+    env: dict = {}
+    seen: list = []
+
+    def value(x: Any) -> Any:
+        if isinstance(x, Node):
+            return env[x]
+        if isinstance(x, (list, tuple)):
+            return type(x)(value(i) for i in x)
+        if isinstance(x, dict):
+            return {k: value(i) for k, i in x.items()}
+        return x
+
+    try:
+        for n in node.graph.nodes:
+            if n in readers:
+                seen.append(env[node].clone())
+            if n not in replay:
+                continue
+            if n.op not in ("call_function", "call_method"):
+                raise NotAMask(f"constant mask {_name(node)} reads {n.op} {n.target}")
+            args, kwargs = value(n.args), value(n.kwargs)
+            if "device" in kwargs:
+                kwargs["device"] = "cpu"
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" \
+                else n.target(*args, **kwargs)
+    except NotAMask:
+        raise
+    except Exception as exc:  # an op we cannot replay outside the graph
+        raise NotAMask(f"constant mask {_name(node)} could not be evaluated ({type(exc).__name__})") from None
+    storages = {env[n].untyped_storage().data_ptr() for n in mine if isinstance(env.get(n), torch.Tensor)}
+    if any(isinstance(env.get(c), torch.Tensor) and env[c].untyped_storage().data_ptr() in storages
+           for c in written_from_outside):
+        raise NotAMask(f"constant mask {_name(node)} is written in place by a computed value")
+    if not all(isinstance(x, torch.Tensor) for x in seen) or any(not torch.equal(seen[0], x) for x in seen[1:]):
+        raise NotAMask(f"constant mask {_name(node)} is written in place between its readers")
+    return seen[0]
+
+
+def _band_of(visible: torch.Tensor, what: str) -> Visible:
+    """The band lo <= j - i <= hi that a constant (…, T, T) visibility equals, in every leading slice."""
+    if visible.dim() < 2 or visible.shape[-1] != visible.shape[-2] or visible.shape[-1] < 2:
+        raise NotAMask(f"{what} of shape {tuple(visible.shape)} is not a (T, T) mask over queries and keys")
+    flat = visible.reshape(-1, *visible.shape[-2:])
+    if not bool((flat == flat[:1]).all()):
+        raise NotAMask(f"{what} differs between heads or batches")
+    m = flat[0]
+    n = m.shape[-1]
+    i = torch.arange(n)
+    d = i[None, :] - i[:, None]
+    if not bool(m.any()):
+        raise NotAMask(f"{what} hides every key")
+    lo, hi = int(d[m].min()), int(d[m].max())
+    if not torch.equal(m, (d >= lo) & (d <= hi)):
+        raise NotAMask(f"{what} is not a diagonal band lo <= j - i <= hi")
+    return Visible(hi=None if hi >= n - 1 else hi, lo=None if lo <= 1 - n else lo)
+
+
+def _constant_mask(node: Any, positive: bool) -> Optional[Visible]:
+    """visible_set of a mask that depends on no graph input, read from its values; None if not constant."""
+    val = _constant_value(node) if isinstance(node, Node) else None
+    if val is None:
+        return None
+    if val.is_floating_point() and bool(val.isnan().any()):
+        raise NotAMask(f"constant mask {_name(node)} holds NaN")
+    return _band_of(val != 0 if positive else val == 0, f"constant mask {_name(node)} (evaluated)")
+
+
+def _constant_bias(node: Any) -> Optional[Visible]:
+    """_additive_bias of a bias that depends on no graph input: 0 where visible, -big elsewhere."""
+    val = _constant_value(node) if isinstance(node, Node) else None
+    if val is None:
+        return None
+    if not val.is_floating_point():
+        raise NotAMask(f"additive mask {_name(node)} is not a float tensor")
+    if bool(val.isnan().any()):
+        raise NotAMask(f"constant additive mask {_name(node)} holds NaN (e.g. a 0/1 mask times -inf)")
+    if not bool(((val == 0) | (val <= BIG_NEGATIVE)).all()):
+        raise NotAMask(f"constant additive mask {_name(node)} holds values other than 0 and -inf / -big "
+                       "(a positional bias, not a mask)")
+    return _band_of(val == 0, f"constant additive mask {_name(node)} (evaluated)")
 
 
 # ----------------------------------------------------------------------------- scores / softmax / PV
@@ -1103,8 +1311,15 @@ _INPLACE_FUNCS = (operator.setitem, operator.iadd, operator.isub, operator.imul,
                   operator.ior, operator.ixor)
 
 
-def _writes(user: Node, node: Node, depth: int = 4) -> bool:
+#: In-place ``masked_fill_(m, -big)`` writes on a bias that the bias reading accounts for (they only
+#: mask more): not writes for the reading of what the bias is computed from.
+_READ_WRITES: set = set()
+
+
+def _writes(user: Node, node: Node, depth: int = 8) -> bool:
     """Whether ``user`` writes ``node`` in place, directly or through a view of it."""
+    if user in _READ_WRITES:
+        return False
     if user.op == "call_method" and str(user.target).endswith("_") and user.args and user.args[0] is node:
         return True
     if user.op == "call_function" and user.args and user.args[0] is node and (user.target in _INPLACE_FUNCS or (
@@ -1112,9 +1327,18 @@ def _writes(user: Node, node: Node, depth: int = 4) -> bool:
             and getattr(user.target, "__module__", None) not in ("_operator", "operator"))):
         return True
     if depth and user.args and user.args[0] is node and (
-            is_method(user, *_VIEW_METHODS, "view_as", "reshape") or is_function(user, operator.getitem)):
+            is_method(user, *_VIEW_METHODS, *_ALIAS_METHODS) or is_function(user, *_ALIAS_FUNCS)):
         return any(_writes(u, user, depth - 1) for u in user.users)
     return False
+
+
+#: Ops whose result may share the input's storage (``m.to(torch.bool)`` of a bool mask is ``m``):
+#: a write through them is a write to the input.
+_ALIAS_METHODS = ("view_as", "reshape", "flatten", "to", "type", "type_as", "contiguous", "float", "bool", "half",
+                  "bfloat16", "double", "int", "long", "detach", "narrow", "select", "diagonal", "as_strided", "t",
+                  "mT", "T", "expand", "squeeze", "unsqueeze", "permute", "transpose")
+_ALIAS_FUNCS = (operator.getitem, torch.Tensor.to, torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
+                torch.permute, torch.transpose, torch.narrow, torch.select, torch.diagonal, torch.detach, torch.t)
 
 
 def _inplace_masks(node: Any, reader: Node) -> list:
@@ -1151,7 +1375,8 @@ def _strip_scale(node: Any, single: bool = False) -> tuple[Any, float]:
     """(x, c) for ``x * c``, ``c * x``, ``x / c`` with a positive constant c."""
     scale = 1.0
     while isinstance(node, Node):
-        if (is_function(node, operator.mul, torch.mul) or is_method(node, "mul")) and len(node.args) == 2:
+        if (is_function(node, operator.mul, operator.imul, torch.mul) or is_method(node, "mul", "mul_")) \
+                and len(node.args) == 2:  # ``scores *= c`` (MoBA) writes scores, which only this mul reads
             a, b = node.args
             if _number(b) is not None and _number(b) > 0 and isinstance(a, Node):
                 node, scale = a, scale * _number(b)
@@ -1159,7 +1384,8 @@ def _strip_scale(node: Any, single: bool = False) -> tuple[Any, float]:
                 node, scale = b, scale * _number(a)
             else:
                 break
-        elif (is_function(node, operator.truediv, torch.div) or is_method(node, "div")) and len(node.args) == 2 \
+        elif (is_function(node, operator.truediv, operator.itruediv, torch.div) or is_method(node, "div", "div_")) \
+                and len(node.args) == 2 \
                 and _number(node.args[1]) is not None and _number(node.args[1]) > 0 and not node.kwargs:
             node, scale = node.args[0], scale / _number(node.args[1])
         else:
@@ -1188,6 +1414,9 @@ def _explicit_site(pv_node: Node) -> Union[Site, str, None]:
         return str(exc) if _mentions_qk(_softmax_input(sm)) else None
     sc = _scores(core)
     if sc is None:
+        if (vis.block is not None or vis.lo is not None or vis.hi not in (None, 0)) and _mentions_qk(core):
+            return (f"the scores are computed on by {_name(core)} between q k^T and the mask (e.g. Gemma 2's "
+                    "tanh soft-capping): only constant scales are supported")
         return None
     if len(sm.users) != 1:
         return "the attention probabilities have other users (the dense T x T matrix is needed anyway)"
