@@ -1254,6 +1254,96 @@ def forward(self, L_q_, L_k_, L_v_):
         self.assertEqual([m.reason for m in report.misses],
                          ["windowed attention is not a causal contiguous window (look-forward or gaps)"])
 
+    def test_local_attention_rotary_moves_to_token_space(self):
+        """``LocalAttention(dim=...)`` (the package's README usage) rotates the window-gathered q
+        and k (keys at slots 0..m-1, queries at the last n): plain RoPE is relative, so the
+        same rotary at token positions (shared inv_freq, arange over T) goes before the op."""
+        mod = self.la.LocalAttention(dim=D, window_size=16, causal=True, look_backward=1).eval()
+        g = torch.Generator().manual_seed(11)
+        q, k, v = (torch.randn(B, H, 64, D, generator=g) for _ in range(3))
+        self.assertExpectedInline(rewritten_graph(mod, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_, L_self_modules_rel_pos_buffers_inv_freq_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    l_self_modules_rel_pos_buffers_inv_freq_ = L_self_modules_rel_pos_buffers_inv_freq_
+    _enter_autocast = torch.amp.autocast_mode._enter_autocast('cuda', torch.float16, False, True)
+    _exit_autocast = torch.amp.autocast_mode._exit_autocast(_enter_autocast)
+    _enter_autocast_1 = torch.amp.autocast_mode._enter_autocast('cuda', torch.float16, False, True)
+    _exit_autocast_1 = torch.amp.autocast_mode._exit_autocast(_enter_autocast_1)
+    arange_2 = torch.arange(0, 64, device = device(type='cpu'))
+    type_as_1 = arange_2.type_as(l_self_modules_rel_pos_buffers_inv_freq_)
+    outer = torch.outer(type_as_1, l_self_modules_rel_pos_buffers_inv_freq_)
+    cat_6 = torch.cat((outer, outer), dim = -1)
+    cos_2 = cat_6.cos()
+    sin_2 = cat_6.sin()
+    getitem_6 = l_q_[(Ellipsis, slice(None, 8, None))]
+    getitem_7 = l_q_[(Ellipsis, slice(8, None, None))]
+    neg_2 = -getitem_7
+    cat_7 = torch.cat((neg_2, getitem_6), dim = -1)
+    mul_9 = l_q_ * cos_2
+    mul_10 = cat_7 * sin_2
+    add_2 = mul_9 + mul_10
+    getitem_8 = l_k_[(Ellipsis, slice(None, 8, None))]
+    getitem_9 = l_k_[(Ellipsis, slice(8, None, None))]
+    neg_3 = -getitem_9
+    cat_8 = torch.cat((neg_3, getitem_8), dim = -1)
+    mul_11 = l_k_ * cos_2
+    mul_12 = cat_8 * sin_2
+    add_3 = mul_11 + mul_12
+    local_block_table = bcpt_compile_lowering_attention_local_block_table(add_2, 16, 1)
+    getitem_10 = local_block_table[0]
+    getitem_11 = local_block_table[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(add_2, add_3, l_v_, getitem_10, getitem_11, 16, 16, True, 0.25)
+    getitem_12 = nsa_selected_attention_default[0]
+    return (getitem_12,)
+""")
+        self._module_vs_eager(mod, q, k, v)
+
+    def test_local_attention_rotary_exact_window_autopad_3d(self):
+        mod = self.la.LocalAttention(dim=D, window_size=16, causal=True, look_backward=1, exact_windowsize=True,
+                                     autopad=True).eval()
+        q, k, v = (t.reshape(B * H, T, D) for t in _qkv(seed=12))  # T = 40: padded to 48 inside
+        report = explain(mod, q, k, v)
+        self.assertEqual([s.op for s in report.sites], ["bcpt.sliding_window_attention"])
+        self.assertEqual(report.misses, [])
+        self._module_vs_eager(mod, q, k, v)
+
+    def test_local_attention_rotary_lookback_2(self):
+        mod = self.la.LocalAttention(dim=D, window_size=16, causal=True, look_backward=2).eval()
+        g = torch.Generator().manual_seed(13)
+        q, k, v = (torch.randn(B, H, 64, D, generator=g) for _ in range(3))
+        report = explain(mod, q, k, v)
+        self.assertEqual([s.op for s in report.sites], ["bcpt.nsa_selected_attention"])
+        self._module_vs_eager(mod, q, k, v)
+
+    def test_local_attention_rotary_near_misses(self):
+        """xpos scales q and k by position (not purely relative); positions other than the
+        window-frame arange break relativity; look-forward stays refused as without rotary."""
+        from local_attention.rotary import SinusoidalEmbeddings
+
+        class Doubled(SinusoidalEmbeddings):
+            def forward(self, x):
+                t = (torch.arange(x.shape[-2], device=x.device) * 2).type_as(self.inv_freq)
+                freqs = torch.einsum("i , j -> i j", t, self.inv_freq)
+                return torch.cat((freqs, freqs), dim=-1), torch.ones(1, device=x.device)
+
+        doubled = self.la.LocalAttention(dim=D, window_size=16, causal=True).eval()
+        doubled.rel_pos = Doubled(D)
+        g = torch.Generator().manual_seed(14)
+        q, k, v = (torch.randn(B, H, 64, D, generator=g) for _ in range(3))
+        reasons = []
+        for mod in (self.la.LocalAttention(dim=D, window_size=16, causal=True, use_xpos=True).eval(), doubled,
+                    self.la.LocalAttention(dim=D, window_size=16, causal=False, look_forward=1).eval()):
+            torch._dynamo.reset()
+            report = explain(mod, q, k, v)
+            self.assertEqual(report.counts["attention"], 0)
+            reasons += [m.reason for m in report.misses]
+        self.assertExpectedInline("\n".join(reasons), """\
+windowed attention: rotary embedding on the window-gathered q/k is scaled by a computed factor (e.g. xpos): not purely relative
+windowed attention: the rotary positions of the window-gathered q/k are not the token positions up to one shift (not purely relative)
+windowed attention is not a causal contiguous window (look-forward or gaps)""")
+
     def _nsa(self, **kw):
         import pytest
 

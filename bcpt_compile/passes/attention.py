@@ -58,7 +58,7 @@ from torch.fx.experimental.symbolic_shapes import guard_bool, statically_known_t
 from ..lowering.attention import block_mask_to_indices, local_block_table, topk_to_indices
 from ..options import BcptOptions
 from ..report import Report
-from .canonical import Node, arg, erase_unused, example_value, is_function, is_method
+from .canonical import Node, add_operands, arg, erase_unused, example_value, is_function, is_method, mul_operands
 
 FAMILY = "attention"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -1737,6 +1737,282 @@ def _masks_on(node: Node, reader: Node) -> tuple[Node, float, list[tuple[Any, bo
             node, scale = inner, scale * c
 
 
+# ----------------------------------------------------------------------------- rotary in the window frame
+#
+# LocalAttention(dim=...) (the package's own usage) rotates the *window-gathered* q and k:
+# ``x * cos(X) + rotate_half(x) * sin(X)`` with ``X = cat(outer(t, inv_freq), same)`` and
+# ``t = arange(m)``, the keys' slots at positions 0..m-1 and the queries at the last n of
+# them. Plain RoPE is relative: q.k only depends on q_pos - k_pos, and in the window frame
+# q_pos - k_pos equals the tokens' difference (up to one shift for the whole site), so the
+# same rotary applied in token space (positions = token index) gives the same scores.
+# That is proved per site: the rotary is matched structurally (sum of the cos and sin
+# terms, rotate_half replayed on a probe, other factors constants equal to 1), the
+# positions of every (row, feature) of X are evaluated (the outer product replaced by a
+# probe of its (row, column), ``t`` evaluated), and for every visible (query row, key slot)
+# q_pos - k_pos - (token_i - token_j) must be one constant. xpos (a position-dependent
+# scale) is refused: it is not purely relative.
+
+_ROPE_EXACT = 1 << 24  # positions (floats in inv_freq's dtype) are exact integers below this
+_SPLIT_METHODS = ("unbind", "chunk", "split", "tensor_split")
+_SPLIT_FUNCS = (torch.unbind, torch.chunk, torch.split, torch.tensor_split)
+_POS_CASTS = (torch.float32, torch.float64, torch.int64, torch.int32)
+
+
+@dataclasses.dataclass
+class WindowRotary:
+    x: Node              # the window-gathered tensor that is rotated
+    inv: Node            # inverse frequencies (D/2,), as the graph gives them
+    pos: torch.Tensor    # float64, x.shape[:-1]: each row's position in the rotary's frame
+
+
+def _is_split(node: Any) -> bool:
+    return is_method(node, *_SPLIT_METHODS) or is_function(node, *_SPLIT_FUNCS)
+
+
+def _replay(node: Any, env: dict, memo: dict) -> Any:
+    """Data movement of the nodes in ``env`` only (views, reshapes, cat, slicing, unbind /
+    chunk / split and their items), replayed on their probes; anything else raises."""
+    if isinstance(node, (list, tuple)):
+        return type(node)(_replay(n, env, memo) for n in node)
+    if isinstance(node, dict):
+        return {k: _replay(n, env, memo) for k, n in node.items()}
+    if not isinstance(node, Node):
+        return node
+    if node in env:
+        return env[node]
+    if node in memo:
+        return memo[node]
+    item = is_function(node, operator.getitem) and _is_split(node.args[0])
+    if not (item or _is_split(node) or _is_move(node)) or (
+            node.op == "call_method" and str(node.target).endswith("_")):
+        raise NotEvaluable(f"{_name(node)} is not data movement")
+    a, kw = _replay(list(node.args), env, memo), _replay(dict(node.kwargs), env, memo)
+    out = getattr(a[0], node.target)(*a[1:], **kw) if node.op == "call_method" else node.target(*a, **kw)
+    memo[node] = out
+    return out
+
+
+def _move_leaves(node: Any, seen: set) -> set:
+    """The non-movement nodes that a chain of data movement reads."""
+    if isinstance(node, (list, tuple)):
+        return set().union(*(_move_leaves(n, seen) for n in node)) if node else set()
+    if not isinstance(node, Node) or node in seen:
+        return set()
+    seen.add(node)
+    if _is_move(node) and not (node.op == "call_method" and str(node.target).endswith("_")):
+        return _move_leaves(list(node.args), seen) | _move_leaves(list(node.kwargs.values()), seen)
+    return {node}
+
+
+def _factors(node: Any, stop: Any = None) -> list:
+    """The factors of a product tree (``stop``: a subproduct kept as one factor)."""
+    ops = None if node is stop else mul_operands(node)
+    return [node] if ops is None else _factors(ops[0], stop) + _factors(ops[1], stop)
+
+
+def _subproducts(node: Any) -> list:
+    ops = mul_operands(node)
+    return [node] + ([] if ops is None else _subproducts(ops[0]) + _subproducts(ops[1]))
+
+
+def _trig(node: Any) -> Optional[str]:
+    for name, fn in (("cos", torch.cos), ("sin", torch.sin)):
+        if is_method(node, name) or is_function(node, fn):
+            return name
+    return None
+
+
+def _outer(node: Any) -> Optional[tuple[Any, Any]]:
+    """(t, inv) for ``einsum('i,j->ij', t, inv)`` / ``outer(t, inv)``."""
+    if is_function(node, torch.outer, torch.ger) or is_method(node, "outer", "ger"):
+        return (node.args[0], node.args[1]) if len(node.args) == 2 else None
+    e = _einsum(node)
+    if e is not None and len(e[0]) == len(e[1]) == 1 and e[2] == e[0] + e[1] and e[0] != e[1]:
+        return e[3], e[4]
+    return None
+
+
+def _rotary_angles(node: Node) -> Union[tuple[Node, torch.Tensor], str]:
+    """(inv, pos) when ``node`` (what cos / sin read) is data movement of ``cat(outer(t, inv), ...)``
+    whose element (..., f) has angle pos[...] * inv[f mod D/2]; pos float64 of node.shape[:-1]."""
+    leaves = _move_leaves(node, set())
+    if len(leaves) != 1:
+        return "its angles are not data movement of one outer product (positions x inv_freq)"
+    (outer,) = leaves
+    ti = _outer(outer)
+    if ti is None:
+        return "its angles are not an outer product of positions and inv_freq"
+    t, inv = ti
+    iv, ov, xv = example_value(inv), example_value(outer), example_value(node)
+    if iv is None or ov is None or xv is None or iv.dim() != 1 or ov.dim() != 2 \
+            or iv.dtype not in (torch.float32, torch.float64) or ov.dtype != iv.dtype:
+        return "inv_freq is not a float32 / float64 vector"
+    h = iv.shape[0]
+    if xv.dim() < 1 or xv.shape[-1] != 2 * h or ov.shape[1] != h:
+        return "its angles do not cover the features as cat(freqs, freqs)"
+    while isinstance(t, Node) and (is_method(t, "type_as", "float", "double", "to", "type", "long", "int")
+                                   or is_function(t, torch.Tensor.to)):
+        tv = example_value(t)
+        if tv is None or tv.dtype not in _POS_CASTS:
+            return "its positions are cast to a type that rounds them"
+        t = t.args[0]
+    try:
+        tval = _evaluate(t, {}, {})[0]
+        rows = ov.shape[0]
+        code = (torch.arange(rows, dtype=torch.int64)[:, None] * h
+                + torch.arange(h, dtype=torch.int64)[None, :] + 1)
+        seen = _replay(node, {outer: code}, {})
+    except NotEvaluable:
+        return "its positions are not constants (the arange the package uses)"
+    except Exception as exc:
+        return f"its angles could not be evaluated ({type(exc).__name__})"
+    if not isinstance(tval, torch.Tensor) or tval.dim() != 1 or tval.shape[0] != ov.shape[0] \
+            or not isinstance(seen, torch.Tensor) or tuple(seen.shape) != tuple(xv.shape):
+        return "its positions are not a vector over the angle rows"
+    tval = tval.double()
+    if not bool(torch.all(tval == torch.round(tval))) or bool((tval.abs() >= _ROPE_EXACT).any()):
+        return "its positions are not exact integers"
+    if bool((seen < 1).any()):
+        return "its angles mix in constants"
+    r, c = torch.div(seen - 1, h, rounding_mode="floor"), (seen - 1) % h
+    if not bool(torch.all(c == torch.arange(2 * h) % h)):
+        return "its angles do not cover the features as cat(freqs, freqs)"
+    pos = tval[r]
+    if not bool(torch.all(pos == pos[..., :1])):
+        return "a row's features have different positions"
+    return inv, pos[..., 0]
+
+
+@dataclasses.dataclass
+class RotaryMiss:
+    reason: str
+    inputs: list         # what the rotary may rotate: x when found, else the cos term's subproducts
+
+
+def _window_sources(a: Any, b: Any) -> bool:
+    """a and b (q and k, up to a constant scale) are data movement of two values of the same
+    shape (or GQA heads): window gathers of self-attention inputs, not cross-attention."""
+    a, b = _strip_scale(a)[0], _strip_scale(b)[0]
+    if not isinstance(a, Node) or not isinstance(b, Node):
+        return False
+    sa, sb = _source(a), _source(b)
+    va, vb = example_value(sa), example_value(sb)
+    if sa is a or sb is b or va is None or vb is None:
+        return False
+    return va.shape == vb.shape or (va.dim() == vb.dim() == 4 and vb.shape[1] > 0 and va.shape[1] % vb.shape[1] == 0
+                                    and (va.shape[0], *va.shape[2:]) == (vb.shape[0], *vb.shape[2:]))
+
+
+def _window_rotary(node: Any) -> Union[WindowRotary, RotaryMiss, None]:
+    """Match ``x * cos(X) [* 1] + rotate_half(x) * sin(X) [* 1]`` (either order); None when node
+    is not a rotary at all, a RotaryMiss when it is one that cannot be moved to token space."""
+    found: list = []
+    out = _match_window_rotary(node, found)
+    return RotaryMiss(out, found) if isinstance(out, str) else out
+
+
+def _match_window_rotary(node: Any, found: list) -> Union[WindowRotary, str, None]:
+    ops = add_operands(node)
+    if ops is None:
+        return None
+    terms = [_factors(t) for t in ops]
+    trig = [[f for f in fs if _trig(f)] for fs in terms]
+    if not all(len(t) == 1 for t in trig) or sorted(_trig(t[0]) for t in trig) != ["cos", "sin"]:
+        return None
+    if _trig(trig[0][0]) == "sin":
+        terms, trig, ops = terms[::-1], trig[::-1], ops[::-1]
+    cos_term = ops[0]
+    (cos,), (sin,) = trig
+    found += [c for c in _subproducts(cos_term) if isinstance(c, Node) and cos not in _factors(c)]
+    sin_rest = [f for f in terms[1] if f is not sin]
+    # rotate_half(x) = cat((-x[..., D/2:], x[..., :D/2]), -1), replayed on a probe of x
+    rh = [f for f in sin_rest if (is_function(f, torch.cat, torch.concat)) and isinstance(f.args[0], (list, tuple))
+          and len(f.args[0]) == 2 and (is_function(f.args[0][0], operator.neg, torch.neg)
+                                       or is_method(f.args[0][0], "neg"))]
+    if len(rh) != 1:
+        return "rotary embedding on the window-gathered q/k: no rotate_half (cat(-x2, x1)) in its sin term"
+    rh = rh[0]
+    x, err = None, "its rotate_half is not the half-split convention of its cos term's input"
+    for cand in _subproducts(cos_term):
+        if cos in _factors(cand):
+            continue
+        xv, rv = example_value(cand), example_value(rh)
+        if not isinstance(cand, Node) or xv is None or rv is None or tuple(xv.shape) != tuple(rv.shape) \
+                or xv.shape[-1] % 2 or xv.numel() > _MAX_EVAL_NUMEL:
+            continue
+        dim = arg(rh, 1, "dim", 0)
+        if not isinstance(dim, int) or dim % xv.dim() != xv.dim() - 1:
+            continue
+        h = xv.shape[-1] // 2
+        probe = torch.arange(1, xv.numel() + 1, dtype=torch.int64).reshape(xv.shape)
+        try:
+            neg_in = rh.args[0][0].args[0]
+            a, b = _replay([neg_in, rh.args[0][1]], {cand: probe}, {})
+        except Exception:
+            continue
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) \
+                and a.shape == b.shape == probe[..., h:].shape \
+                and torch.equal(a, probe[..., h:]) and torch.equal(b, probe[..., :h]):
+            x = cand
+            break
+    if x is None:
+        return f"rotary embedding on the window-gathered q/k: {err}"
+    found[:] = [x]
+    cos_rest = [f for f in _factors(cos_term, stop=x) if f is not cos]
+    xv, ov = example_value(x), example_value(node)
+    if ov is None or tuple(ov.shape) != tuple(xv.shape) or ov.dtype != xv.dtype:
+        return "rotary embedding on the window-gathered q/k changes its shape or dtype"
+    # the other factors must be constants equal to 1 (xpos would be a position-dependent scale)
+    for f in [f for f in cos_rest if f is not x] + [f for f in sin_rest if f is not rh]:
+        if _number(f) is not None:
+            if _number(f) != 1:
+                return "rotary embedding on the window-gathered q/k is scaled by a constant other than 1"
+            continue
+        try:
+            val = _evaluate(f, {}, {})[0] if isinstance(f, Node) else None
+        except Exception:
+            val = None
+        if val is None:
+            return ("rotary embedding on the window-gathered q/k is scaled by a computed factor "
+                    "(e.g. xpos): not purely relative")
+        if not isinstance(val, torch.Tensor) or not bool(torch.all(val == 1)):
+            return "rotary embedding on the window-gathered q/k is scaled by a constant other than 1"
+    angles = [_rotary_angles(n.args[0]) for n in (cos, sin)]
+    for a in angles:
+        if isinstance(a, str):
+            return f"rotary embedding on the window-gathered q/k: {a}"
+    (inv, pc), (inv2, ps) = angles
+    if inv is not inv2 or pc.shape != ps.shape or not torch.equal(pc, ps):
+        return "rotary embedding on the window-gathered q/k: cos and sin read different angles"
+    try:
+        pos = torch.broadcast_to(pc[..., None], tuple(xv.shape[:-1]) + (1,))[..., 0]
+    except RuntimeError:
+        return "rotary embedding on the window-gathered q/k: its angles do not broadcast over the rows"
+    return WindowRotary(x, inv, pos.contiguous())
+
+
+def _token_rotary(graph: torch.fx.Graph, x: Node, like: torch.Tensor, inv: Node, shift: int, cache: dict) -> Node:
+    """``x * cos(F) + rotate_half(x) * sin(F)``, ``F = cat(outer(arange(T) + shift, inv), same)``:
+    the package's rotary at token positions (x is (..., T, D) as ``like``; the arithmetic is
+    left to Inductor). ``cache`` shares cos / sin between q and k."""
+    T, h = like.shape[-2], like.shape[-1] // 2
+    if (T, shift) not in cache:
+        pos = graph.call_function(torch.arange, (shift, T + shift), {"device": like.device})
+        pos = graph.call_method("type_as", (pos, inv))
+        freqs = graph.call_function(torch.outer, (pos, inv))
+        freqs = graph.call_function(torch.cat, ((freqs, freqs),), {"dim": -1})
+        cache[T, shift] = (graph.call_method("cos", (freqs,)), graph.call_method("sin", (freqs,)))
+    cos, sin = cache[T, shift]
+    x1 = graph.call_function(operator.getitem, (x, (Ellipsis, slice(None, h))))
+    x2 = graph.call_function(operator.getitem, (x, (Ellipsis, slice(h, None))))
+    rh = graph.call_function(torch.cat, ((graph.call_function(operator.neg, (x2,)), x1),), {"dim": -1})
+    out = graph.call_function(operator.add, (graph.call_function(operator.mul, (x, cos)),
+                                             graph.call_function(operator.mul, (rh, sin))))
+    if example_value(x) is not None:
+        out.meta["example_value"] = example_value(x)  # same shape and dtype (checked on the window side)
+    return out
+
+
 @dataclasses.dataclass
 class WindowedSite:
     q: Node
@@ -1748,6 +2024,7 @@ class WindowedSite:
     window: int = 0    # window: keys i-w+1..i
     block: int = 0     # local: block size; lookback blocks
     lookback: int = 0
+    rotary: Optional[tuple[Node, int]] = None  # (inv_freq, q's position shift): rotate q, k in token space
 
 
 def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
@@ -1770,6 +2047,25 @@ def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
     sq, sk, sv = (example_value(n) for n in (qw, kw_, vw))
     if sq is None or sk is None or sq.shape[-2] == sk.shape[-2]:
         return None  # same length: a dense layout, handled by the mask algebra
+    # a rotary applied after the window gather (local-attention's default): peeled here and
+    # moved to token space once its positions are proved relative; anything else about a
+    # rotary is reported only when it rotates a window gather (else: as before)
+    rot_q, rot_k = _window_rotary(qw), _window_rotary(kw_)
+    xs = [[r.x] if isinstance(r, WindowRotary) else r.inputs if isinstance(r, RotaryMiss) else [n]
+          for r, n in ((rot_q, qw), (rot_k, kw_))]
+    if (rot_q is not None or rot_k is not None) and any(_window_sources(a, b) for a in xs[0] for b in xs[1]):
+        for r in (rot_q, rot_k):
+            if isinstance(r, RotaryMiss):
+                return f"windowed attention: {r.reason}"
+        if rot_q is None or rot_k is None:
+            return "windowed attention: a rotary embedding on only one of the window-gathered q, k"
+        if rot_q.inv is not rot_k.inv:
+            return "windowed attention: q and k are rotated with different inv_freq"
+        qw, s3 = _strip_scale(rot_q.x)
+        scale *= s3
+        kw_ = rot_k.x
+    else:
+        rot_q = rot_k = None
     q = _source(qw)
     if q is qw and _source(kw_) is kw_:
         return None  # no window gather: cross-attention or a KV cache, reported by the dense path
@@ -1830,18 +2126,33 @@ def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
     inside = torch.arange(1, j.shape[1], dtype=torch.long)[None, :] < cnt[:, None]
     if not bool(torch.all((steps == 1) | ~inside)) or not bool(torch.all(jmax == i)):
         return "windowed attention is not a causal contiguous window (look-forward or gaps)"
+    rotary = None
+    if rot_q is not None:
+        # plain RoPE is relative: every visible (row, slot) must have q_pos - k_pos equal to the
+        # tokens' difference plus one shift, which the token-space rotary then gives q
+        shape = (*rows.shape, slots.shape[-1])
+        if tuple(rot_q.pos.shape) != tuple(rows.shape) or tuple(rot_k.pos.shape) != tuple(slots.shape):
+            return "windowed attention: rotary positions do not line up with the window rows"
+        dq = rot_q.pos - (rows - 1) % T
+        dk = rot_k.pos - (slots - 1) % T
+        d = (dq[..., :, None] - dk[..., None, :]).expand(shape)[real][vis]
+        if d.numel() == 0 or not bool(torch.all(d == d[0])) or abs(float(d[0])) + T >= _ROPE_EXACT \
+                or float(d[0]) != round(float(d[0])):
+            return ("windowed attention: the rotary positions of the window-gathered q/k are not the "
+                    "token positions up to one shift (not purely relative)")
+        rotary = (rot_q.inv, int(d[0]))
     out = _output_node(pv_node, rows.to(torch.int32)[..., None].expand(example_value(pv_node).shape), q)
     if isinstance(out, str):
         return out
     w = int(cnt.max())
     if bool(torch.all(jmin == (i - w + 1).clamp_min(0))):
-        return WindowedSite(q, k, v, out, scale, "window", window=w)
+        return WindowedSite(q, k, v, out, scale, "window", window=w, rotary=rotary)
     S = int(sq.shape[-2])
     lookback = (int(i[-1]) // S * S - int(jmin[-1])) // S if i.numel() else 0
     if bool(torch.all(jmin == ((torch.div(i, S, rounding_mode="floor") - lookback) * S).clamp_min(0))):
         if S < 16 or S & (S - 1):
             return f"block-local attention with window {S}: not a power of two >= 16"
-        return WindowedSite(q, k, v, out, scale, "local", block=S, lookback=lookback)
+        return WindowedSite(q, k, v, out, scale, "local", block=S, lookback=lookback, rotary=rotary)
     return "windowed attention is neither a sliding window nor block-local"
 
 
@@ -1886,7 +2197,13 @@ def _rewrite_windowed(graph: torch.fx.Graph, site: WindowedSite, anchor: Node, r
             report.add_miss(FAMILY, anchor, f"dtype {val.dtype} / device {val.device.type} is not supported")
             return
     with graph.inserting_before(site.out):
-        q, k, v = _cast_to(graph, [_as_heads(graph, n) for n in (site.q, site.k, site.v)], site.out)
+        q, k, v = [_as_heads(graph, n) for n in (site.q, site.k, site.v)]
+        if site.rotary is not None:
+            inv, shift = site.rotary
+            cache: dict = {}
+            q = _token_rotary(graph, q, qv, inv, shift, cache)
+            k = _token_rotary(graph, k, example_value(site.k), inv, 0, cache)
+        q, k, v = _cast_to(graph, [q, k, v], site.out)
         if site.kind == "window":
             call = graph.call_function(torch.ops.bcpt.sliding_window_attention.default,
                                        (q, k, v, site.window, float(site.scale)))
