@@ -58,7 +58,8 @@ from torch.fx.experimental.symbolic_shapes import guard_bool, statically_known_t
 from ..lowering.attention import block_mask_to_indices, local_block_table, topk_to_indices
 from ..options import BcptOptions
 from ..report import Report
-from .canonical import Node, add_operands, arg, erase_unused, example_value, is_function, is_method, mul_operands
+from .canonical import (INPLACE_FUNCTIONS, Node, add_operands, arg, erase_unused, example_value, is_function,
+                        is_method, mul_operands)
 
 FAMILY = "attention"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -720,7 +721,7 @@ _RANDOM_NAMES = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomi
 def _is_inplace(node: Node) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_")
-    return node.op == "call_function" and (node.target in _INPLACE_FUNCS or (
+    return node.op == "call_function" and (node.target in INPLACE_FUNCTIONS or (
         str(getattr(node.target, "__name__", "")).endswith("_")
         and getattr(node.target, "__module__", None) not in ("_operator", "operator")))
 
@@ -1307,10 +1308,6 @@ def _is_upcast(node: Any) -> bool:
         out.dtype == src.dtype or out.dtype == torch.float32)
 
 
-_INPLACE_FUNCS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand,
-                  operator.ior, operator.ixor)
-
-
 #: In-place ``masked_fill_(m, -big)`` writes on a bias that the bias reading accounts for (they only
 #: mask more): not writes for the reading of what the bias is computed from.
 _READ_WRITES: set = set()
@@ -1322,7 +1319,7 @@ def _writes(user: Node, node: Node, depth: int = 8) -> bool:
         return False
     if user.op == "call_method" and str(user.target).endswith("_") and user.args and user.args[0] is node:
         return True
-    if user.op == "call_function" and user.args and user.args[0] is node and (user.target in _INPLACE_FUNCS or (
+    if user.op == "call_function" and user.args and user.args[0] is node and (user.target in INPLACE_FUNCTIONS or (
             str(getattr(user.target, "__name__", "")).endswith("_")
             and getattr(user.target, "__module__", None) not in ("_operator", "operator"))):
         return True

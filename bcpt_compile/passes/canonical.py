@@ -300,7 +300,9 @@ def flat_bias(graph: torch.fx.Graph, bias: Any) -> Any:
     return graph.call_method("reshape", (bias, -1))
 
 
-INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+#: Functions that write their first argument in place (``y += r``, ``s[m] = v``, ``m &= w``).
+INPLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                     operator.iand, operator.ior, operator.ixor)
 
 
 def mutated_later(node: Node) -> bool:
