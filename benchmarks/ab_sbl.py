@@ -3,8 +3,9 @@
     python benchmarks/ab_sbl.py TREE_A TREE_B [--rounds 2]
 
 Each tree runs in its own process, alternately, so host speed drift hits both alike;
-prints device time (do_bench median) and host time per compiled step (no sync), and
-eager's times in the same process.
+prints device time (do_bench median) and host time per compiled step (no sync), eager's
+times in the same process, and the forward+backward under ``mode="reduce-overhead"``
+(CUDA graphs: no host launch cost, the step's GPU time).
 """
 
 import json
@@ -26,11 +27,13 @@ w = (torch.randn(N, K, device="cuda") / math.sqrt(K)).to(torch.bfloat16).require
 dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
 sbl = lambda x, w, s: F.linear(x, w) * torch.relu(s)
 f = torch.compile(sbl, backend="bcpt")
+f_graph = torch.compile(sbl, backend="bcpt", mode="reduce-overhead")
 out = {}
 for frac in (0.1, 1.0):
     s = block_mask_gate(M, N, frac).requires_grad_()
     step = lambda: torch.autograd.grad(f(x, w, s), (x, w, s), dy)
     fwd = lambda: f(x, w, s)
+    graph_step = lambda: torch.autograd.grad(f_graph(x, w, s), (x, w, s), dy)
     for _ in range(5):
         step()
     torch.cuda.synchronize()
@@ -43,7 +46,8 @@ for frac in (0.1, 1.0):
     out[frac] = {"fwd": do_bench(fwd, warmup=50, rep=300, return_mode="median"),
                  "fwdbwd": do_bench(step, warmup=50, rep=300, return_mode="median"), "host_fwdbwd": host,
                  "eager_fwd": do_bench(lambda: sbl(x, w, s), warmup=50, rep=300, return_mode="median"),
-                 "eager_fwdbwd": do_bench(eager_step, warmup=50, rep=300, return_mode="median")}
+                 "eager_fwdbwd": do_bench(eager_step, warmup=50, rep=300, return_mode="median"),
+                 "graph_fwdbwd": do_bench(graph_step, warmup=50, rep=300, return_mode="median")}
 out["module"] = bcpt_compile.__file__
 print(json.dumps(out))
 '''

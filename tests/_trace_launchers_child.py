@@ -63,9 +63,28 @@ def main() -> int:
             if not any(isinstance(d, torch.SymInt) for n in gm.graph.nodes if n.op == "placeholder"
                        for d in n.meta["val"].shape):
                 failures.append(f"{name} reorder={reorder}: shapes were not symbolic")
+    failures += _dense_tma_forward()
     failures += _deepembed_backward()
     print("\n".join(failures) or "traced")
     return 1 if failures else 0
+
+
+def _dense_tma_forward() -> list:
+    """The dense forward with tensor-descriptor loads (bf16, Hopper's path, forced): its
+    alignment test must hold on symbolic strides, and the launch must be traced with TMA on."""
+    M, N, K, block = 100, 48, 32, 16
+    x, w, s = torch.randn(M, K).bfloat16(), torch.randn(N, K).bfloat16(), torch.randn(M, N).bfloat16()
+
+    def forward(x, w, s):
+        return sbl_op._forward(x, w, None, s, None, 0.0, block, 0.0, False, False)
+
+    with mock.patch.object(bg, "DENSE_TMA", True):
+        try:
+            gm = make_fx(forward, tracing_mode="symbolic")(x, w, s)
+        except Exception as exc:
+            return [f"dense TMA forward: {type(exc).__name__}: {exc}"]
+    flags = [n.kwargs["kwargs"].get("TMA") for n in _launches(gm)]
+    return [] if True in flags else [f"dense TMA forward: no launch traced with TMA=True ({flags})"]
 
 
 def _deepembed_backward() -> list:

@@ -93,6 +93,20 @@ def test_dense_path_above_crossover_matches(poisoned, M, N, K, reorder):
     _check(x, w, b, s, crossover=0.0, reorder=reorder)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M, N, K", [(30, 40, 24), (37, 70, 40), (50, 33, 56)])
+def test_dense_path_tma_loads_match(poisoned, monkeypatch, M, N, K, dtype):
+    """The dense forward's tensor-descriptor loads (Hopper), forced on under the interpreter:
+    edge tiles are zero-filled by the descriptor, not masked."""
+    monkeypatch.setattr(bg, "DENSE_TMA", True)
+    x, w, b, s = _inputs(M, N, K, dtype, seed=12, density_shift=1.5)
+    s[:16, 16:32] = -1.0
+    bcat = bc.empty_bcat(s, 16, 0.0)
+    assert bg._dense_tma(x, w, bcat) and not bg._dense_tma(x.float(), w.float(), bcat)
+    assert not bg._dense_tma(x[:, 1:], w[:, 1:], bcat), "misaligned rows must take pointer loads"
+    _check(x, w, b, s, crossover=0.0, tol=1e-2)
+
+
 def test_block_diagonal_mask_runs_at_block_diagonal_cost(poisoned):
     M = N = 64
     x, w, b, s = _inputs(M, N, 24, torch.float32, seed=4, density_shift=-0.5)

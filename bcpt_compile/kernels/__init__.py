@@ -30,6 +30,24 @@ def launchable(kernel, t: torch.Tensor):
     return kernel
 
 
+def ensure_triton_allocator() -> None:
+    """Give Triton an allocator for kernels that need global scratch (device-side TMA
+    descriptors), unless the user set one. Inductor launches such kernels with Triton's own
+    launcher (its static launcher bypasses them), which allocates the scratch through it;
+    from PyTorch's caching allocator, on the launch stream, it is CUDA-graph safe.
+    Triton keeps the allocator per context (thread): set where the model is compiled and run."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        import triton
+
+        triton.set_allocator(_torch_scratch)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def tile_state_size(M, N, block_size: int):
     """Length of the int32 BCAT state (tile bits, then the active count) for an (M, N) gate.
 

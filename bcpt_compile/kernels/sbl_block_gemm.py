@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launchable
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+from . import ensure_triton_allocator, launchable
 from .bcat_cluster import (BCAT, compact_tile_lists, mark_active_tiles, new_block_lists, original_index, tile_word,
                            zero_fill_tile)
 from .tile_gemm import dot_precision, grouped_tile, mma, xwt_tile
@@ -99,7 +101,7 @@ def _dense_forward_kernel(
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr,
     SAVE_Z: tl.constexpr, PROGRAMS: tl.constexpr, INT64: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SPAN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
 ):
     """Past the density crossover (else it returns at once): a persistent dense GEMM over
     output tiles of BM x (SPAN * BN), SPAN BCAT tiles side by side, in grouped order.
@@ -108,12 +110,19 @@ def _dense_forward_kernel(
     on the H200, pointer loads take 0.46-0.47 ms with 128x256 tiles and 8 warps, 0.51-0.63
     with 128x128, cuBLAS 0.37 (benchmarks/sweep_dense_gemm.py). Offsets are 32-bit unless
     a tensor passes 2**31 elements (INT64). Columns of inactive BCAT tiles are written as
-    zeros, as the bits kernel wrote them."""
+    zeros, as the bits kernel wrote them.
+
+    TMA (Hopper, no permutations, 16-byte aligned rows): x and W tiles arrive through
+    device-side tensor descriptors, which zero-fill past the edges; 0.489 against 0.561 ms
+    with pointer loads in benchmarks/sweep_dense_gemm.py (H200)."""
     if tl.load(state_ptr) < dense_min:
         return
     tl.static_assert(SPAN == 2, "the epilogue splits the wide tile in two")
     WIDE: tl.constexpr = SPAN * BN
     Nw = tl.cdiv(N, WIDE)
+    if TMA:  # one descriptor pair per program, built before the tile loop
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BM, BK])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[WIDE, BK])
     for t in range(tl.program_id(0), Mt * Nw, PROGRAMS):
         tile_m, tile_w = grouped_tile(t, Mt, Nw, GROUP_M)
         offs_m = tile_m * BM + tl.arange(0, BM)
@@ -122,15 +131,19 @@ def _dense_forward_kernel(
         cols = _dense_index(col_perm_ptr, offs_n, N, HAS_COL_PERM, INT64)
         acc = tl.zeros((BM, WIDE), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
-            offs_k = k * BK + tl.arange(0, BK)
-            x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-            w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
-            if EVEN_K:
-                a = tl.load(x_ptrs)
-                b = tl.load(w_ptrs)
+            if TMA:
+                a = x_desc.load([tile_m * BM, k * BK])
+                b = w_desc.load([tile_w * WIDE, k * BK]).T
             else:
-                a = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
-                b = tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0.0)
+                offs_k = k * BK + tl.arange(0, BK)
+                x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+                w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+                if EVEN_K:
+                    a = tl.load(x_ptrs)
+                    b = tl.load(w_ptrs)
+                else:
+                    a = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+                    b = tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0.0)
             acc = mma(a, b, acc, PRECISION)
         # the epilogue in two BM x BN halves: a whole 128x256 one spills (tutorial 09's subtiling)
         left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
@@ -435,9 +448,36 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
     launchable(_dense_forward_kernel, x)[(programs,)](
         *args, M, N, K, Mt, bcat.n_words, bcat.dense_min, float(threshold), *strides,
         PROGRAMS=programs, INT64=max(x.numel(), weight.numel(), gate.numel()) >= 2**31,
-        SPAN=DENSE_SPAN, GROUP_M=8, EVEN_K=K % cfg["BK"] == 0, **flags, **cfg,
+        SPAN=DENSE_SPAN, GROUP_M=8, EVEN_K=K % cfg["BK"] == 0, TMA=_dense_tma(x, weight, bcat), **flags, **cfg,
     )
     return y, z
+
+
+#: TMA operand loads in the dense forward: "auto" on Hopper and newer; True also under the
+#: interpreter (tests); False never.
+DENSE_TMA = "auto"
+
+
+def _dense_tma(x: torch.Tensor, weight: torch.Tensor, bcat: BCAT) -> bool:
+    """Whether the dense forward may load x and W through tensor descriptors: 16-bit operands
+    (a 64-deep step is one 128-byte swizzle row), unit inner strides, 16-byte aligned row
+    strides and offsets (a symbolic size is guarded on; an unbacked one means no), no row or
+    column permutation."""
+    if DENSE_TMA is False or bcat.perm is not None or bcat.col_perm is not None:
+        return False
+    if x.is_cuda:
+        if DENSE_TMA == "auto" and torch.cuda.get_device_capability(x.device) < (9, 0):
+            return False
+    elif DENSE_TMA is not True:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        return False
+    size = x.element_size()
+    aligned = all(guard_or_false(t.stride(1) == 1) and guard_or_false((t.stride(0) * size) % 16 == 0)
+                  and guard_or_false((t.storage_offset() * size) % 16 == 0) for t in (x, weight))
+    if aligned:
+        ensure_triton_allocator()
+    return aligned
 
 
 def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BCAT,
