@@ -68,12 +68,11 @@ def forward(self, L_self_modules_layers_modules_0_modules_key_parameters_weight_
     l_self_modules_layers_modules_1_modules_value_parameters_weight_ = L_self_modules_layers_modules_1_modules_value_parameters_weight_
     l_self_modules_layers_modules_1_modules_deepemb_parameters_weight_ = L_self_modules_layers_modules_1_modules_deepemb_parameters_weight_
     row_plan_default = torch.ops.bcpt.row_plan.default(l_idx_, 12, False)
-    prefetch_rows_default = torch.ops.bcpt.prefetch_rows.default(l_self_modules_layers_modules_0_modules_deepemb_parameters_weight_, row_plan_default, 'cpu')
-    prefetch_rows_default_1 = torch.ops.bcpt.prefetch_rows.default(l_self_modules_layers_modules_1_modules_deepemb_parameters_weight_, row_plan_default, 'cpu')
+    prefetch_rows_default = torch.ops.bcpt.prefetch_rows.default([l_self_modules_layers_modules_0_modules_deepemb_parameters_weight_, l_self_modules_layers_modules_1_modules_deepemb_parameters_weight_], row_plan_default, 'cpu')
     linear = torch._C._nn.linear(l_x_, l_self_modules_layers_modules_0_modules_key_parameters_weight_, None)
     relu = torch.relu(linear)
     pow_1 = relu ** 2
-    wait_rows_default = torch.ops.bcpt.wait_rows.default(prefetch_rows_default, l_self_modules_layers_modules_0_modules_deepemb_parameters_weight_, row_plan_default, 'cpu', 'dense')
+    wait_rows_default = torch.ops.bcpt.wait_rows.default(prefetch_rows_default, l_self_modules_layers_modules_0_modules_deepemb_parameters_weight_, row_plan_default, 'cpu', 'dense', 0)
     getitem = wait_rows_default[0]
     getitem_1 = wait_rows_default[1]
     deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(pow_1, l_self_modules_layers_modules_0_modules_value_parameters_weight_, None, getitem, getitem_1, False, row_plan_default, True)
@@ -82,7 +81,7 @@ def forward(self, L_self_modules_layers_modules_0_modules_key_parameters_weight_
     linear_2 = torch._C._nn.linear(x, l_self_modules_layers_modules_1_modules_key_parameters_weight_, None)
     relu_1 = torch.relu(linear_2)
     pow_2 = relu_1 ** 2
-    wait_rows_default_1 = torch.ops.bcpt.wait_rows.default(prefetch_rows_default_1, l_self_modules_layers_modules_1_modules_deepemb_parameters_weight_, row_plan_default, 'cpu', 'dense')
+    wait_rows_default_1 = torch.ops.bcpt.wait_rows.default(prefetch_rows_default, l_self_modules_layers_modules_1_modules_deepemb_parameters_weight_, row_plan_default, 'cpu', 'dense', 1)
     getitem_3 = wait_rows_default_1[0]
     getitem_4 = wait_rows_default_1[1]
     deepembed_linear_default_1 = torch.ops.bcpt.deepembed_linear.default(pow_2, l_self_modules_layers_modules_1_modules_value_parameters_weight_, None, getitem_3, getitem_4, False, row_plan_default, True)
@@ -143,7 +142,7 @@ def test_runtime_gather_and_tickets():
     v = views(plan)
     assert int(v.count) == 4 and v.uniq[:4].tolist() == [0, 1, 5, 7]
     assert torch.equal(v.uniq[v.inv], idx.reshape(-1))
-    handle = torch.ops.bcpt.prefetch_rows(table, plan, "cpu")
+    handle = torch.ops.bcpt.prefetch_rows([table], plan, "cpu")
     rows, pos = torch.ops.bcpt.wait_rows(handle, table, plan, "cpu")
     torch.testing.assert_close(rows[pos], table[idx.reshape(-1)], rtol=0, atol=0)
     # a ticket is used once; a second wait falls back to a synchronous gather
@@ -151,6 +150,22 @@ def test_runtime_gather_and_tickets():
     torch.testing.assert_close(rows2[pos2], table[idx.reshape(-1)], rtol=0, atol=0)
     s = runtime.stats()
     assert (s.prefetches, s.waits, s.sync_gathers) == (1, 2, 1)
+
+
+def test_one_prefetch_serves_every_table_of_a_plan():
+    tables = [torch.randn(VOCAB, 6), torch.randn(VOCAB, 4).double()]
+    idx = torch.tensor([[5, 1, 5], [7, 1, 0]])
+    plan = torch.ops.bcpt.row_plan(idx, VOCAB, False)
+    runtime.reset_stats()
+    handle = torch.ops.bcpt.prefetch_rows(tables, plan, "cpu")
+    assert handle.shape == (2,) and handle[0] != handle[1]
+    for slot in (1, 0):  # in any order
+        rows, pos = torch.ops.bcpt.wait_rows(handle, tables[slot], plan, "cpu", "dense", slot)
+        torch.testing.assert_close(rows[pos], tables[slot][idx.reshape(-1)], rtol=0, atol=0)
+    s = runtime.stats()
+    assert (s.prefetches, s.waits, s.sync_gathers) == (2, 2, 0)
+    with pytest.raises(ValueError, match="slot 2 is outside the prefetch's 2 tables"):
+        torch.ops.bcpt.wait_rows(handle, tables[0], plan, "cpu", "dense", 2)
 
 
 def test_row_plan_rejects_bad_idx_like_eager():
@@ -347,7 +362,7 @@ def test_cuda_zero_copy_gather_matches_index_select(dtype):
         assert table.is_pinned() == bool(uva)
         runtime.reset_stats()
         plan = torch.ops.bcpt.row_plan(idx, V, False)
-        handle = torch.ops.bcpt.prefetch_rows(table, plan, "cuda")
+        handle = torch.ops.bcpt.prefetch_rows([table], plan, "cuda")
         rows, pos = torch.ops.bcpt.wait_rows(handle, table, plan, "cuda", "dense")
         assert rows.is_cuda and pos.is_cuda
         assert torch.equal(rows[pos].cpu(), want)
@@ -445,7 +460,7 @@ def test_cuda_graph_captures_plan_prefetch_and_fused_op():
 
     def forward():
         plan = torch.ops.bcpt.row_plan(idx, V, False)
-        handle = torch.ops.bcpt.prefetch_rows(table, plan, "cuda:0")
+        handle = torch.ops.bcpt.prefetch_rows([table], plan, "cuda:0")
         rows, pos = torch.ops.bcpt.wait_rows(handle, table, plan, "cuda:0", "dense")
         return torch.ops.bcpt.deepembed_linear(h, w, None, rows, pos, False, plan, True)[0]
 

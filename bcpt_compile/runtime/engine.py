@@ -255,28 +255,34 @@ def _plan_on(plan: Tensor, device: torch.device) -> Tensor:
     return plan if plan.device == device else plan.to(device, non_blocking=True)
 
 
-def _kernel_gather(table: Tensor, plan: Tensor, device: torch.device):
-    """(rows, pos, event): the zero-copy gather, started on the copy stream (CUDA)."""
+def _kernel_gathers(tables: list[Tensor], plan: Tensor, device: torch.device) -> list:
+    """[(rows, pos, event)] per table: the zero-copy gathers, started in order on the copy
+    stream (CUDA) behind one wait for the compute stream; one event per table, so the
+    first layer waits for its own rows only."""
     from ..kernels.deepembed import gather_rows_into
 
     state = device_state(device)
     plan = _plan_on(plan, state.device)
     m = plan_tokens(plan)
-    rows = torch.empty((m, table.shape[1]), dtype=table.dtype, device=state.device)
-    pos = views(plan).inv.clone()
-    event = None
+    inv = views(plan).inv
+    jobs = [(torch.empty((m, t.shape[1]), dtype=t.dtype, device=state.device), inv.clone()) for t in tables]
     copy_stream = side_stream(state)
     if copy_stream is None:
-        gather_rows_into(table, plan, rows, state.counters)
-    else:
-        compute = torch.cuda.current_stream(state.device)
-        copy_stream.wait_stream(compute)  # the plan is ready; earlier writes to the table are done
-        with torch.cuda.device(state.device), torch.cuda.stream(copy_stream):
+        for table, (rows, _) in zip(tables, jobs):
+            gather_rows_into(table, plan, rows, state.counters)
+        count(uva_gathers=len(tables))
+        return [(rows, pos, None) for rows, pos in jobs]
+    out = []
+    compute = torch.cuda.current_stream(state.device)
+    copy_stream.wait_stream(compute)  # the plan is ready; earlier writes to the tables are done
+    with torch.cuda.device(state.device), torch.cuda.stream(copy_stream):
+        for table, (rows, pos) in zip(tables, jobs):
             gather_rows_into(table, plan, rows, state.counters)
             event = torch.cuda.Event()
             event.record(copy_stream)
-    count(uva_gathers=1)
-    return rows, pos, event
+            out.append((rows, pos, event))
+    count(uva_gathers=len(tables))
+    return out
 
 
 @torch.no_grad()  # a data move: the table's gradient comes from the ops' own backward
@@ -361,19 +367,24 @@ def _host_gather_job(table: Tensor, plan: Tensor, device: torch.device):
     return _host_gather(table, uniq_host, pos, device)
 
 
-def _start_job(table: Tensor, plan: Tensor, device: torch.device):
-    """("kernel", (rows, pos, event)) or ("host", a future of or the result of _host_gather)."""
+def _start_jobs(tables: list[Tensor], plan: Tensor, device: torch.device) -> list:
+    """Per table, ("kernel", (rows, pos, event)) or ("host", a future of or the result of
+    _host_gather). The kernel-path tables share one plan transfer and one stream switch."""
     device = normal_device(device)
-    if _kernel_path(table, device):
+    fast = [_kernel_path(t, device) for t in tables]
+    jobs: list = [None] * len(tables)
+    if any(fast):
+        picked = [t for t, f in zip(tables, fast) if f]
         try:
-            return "kernel", _kernel_gather(table, plan, device)
+            done = iter(_kernel_gathers(picked, plan, device))
+            jobs = [("kernel", next(done)) if f else None for f in fast]
         except ValueError as exc:  # Triton could not map the host pointer: use the fallback
             if device.type != "cuda":
                 raise
             device_state(device).uva_failed = True
             warnings.warn(f"bcpt.runtime: zero-copy gather from pinned host memory failed ({exc}); "
                           "falling back to host-side gathers (one sync per step)")
-    return "host", _host_gather_job(table, plan, device)
+    return [job if job is not None else ("host", _host_gather_job(t, plan, device)) for job, t in zip(jobs, tables)]
 
 
 def _result(job) -> tuple[Tensor, Tensor]:
@@ -400,16 +411,18 @@ _next_ticket = itertools.count(1)
 _MAX_TICKETS = 4096
 
 
-def start(table: Tensor, plan: Tensor, device: torch.device) -> int:
-    """Begin gathering ``plan``'s rows of ``table`` to ``device``; returns a ticket for ``finish``."""
-    ticket = next(_next_ticket)
-    job = _start_job(table, plan, device)
+def start(tables: list[Tensor], plan: Tensor, device: torch.device) -> list[int]:
+    """Begin gathering ``plan``'s rows of each table to ``device``, in order; returns a
+    ticket per table for ``finish``."""
+    jobs = _start_jobs(tables, plan, device)
+    tickets = [next(_next_ticket) for _ in tables]
     with _lock:
-        _tickets[ticket] = (job, table, plan, device)
+        for ticket, job, table in zip(tickets, jobs, tables):
+            _tickets[ticket] = (job, table, plan, device)
         while len(_tickets) > _MAX_TICKETS:  # a graph that raised between prefetch and wait
             _tickets.pop(next(iter(_tickets)))
-    count(prefetches=1)
-    return ticket
+    count(prefetches=len(tables))
+    return tickets
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -428,4 +441,4 @@ def finish(ticket: int, table: Tensor, plan: Tensor, device: torch.device) -> tu
 
 def gather_now(table: Tensor, plan: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
     count(sync_gathers=1)
-    return _result(_start_job(table, plan, device))
+    return _result(_start_jobs([table], plan, device)[0])

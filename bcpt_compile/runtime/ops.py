@@ -8,9 +8,12 @@
 * ``bcpt::gather_rows(table, plan, device, grad_mode)``: the plan's rows of a host table on
   ``device``, synchronously: ``(rows (M, W), pos (M,))``; slot u of ``rows`` holds the
   u-th distinct row, slots past the distinct count are left unset and never read.
-* ``bcpt::prefetch_rows`` / ``bcpt::wait_rows``: the same gather split in two, so that the
-  copy starts at the graph input and the compute stream waits only right before first use.
-  The int64 handle is what orders them in the graph.
+* ``bcpt::prefetch_rows(tables, plan, device)`` / ``bcpt::wait_rows(handle, table, plan,
+  device, grad_mode, slot)``: the same gather split in two, so that the copies start at the
+  graph input and the compute stream waits only right before first use. One prefetch
+  serves every table gathered with one plan (one op call per step, not one per layer:
+  the step is host-bound); ``handle[slot]`` is table ``slot``'s ticket. The int64 handle
+  is what orders them in the graph.
 
 The gradient of ``rows`` flows back to the host table through
 ``bcpt::rows_to_table_grad(grad_rows, table, plan, grad_mode)``; ``grad_mode`` is fixed by
@@ -84,24 +87,26 @@ def _(table, plan, device, grad_mode="dense"):
 
 
 @torch.library.custom_op("bcpt::prefetch_rows", mutates_args=())
-def prefetch_rows(table: Tensor, plan: Tensor, device: str) -> Tensor:
-    return torch.tensor([engine.start(table, plan, _device(device))], dtype=torch.int64)
+def prefetch_rows(tables: list[Tensor], plan: Tensor, device: str) -> Tensor:
+    return torch.tensor(engine.start(list(tables), plan, _device(device)), dtype=torch.int64)
 
 
 @prefetch_rows.register_fake
-def _(table, plan, device):
-    return torch.empty((1,), dtype=torch.int64, device="cpu")
+def _(tables, plan, device):
+    return torch.empty((len(tables),), dtype=torch.int64, device="cpu")
 
 
 @torch.library.custom_op("bcpt::wait_rows", mutates_args=())
 def wait_rows(handle: Tensor, table: Tensor, plan: Tensor, device: str,
-              grad_mode: str = "dense") -> tuple[Tensor, Tensor]:
+              grad_mode: str = "dense", slot: int = 0) -> tuple[Tensor, Tensor]:
     check_grad_mode(grad_mode)
-    return engine.finish(int(handle[0]), table, plan, _device(device))
+    if not 0 <= slot < handle.numel():
+        raise ValueError(f"bcpt.wait_rows: slot {slot} is outside the prefetch's {handle.numel()} tables")
+    return engine.finish(int(handle[slot]), table, plan, _device(device))
 
 
 @wait_rows.register_fake
-def _(handle, table, plan, device, grad_mode="dense"):
+def _(handle, table, plan, device, grad_mode="dense", slot=0):
     return _fake_rows(table, plan, device)
 
 
@@ -157,7 +162,7 @@ def _gather_backward(ctx, grad_rows, _grad_inv):
 
 
 def _wait_setup(ctx, inputs, output):
-    _, table, plan, _, grad_mode = inputs
+    _, table, plan, _, grad_mode, _ = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(table, plan)
     ctx.grad_mode = grad_mode
@@ -165,7 +170,7 @@ def _wait_setup(ctx, inputs, output):
 
 def _wait_backward(ctx, grad_rows, _grad_inv):
     table, plan = ctx.saved_tensors
-    return None, _rows_backward(table, plan, grad_rows, ctx.grad_mode), None, None, None
+    return None, _rows_backward(table, plan, grad_rows, ctx.grad_mode), None, None, None, None
 
 
 gather_rows.register_autograd(_gather_backward, setup_context=_gather_setup)
