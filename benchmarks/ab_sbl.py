@@ -1,6 +1,6 @@
 """A/B of two source trees on one machine: SBL forward and forward+backward, eager vs bcpt.
 
-    python benchmarks/ab_sbl.py TREE_A TREE_B [--rounds 2]
+    python benchmarks/ab_sbl.py TREE_A TREE_B [TREE_C ...] [--rounds 2]
 
 Each tree runs in its own process, alternately, so host speed drift hits both alike;
 prints device time (do_bench median) and host time per compiled step (no sync), eager's
@@ -63,8 +63,12 @@ def run(tree):
 
 
 if __name__ == "__main__":
-    a, b = sys.argv[1], sys.argv[2]
-    rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 2
+    args = sys.argv[1:]
+    rounds = 2
+    if "--rounds" in args:
+        at = args.index("--rounds")
+        rounds = int(args[at + 1])
+        del args[at:at + 2]
     for i in range(rounds):
-        for tree in (a, b):
+        for tree in args:
             print(tree, json.dumps(run(tree)), flush=True)
