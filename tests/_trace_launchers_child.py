@@ -64,6 +64,7 @@ def main() -> int:
                        for d in n.meta["val"].shape):
                 failures.append(f"{name} reorder={reorder}: shapes were not symbolic")
     failures += _dense_tma_forward()
+    failures += _deepembed_forward()
     failures += _deepembed_backward()
     print("\n".join(failures) or "traced")
     return 1 if failures else 0
@@ -85,6 +86,36 @@ def _dense_tma_forward() -> list:
             return [f"dense TMA forward: {type(exc).__name__}: {exc}"]
     flags = [n.kwargs["kwargs"].get("TMA") for n in _launches(gm)]
     return [] if True in flags else [f"dense TMA forward: no launch traced with TMA=True ({flags})"]
+
+
+def _deepembed_forward() -> list:
+    """The output-scale forward traced as on CUDA, each variant forced (the timing that picks
+    one needs a GPU): cuBLAS + the scale kernel, or the fused GEMM with its fixed tile."""
+    import os
+
+    T, d, V = 64, 24, 40
+    h, w, table = torch.randn(T, 2 * d), torch.randn(d, 2 * d), torch.randn(V, d)
+    idx = torch.randint(0, V, (T,))
+    plan = build_plan(idx)  # as the pass gives it (checked once by bcpt.row_plan)
+    failures = []
+    for impl, mode, kernel in (("split", "symbolic", "_scale_rows_kernel"), ("fused", "fake", "_out_forward_kernel")):
+        def forward(h, w, table, idx, plan):
+            return de_op._linear_forward(h, w, None, table, idx, False, plan, False)
+
+        with mock.patch.dict(os.environ, {"BCPT_DEEPEMBED_FORWARD": impl}), \
+                mock.patch.object(de, "traced", lambda t: True):
+            try:
+                gm = make_fx(forward, tracing_mode=mode)(h, w, table, idx, plan)
+            except Exception as exc:
+                failures.append(f"deepembed forward {impl}: {type(exc).__name__}: {exc}")
+                continue
+        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+        names = [getattr(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]), "__name__", "")
+                 or kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in _launches(gm)]
+        if kernel not in names:
+            failures.append(f"deepembed forward {impl}: {kernel} not traced ({names})")
+    return failures
 
 
 def _deepembed_backward() -> list:

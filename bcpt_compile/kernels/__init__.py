@@ -25,9 +25,15 @@ def launchable(kernel, t: torch.Tensor):
     A launch must never pass a tensor it writes under two argument names (say, as an unused
     placeholder pointer): functionalization clones each name separately and keeps one.
     """
-    if t.device.type == "cuda" and (type(t) is not torch.Tensor or _get_current_dispatch_mode() is not None):
+    if traced(t):
         return torch.library.wrap_triton(kernel)
     return kernel
+
+
+def traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a CUDA tensor seen while a graph is traced (fake or functional), not a
+    real one: host-side decisions that need real data must be made another way."""
+    return t.device.type == "cuda" and (type(t) is not torch.Tensor or _get_current_dispatch_mode() is not None)
 
 
 def ensure_triton_allocator() -> None:

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launchable
+from . import launchable, traced
 from .tile_gemm import dot_precision as _dot_precision
 from .tile_gemm import grouped_tile as _grouped_tile
 from .tile_gemm import mma as _mma
@@ -425,6 +425,13 @@ def _launch_gemm(kernel, M: int, N: int, device: torch.device, args: tuple, kwar
 
     ``EVEN_K`` (no mask on the K loop, so loads pipeline) is derived from each config's BK.
     """
+    if traced(args[0]):  # inside a traced op: the config the eager autotuning picked, launched by Inductor
+        tuned = _TUNED.get(kernel)
+        best = getattr(tuned, "best_config", None) if tuned is not None else None
+        cfg = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages} if best else _out_config(device)
+        launchable(kernel, args[0])[(triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)](
+            *args, **kwargs, **cfg, EVEN_K=args[9] % cfg["BK"] == 0)
+        return
     if device.type == "cuda" and _autotune_ok[0]:
         tuned = _TUNED.get(kernel)
         if tuned is None:
@@ -476,6 +483,37 @@ def _forward_impl(key, fused, split) -> str:
     return choice
 
 
+def _forward_impl_traced(key, h: torch.Tensor, weight: torch.Tensor, bias, table: torch.Tensor,
+                         out_dtype: torch.dtype) -> str:
+    """The forward variant for a traced op: its shapes are timed on real tensors of the same
+    sizes and dtypes, once (escaping the tracing modes), and that eager run leaves the
+    autotuned tile for ``_launch_gemm``'s traced launch. Symbolic sizes take cuBLAS ("split")."""
+    forced = os.environ.get("BCPT_DEEPEMBED_FORWARD", "")
+    if forced in ("fused", "split"):
+        choice = forced
+    elif not all(isinstance(d, int) for d in (*h.shape, *weight.shape)):
+        return "split"
+    else:
+        choice = _FORWARD_CHOICE.get(key)
+    if choice == "split" or h.device.type != "cuda":  # nothing to time or tune
+        return choice or "fused"
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    M, K = h.shape
+    N = weight.shape[0]
+    with _disable_current_modes(), torch.no_grad():
+        dev = torch.device("cuda", h.device.index if h.device.index is not None else torch.cuda.current_device())
+        rows = min(table.shape[0], M)
+        real_h = torch.randn((M, K), dtype=h.dtype, device=dev)
+        real_w = torch.randn((N, K), dtype=weight.dtype, device=dev)
+        real_b = torch.randn((N,), dtype=bias.dtype, device=dev) if bias is not None else None
+        real_t = torch.randn((rows, N), dtype=table.dtype, device=dev)
+        idx = torch.randint(0, rows, (M,), device=dev)
+        # times both once, or (fused) re-runs the autotuner's pick for these sizes
+        out_scale_forward(real_h, real_w, real_b, real_t, idx, out_dtype, impl=choice)
+    return choice if choice is not None else _FORWARD_CHOICE[key]
+
+
 def out_scale_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor,
                       idx: torch.Tensor, out_dtype: torch.dtype, store_z: bool = True, wrap: bool = False,
                       impl: str | None = None):
@@ -511,14 +549,16 @@ def out_scale_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     def split():
         z = torch.nn.functional.linear(h, weight, bias)
         BM, BN = _ew_blocks(h)
-        _scale_rows_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+        launchable(_scale_rows_kernel, h)[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
             z, table, idx, y, M, N, V, z.stride(0), z.stride(1), table.stride(0), table.stride(1),
             y.stride(0), y.stride(1), WRAP=wrap, BM=BM, BN=BN, num_warps=4)
         return z if store_z else None
 
+    key = (M, N, K, h.dtype, table.dtype, out_dtype, bias is not None, h.device)
     if impl is None:
-        if h.is_cuda:
-            key = (M, N, K, h.dtype, table.dtype, out_dtype, bias is not None, h.device)
+        if traced(h):
+            impl = _forward_impl_traced(key, h, weight, bias, table, out_dtype)
+        elif h.is_cuda:
             impl = _forward_impl(key, fused, split)
         else:
             impl = "fused"

@@ -113,9 +113,20 @@ def _use_kernels(t: Tensor) -> bool:
 
 # ------------------------------------------------------------------ output-scale form
 
-@torch.library.custom_op("bcpt::deepembed_linear", mutates_args=())
+@torch.library.triton_op("bcpt::deepembed_linear", mutates_args=())
 def deepembed_linear(h: Tensor, weight: Tensor, bias: Tensor | None, table: Tensor, idx: Tensor,
                      indexing: bool, plan: Tensor | None = None, slots: bool = False) -> tuple[Tensor, Tensor]:
+    """A ``triton_op``: traced on CUDA, so a compiled forward runs cuBLAS and the scale
+    kernel (or the fused GEMM, whichever is faster for its sizes, timed once while it is
+    traced) from Inductor's code, with no opaque op and no Triton Python launch per layer:
+    a host-table step is host-bound. An opaque twin elsewhere (``twins.py``)."""
+    args = (h, weight, bias, table, idx, indexing, plan, slots)
+    if h.device.type == "cuda":
+        return _linear_forward(*args)
+    return torch.ops.bcpt.deepembed_linear_cpu(*args)
+
+
+def _linear_forward(h, weight, bias, table, idx, indexing, plan=None, slots=False):
     _check_linear(h, weight, bias, table, idx)
     flat, wrap = _rows_of(idx, table.shape[0], indexing, plan)
     out_dtype = torch.promote_types(h.dtype, table.dtype)
@@ -131,7 +142,10 @@ def deepembed_linear(h: Tensor, weight: Tensor, bias: Tensor | None, table: Tens
     return y.view(*h.shape[:-1], n), z.view(*h.shape[:-1], n)
 
 
-@deepembed_linear.register_fake
+_deepembed_linear_cpu = cpu_twin(deepembed_linear, _linear_forward)
+
+
+@_deepembed_linear_cpu.register_fake
 def _(h, weight, bias, table, idx, indexing, plan=None, slots=False):
     _check_linear(h, weight, bias, table, idx)
     check_index_dtype(idx, indexing)
