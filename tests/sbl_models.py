@@ -179,3 +179,73 @@ def relu_plus_eps_gate(x, w, s):
 
 def relu_then_exp_gate(x, w, s):
     return F.linear(x, w) * torch.exp(torch.relu(s))
+
+
+# spellings found by the third red-team round (in-place gates, shrinkage gates, head views)
+def clamp_inplace_gate(x, w, s):
+    return F.linear(x, w) * (s - 0.1).clamp_(min=0)
+
+
+def relu6_inplace_gate(x, w, s):
+    return F.linear(x, w) * F.relu6(s * 4, inplace=True)
+
+
+def threshold_inplace_gate(x, w, s):
+    return F.linear(x, w) * F.threshold(s * 1.0, -0.2, 0.0, inplace=True)
+
+
+def masked_fill_function_gate(x, w, s, m):
+    return F.linear(x, w) * torch.masked_fill(s, ~m, 0.0)
+
+
+def masked_fill_inplace_gate(x, w, s, m):
+    return F.linear(x, w) * (s * 1.0).masked_fill_(~m, 0)
+
+
+def scalar_tensor_zero_gate(x, w, s):
+    return F.linear(x, w) * torch.where(s > 0.2, s, torch.tensor(0.0))
+
+
+def max_scalar_tensor_gate(x, w, s):
+    return F.linear(x, w) * torch.max(s, torch.tensor(0.0))
+
+
+def hardshrink_gate(x, w, s):
+    return F.linear(x, w) * F.hardshrink(s, 0.3)
+
+
+def softshrink_gate(x, w, s):
+    return F.linear(x, w) * F.softshrink(s, 0.3)
+
+
+def addmm_unit_scales(x, w, b, s):
+    return torch.addmm(b, x.flatten(0, 1), w.t(), beta=1, alpha=1) * torch.relu(s.flatten(0, 1))
+
+
+def head_split_view(x, w, s):
+    b, t, n = s.shape
+    heads = F.linear(x, w).view(b, t, 4, n // 4)
+    return heads * torch.relu(s.view(b, t, 4, n // 4))
+
+
+def gate_viewed_after_relu(x, w, s):
+    b, t, n = s.shape
+    return (F.linear(x, w).view(b, t, 4, n // 4) * torch.relu(s).view(b, t, 4, n // 4)).flatten(2)
+
+
+# near-misses of the third round
+def downcast_product(x, w, s):
+    return F.linear(x, w).bfloat16() * torch.relu(s).bfloat16()
+
+
+def mask_broadcasts_gate_up(x, w, s, m):
+    return F.linear(x, w) * torch.where(m, s, 0.0)
+
+
+def parameter_scaled_product(x, w, gain):
+    return F.linear(x, w) * gain
+
+
+def masked_gate_viewed(x, w, s, m):
+    b, t, n = s.shape
+    return F.linear(x, w).view(b, t, 4, n // 4) * torch.where(m, s, 0.0).view(b, t, 4, n // 4)

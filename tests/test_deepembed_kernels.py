@@ -546,3 +546,16 @@ def test_cuda_compiled_forward_is_traced_not_opaque(monkeypatch, impl):
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_ops_read_strided_ids_as_eager():
+    """``idx[:, -1]`` stays a strided view through ``reshape(-1)``; the kernels read ids flat."""
+    from bcpt_compile.lowering import deepembed  # noqa: F401  registers the ops
+
+    g = torch.Generator().manual_seed(7)
+    h, w, table = torch.randn(5, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(20, 6, generator=g)
+    idx = torch.randint(0, 20, (5, 3), generator=g)[:, -1]
+    assert not idx.is_contiguous()
+    for indexing in (False, True):
+        y, _ = torch.ops.bcpt.deepembed_linear(h, w, None, table, idx, indexing)
+        torch.testing.assert_close(y, (h @ w.t()) * table[idx], rtol=1e-5, atol=1e-5)

@@ -837,3 +837,124 @@ def forward(self, L_x_, L_self_parameters_K_, L_self_parameters_s1_, L_self_modu
     matmul_4 = getitem @ l_self_parameters_v_
     return (matmul_4,)
 """)
+
+
+# ------------------------------------------------------------------ third red-team round
+
+class ThirdRoundFFN(ClientFFN):
+    """Output-scale spellings of the third round: the ATen-level ``torch.embedding``, gathers over
+    flattened ids viewed back to the tokens (``index_select`` needs a 1-D index), ``relu(u) * relu(u)``,
+    casts around the squared relu and on the value output, and the last token's ids ``idx[:, -1]``
+    (non-contiguous: the op is given a contiguous copy)."""
+
+    def __init__(self, kind):
+        super().__init__(kind)
+        if kind == "rows_scale_hidden":
+            self.hidden_emb = nn.Embedding(VOCAB, HID)
+
+    def forward(self, x, idx):
+        b, t, d = x.shape
+        if self.kind == "last_token":
+            return self.value(torch.relu(self.key(x[:, -1])) ** 2) * self.deepemb(idx[:, -1])
+        k = torch.relu(self.key(x)) ** 2
+        if self.kind == "torch_embedding":
+            return self.value(k) * torch.embedding(self.deepemb.weight, idx)
+        if self.kind == "flat_ids_viewed":
+            return self.value(k) * self.deepemb(idx.view(-1)).view(b, t, d)
+        if self.kind == "index_select_view_as":
+            return self.value(k) * self.deepemb.weight.index_select(0, idx.flatten()).view_as(x)
+        if self.kind == "relu_written_twice":
+            u = self.key(x)
+            return self.value(F.relu(u) * F.relu(u)) * self.deepemb(idx)
+        if self.kind == "cast_square":
+            return self.value((torch.relu(self.key(x)).float() ** 2).type_as(x)) * self.deepemb(idx)
+        if self.kind == "value_cast":
+            return self.value(k).float() * self.deepemb(idx)
+        if self.kind == "rows_scale_hidden":  # near-miss: value(k * emb(idx)), the rows of hidden width
+            return self.value(k * self.hidden_emb(idx))
+        raise ValueError(self.kind)
+
+
+THIRD_ROUND_FFN = ["torch_embedding", "flat_ids_viewed", "index_select_view_as", "relu_written_twice", "cast_square",
+                   "value_cast", "last_token"]
+
+
+@pytest.mark.parametrize("kind", THIRD_ROUND_FFN)
+def test_third_round_output_scale_spellings_match_eager(kind):
+    torch.manual_seed(0)
+    model = ThirdRoundFFN(kind)
+    report = bcpt_compile.explain(model, *_inputs(6))
+    assert [s.op for s in report.sites if s.family == "deepembed"] == ["bcpt.deepembed_linear"], str(report)
+    _compare(model, *_inputs(7))
+    if kind in ("flat_ids_viewed", "last_token"):  # the host-table path reads the same flat, contiguous ids
+        _compare(model, *_inputs(7), deepembed_tables="cpu")
+
+
+def test_rows_scaling_the_hidden_are_reported():
+    torch.manual_seed(0)
+    report = bcpt_compile.explain(ThirdRoundFFN("rows_scale_hidden"), *_inputs())
+    assert report.counts["deepembed"] == 0
+    assert [m.reason for m in report.misses if m.family == "deepembed"] == [
+        "the rows scale the hidden relu(key(x)) ** 2 before the value projection (value(k * emb(idx))): "
+        "no fused op for this form"]
+
+
+def test_bf16_value_cast_up_to_an_fp32_table():
+    """``value(k).float() * emb(idx)`` with a bf16 FFN and an fp32 table: eager's bf16 rounding of the
+    value output is skipped, so the result agrees to bf16 precision and has eager's dtype."""
+    torch.manual_seed(0)
+    model = ThirdRoundFFN("value_cast")
+    model.key.bfloat16(), model.value.bfloat16()
+    x, idx = _inputs(9)
+    x = x.bfloat16()
+    assert bcpt_compile.explain(model, x, idx).counts["deepembed"] == 1
+    torch._dynamo.reset()
+    y = torch.compile(model, backend="bcpt", options={"inner_compiler": "aot_eager"})(x, idx)
+    ye = model(x, idx)
+    assert y.dtype == ye.dtype == torch.float32
+    assert ((y.double() - ye.double()).norm() / ye.double().norm()).item() < 1e-2
+    (gt,) = torch.autograd.grad(y.sum(), (model.deepemb.weight,))
+    (et,) = torch.autograd.grad(ye.sum(), (model.deepemb.weight,))
+    assert ((gt - et).norm() / et.norm()).item() < 2e-2
+
+
+class TestThirdRoundSnapshots(expecttest.TestCase):
+    def test_index_select_view_as(self):
+        torch.manual_seed(0)
+        self.assertExpectedInline(rewritten_graph(ThirdRoundFFN("index_select_view_as"), *_inputs()), """\
+def forward(self, L_x_, L_self_modules_key_parameters_weight_, L_self_modules_value_parameters_weight_, L_self_modules_deepemb_parameters_weight_, L_idx_):
+    l_x_ = L_x_
+    l_self_modules_key_parameters_weight_ = L_self_modules_key_parameters_weight_
+    l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
+    l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
+    l_idx_ = L_idx_
+    linear = torch._C._nn.linear(l_x_, l_self_modules_key_parameters_weight_, None)
+    relu = torch.relu(linear)
+    k = relu ** 2
+    flatten = l_idx_.flatten()
+    row_plan_default = torch.ops.bcpt.row_plan.default(flatten, 10, False)
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(k, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, flatten, False, row_plan_default, False)
+    getitem = deepembed_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_last_token(self):
+        torch.manual_seed(0)
+        self.assertExpectedInline(rewritten_graph(ThirdRoundFFN("last_token"), *_inputs()), """\
+def forward(self, L_x_, L_self_modules_key_parameters_weight_, L_self_modules_value_parameters_weight_, L_idx_, L_self_modules_deepemb_parameters_weight_):
+    l_x_ = L_x_
+    l_self_modules_key_parameters_weight_ = L_self_modules_key_parameters_weight_
+    l_self_modules_value_parameters_weight_ = L_self_modules_value_parameters_weight_
+    l_idx_ = L_idx_
+    l_self_modules_deepemb_parameters_weight_ = L_self_modules_deepemb_parameters_weight_
+    getitem = l_x_[(slice(None, None, None), -1)]
+    linear = torch._C._nn.linear(getitem, l_self_modules_key_parameters_weight_, None)
+    relu = torch.relu(linear)
+    pow_1 = relu ** 2
+    getitem_1 = l_idx_[(slice(None, None, None), -1)]
+    contiguous = getitem_1.contiguous()
+    row_plan_default = torch.ops.bcpt.row_plan.default(contiguous, 10, False)
+    deepembed_linear_default = torch.ops.bcpt.deepembed_linear.default(pow_1, l_self_modules_value_parameters_weight_, None, l_self_modules_deepemb_parameters_weight_, contiguous, False, row_plan_default, False)
+    getitem_2 = deepembed_linear_default[0]
+    return (getitem_2,)
+""")

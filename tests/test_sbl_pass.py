@@ -46,6 +46,18 @@ def _args(name, dtype=torch.float32):
         "where_zeros_like": (x, w, s),
         "relu6_gate": (x, w, s),
         "maximum_gate": (x, w, s),
+        "clamp_inplace_gate": (x, w, s),
+        "relu6_inplace_gate": (x, w, s),
+        "threshold_inplace_gate": (x, w, s),
+        "masked_fill_function_gate": (x, w, s, torch.rand(B, T, N, generator=g) < 0.3),
+        "masked_fill_inplace_gate": (x, w, s, torch.rand(B, T, N, generator=g) < 0.3),
+        "scalar_tensor_zero_gate": (x, w, s),
+        "max_scalar_tensor_gate": (x, w, s),
+        "hardshrink_gate": (x, w, s),
+        "softshrink_gate": (x, w, s),
+        "addmm_unit_scales": (x, w, b, s),
+        "head_split_view": (x, w, s),
+        "gate_viewed_after_relu": (x, w, s),
     }[name]
 
 
@@ -62,6 +74,15 @@ RED_TEAM_SPELLINGS = [
     "relu6_gate", "maximum_gate",
 ]
 FUNCTION_SPELLINGS += RED_TEAM_SPELLINGS
+# third round: in-place gates (the result is gated: s is overwritten), torch.masked_fill and
+# torch.tensor(0.0) zeros, shrinkage gates (zero where |s| <= lambda), addmm's unit
+# beta/alpha, and views of the product that split the feature dim (heads)
+THIRD_ROUND_SPELLINGS = [
+    "clamp_inplace_gate", "relu6_inplace_gate", "threshold_inplace_gate", "masked_fill_function_gate",
+    "masked_fill_inplace_gate", "scalar_tensor_zero_gate", "max_scalar_tensor_gate", "hardshrink_gate", "softshrink_gate", "addmm_unit_scales",
+    "head_split_view", "gate_viewed_after_relu",
+]
+FUNCTION_SPELLINGS += THIRD_ROUND_SPELLINGS
 MODULE_SPELLINGS = [sm.TinyOnnSBL, sm.SparseProtoLinear, sm.ModuleLinearGate]
 
 
@@ -731,3 +752,138 @@ def test_fused_gate_up_slice_is_refused_with_a_reason():
     assert report.counts["sbl"] == 0
     [miss] = report.misses
     assert miss.reason.startswith("the product is a slice of a fused linear"), miss.reason
+
+
+# ------------------------------------------------------------------ third red-team round
+
+
+def test_product_cast_up_matches_eager_to_bf16_precision():
+    """``linear(x, W).float() * relu(s)`` with bf16 x, W and an fp32 gate: the op computes the
+    product unrounded, so it is closer to float64 than eager and agrees with eager to bf16."""
+    def upcast_product(x, w, s):
+        return F.linear(x, w).float() * torch.relu(s)
+
+    x, w, _, s = _args("matmul_bias_before")
+    args = (x.bfloat16(), w.bfloat16(), s)
+    report = bcpt_compile.explain(upcast_product, *args, options=AOT)
+    assert report.counts["sbl"] == 1, report
+    (ref,), _ = _grads_of(upcast_product, [a.double() for a in args])
+    (eager,), eager_grads = _grads_of(upcast_product, args)
+    (out,), grads = _grads_of(upcast_product, args, AOT)
+    assert out.dtype == eager.dtype == torch.float32
+    assert (out.double() - ref).norm() <= (eager.double() - ref).norm()
+    for e, c in zip([eager] + eager_grads, [out] + grads):
+        assert ((c.double() - e.double()).norm() / e.double().norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize(
+    "name, args, reason",
+    [
+        ("downcast_product", lambda x, w, s: (x, w, s),
+         "the product linear(x, W) (torch.float32) is cast to torch.bfloat16 before the mask, "
+         "but the op computes in torch.float32"),
+        ("mask_broadcasts_gate_up", lambda x, w, s: (x[0], w, s[0], torch.rand(B, T, N) < 0.5),
+         "the gate broadcasts the product up from (9, 40) to (2, 9, 40) (not one gate per element)"),
+        ("masked_gate_viewed", lambda x, w, s: (x, w, s, torch.rand(B, T, N) < 0.5),
+         "the gate is viewed after its mask is applied (apply the view to its input instead)"),
+    ],
+)
+def test_third_round_near_misses_are_reported_and_left_alone(name, args, reason):
+    """Each is refused with its reason; the broadcast mask used to crash the op at run time."""
+    fn = getattr(sm, name)
+    x, w, _, s = _args("matmul_bias_before")
+    torch.manual_seed(0)
+    inputs = args(x, w, s)
+    report = bcpt_compile.explain(fn, *inputs)
+    assert report.counts["sbl"] == 0
+    assert [m.reason for m in report.misses] == [reason]
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, backend="bcpt", options=AOT)(*inputs), fn(*inputs))
+
+
+class _GainScaledLinear(torch.nn.Module):
+    """A per-feature gain parameter times a linear (LayerScale-like): dense, not a gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(N, K) / K**0.5)
+        self.gain = torch.nn.Parameter(torch.rand(B, T, N))
+
+    def forward(self, x):
+        return sm.parameter_scaled_product(x, self.w, self.gain)
+
+
+def test_parameter_times_product_is_not_blamed_on_a_graph_break():
+    report = bcpt_compile.explain(_GainScaledLinear(), torch.randn(B, T, K))
+    assert [m.reason for m in report.misses] == [
+        "gate is not provably zero off the mask (a parameter, L_self_parameters_gain_, scales the product)"]
+
+
+class ThirdRoundSnapshotTest(TestCase):
+    def snap(self, name):
+        return rewritten_graph(getattr(sm, name), *_args(name))
+
+    def test_masked_fill_inplace_gate(self):
+        self.assertExpectedInline(self.snap("masked_fill_inplace_gate"), """\
+def forward(self, L_x_, L_w_, L_s_, L_m_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    l_m_ = L_m_
+    mul = l_s_ * 1.0
+    invert = ~l_m_
+    masked_fill_ = mul.masked_fill_(invert, 0)
+    logical_not = torch.logical_not(invert)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, masked_fill_, logical_not, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_softshrink_gate(self):
+        self.assertExpectedInline(self.snap("softshrink_gate"), """\
+def forward(self, L_x_, L_w_, L_s_):
+    l_x_ = L_x_
+    l_w_ = L_w_
+    l_s_ = L_s_
+    softshrink = torch._C._nn.softshrink(l_s_, 0.3)
+    abs_1 = torch.abs(l_s_)
+    le = abs_1 <= 0.3
+    logical_not = torch.logical_not(le)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(l_x_, l_w_, None, softshrink, logical_not, 0.3, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    return (getitem,)
+""")
+
+    def test_head_split_view(self):
+        self.assertExpectedInline(self.snap("head_split_view"), """\
+def forward(self, L_s_, L_x_, L_w_):
+    l_s_ = L_s_
+    l_x_ = L_x_
+    l_w_ = L_w_
+    view_1 = l_s_.view(2, 9, 4, 10)
+    reshape = l_x_.reshape(-1, 24)
+    size = view_1.size()
+    reshape_1 = view_1.reshape(-1, 40)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(reshape, l_w_, None, reshape_1, None, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    view_2 = getitem.view(size)
+    return (view_2,)
+""")
+
+    def test_gate_viewed_after_relu(self):
+        self.assertExpectedInline(self.snap("gate_viewed_after_relu"), """\
+def forward(self, L_s_, L_x_, L_w_):
+    l_s_ = L_s_
+    l_x_ = L_x_
+    l_w_ = L_w_
+    relu = torch.relu(l_s_)
+    view_1 = relu.view(2, 9, 4, 10)
+    reshape = l_x_.reshape(-1, 24)
+    size = view_1.size()
+    reshape_1 = view_1.reshape(-1, 40)
+    sbl_masked_linear_default = torch.ops.bcpt.sbl_masked_linear.default(reshape, l_w_, None, reshape_1, None, 0.0, 128, 0.7, False, False)
+    getitem = sbl_masked_linear_default[0]
+    view_2 = getitem.view(size)
+    flatten = view_2.flatten(2)
+    return (flatten,)
+""")

@@ -63,7 +63,7 @@ def checked_index(idx: Tensor, rows: int, indexing: bool) -> Tensor:
     On CUDA the range check is asynchronous (as eager's device assert is), so it costs no sync.
     """
     check_index_dtype(idx, indexing)
-    flat = idx.reshape(-1)
+    flat = idx.reshape(-1).contiguous()  # the kernels read it flat (idx[:, -1] reshapes to a strided view)
     lo = -rows if indexing else 0
     if flat.numel():
         if flat.device.type == "cuda":
@@ -85,7 +85,7 @@ def _rows_of(idx: Tensor, rows: int, indexing: bool, plan) -> tuple[Tensor, bool
     if plan is None:
         return checked_index(idx, rows, indexing), False
     check_index_dtype(idx, indexing)
-    return idx.reshape(-1), indexing
+    return idx.reshape(-1).contiguous(), indexing
 
 
 def _wrapped(flat: Tensor, rows: int, wrap: bool) -> Tensor:

@@ -103,6 +103,9 @@ def is_zero(v: Any) -> bool:
         return v == 0
     if is_function(v, torch.zeros_like, torch.zeros) or is_method(v, "new_zeros", "zero_"):
         return True
+    if is_function(v, torch.tensor, torch.scalar_tensor):  # a constant scalar tensor, ``torch.tensor(0.0)``
+        value = v.args[0] if v.args else None
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
     if is_function(v, torch.full_like) or is_method(v, "new_full"):
         return arg(v, 1, "fill_value") == 0
     return False
@@ -149,9 +152,23 @@ def strip_casts(node: Any) -> Any:
 RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu, torch.nn.functional.relu, torch.Tensor.relu)
 
 
+_INPLACE_CLAMP_METHODS = ("clamp_", "clip_", "clamp_min_")
+_INPLACE_CLAMP_FUNCTIONS = (torch.clamp_, torch.clip_, torch.clamp_min_)
+
+
+def _is_clamp_min_zero(node: Any, names: tuple, functions: tuple) -> bool:
+    """``clamp(s, min=0)`` in the given spellings (no upper bound)."""
+    if not (is_method(node, *names) or is_function(node, *functions)):
+        return False
+    return arg(node, 1, "min") == 0 and arg(node, 2, "max") is None
+
+
 def is_inplace_relu(node: Any) -> bool:
-    """``relu_``, ``F.relu(s, inplace=True)``, ``nn.ReLU(inplace=True)``: s itself is overwritten."""
+    """``relu_``, ``F.relu(s, inplace=True)``, ``nn.ReLU(inplace=True)``, ``s.clamp_(min=0)``: s
+    itself is overwritten."""
     if is_function(node, torch.relu_) or is_method(node, "relu_"):
+        return True
+    if _is_clamp_min_zero(node, _INPLACE_CLAMP_METHODS, _INPLACE_CLAMP_FUNCTIONS):
         return True
     if is_function(node, F.relu, torch.nn.functional.relu):
         return bool(arg(node, 1, "inplace", False))
@@ -172,11 +189,9 @@ def relu_input(node: Any, allow_inplace: bool = False) -> Optional[Node]:
     mod = _module(node) if isinstance(node, Node) else None
     if isinstance(mod, torch.nn.ReLU):
         return node.args[0]
-    if is_function(node, torch.clamp, torch.clip, torch.clamp_min) or is_method(node, "clamp", "clip", "clamp_min"):
-        lo = arg(node, 1, "min")
-        hi = arg(node, 2, "max")
-        if lo == 0 and hi is None:
-            return node.args[0]
+    if _is_clamp_min_zero(node, ("clamp", "clip", "clamp_min") + _INPLACE_CLAMP_METHODS,
+                          (torch.clamp, torch.clip, torch.clamp_min) + _INPLACE_CLAMP_FUNCTIONS):
+        return node.args[0]
     if (is_function(node, torch.maximum, torch.max) or is_method(node, "maximum", "max")) and len(node.args) == 2:
         # max(s, 0) against a zero tensor that does not broadcast s up (NaN propagates, as in relu)
         for s, z in (node.args, node.args[::-1]):
@@ -263,8 +278,8 @@ def linear_of(node: Any) -> Optional[LinearMatch]:
         return None
     if is_function(node, torch.addmm) or is_method(node, "addmm"):
         bias, x, b = node.args[0], node.args[1], node.args[2]
-        if node.kwargs:
-            return None
+        if any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")) or set(node.kwargs) - {"beta", "alpha"}:
+            return None  # a scaled addmm is not x W^T + b
         bval = example_value(bias)
         if bval is None or bval.dim() != 1:
             return None

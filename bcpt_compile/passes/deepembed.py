@@ -110,14 +110,20 @@ def strip_index_casts(node: object) -> object:
         before.dtype in INDEX_DTYPES and after.dtype in INDEX_DTYPES))
 
 
-def strip_row_casts(node: object) -> object:
-    """The gathered rows under device moves and float dtype casts (``emb(idx).to(x.dtype)``)."""
+def strip_float_casts(node: object) -> object:
+    """``node`` under device moves and float dtype casts (``emb(idx).to(x.dtype)``, ``value(k).float()``)."""
     return _strip_moves_and_casts(node, lambda before, after: (
         before.dtype in FLOAT_DTYPES and after.dtype in FLOAT_DTYPES and before.shape == after.shape))
 
 
-def squared_relu_of(node: object) -> Node | None:
-    """The relu node r for ``r ** 2``, ``torch.pow(r, 2)``, ``r * r``, ``torch.square(r)``."""
+def squared_relu_of(node: object, loose: bool = False) -> Node | None:
+    """The relu node r for ``r ** 2``, ``torch.pow(r, 2)``, ``r * r``, ``torch.square(r)``, also
+    ``relu(u) * relu(u)``.
+
+    ``loose`` (the square is only recognised, not recomputed): float casts around the relu and
+    the square are looked through too.
+    """
+    node = strip_float_casts(node) if loose else node
     if not isinstance(node, Node):
         return None
     base = None
@@ -129,10 +135,17 @@ def squared_relu_of(node: object) -> Node | None:
         base = node.args[0]
     else:
         ops = mul_operands(node)
-        if ops is not None and ops[0] is ops[1]:
+        if ops is not None and (ops[0] is ops[1] or _same_relu(*ops)):
             base = ops[0]
+    base = strip_float_casts(base) if loose else base
     # an in-place relu overwrites its input, which the rewrites never read
     return base if base is not None and relu_input(base, allow_inplace=True) is not None else None
+
+
+def _same_relu(a: object, b: object) -> bool:
+    """``F.relu(u)`` and ``F.relu(u)`` written twice (Dynamo records two nodes of one value)."""
+    u = relu_input(a)
+    return u is not None and u is relu_input(b) and a.target == b.target and a.args == b.args and a.kwargs == b.kwargs
 
 
 @dataclasses.dataclass
@@ -148,10 +161,17 @@ class Gather:
 def gather_of(node: object) -> Gather | str | None:
     """The table gather behind ``node`` (device moves and dtype casts skipped: the caller
     compares dtypes); a reason when it cannot be fused."""
-    node = strip_row_casts(node)
+    node = strip_float_casts(node)
     if not isinstance(node, Node):
         return None
-    if is_function(node, *EMBEDDING_FUNCTIONS):
+    if is_function(node, torch.embedding):  # the ATen-level spelling: (weight, idx), padding_idx=-1 is none
+        if arg(node, 2, "padding_idx", -1) != -1:
+            return "embedding with padding_idx (its row's gradient is dropped; not modelled)"
+        if arg(node, 3, "scale_grad_by_freq", False):
+            return "embedding with scale_grad_by_freq"
+        g = Gather(node.args[0], strip_index_casts(node.args[1]), indexing=False,
+                   sparse=bool(arg(node, 4, "sparse", False)))
+    elif is_function(node, *EMBEDDING_FUNCTIONS):
         idx, table = node.args[0], arg(node, 1, "weight")
         if arg(node, 2, "padding_idx") is not None:
             return "embedding with padding_idx (its row's gradient is dropped; not modelled)"
@@ -259,8 +279,11 @@ class _Rewriter:
         key = (idx, rows, g.indexing)
         plan = self.plans.get(key)
         if plan is None:
-            where = self._after_inputs(idx)
-            if example_value(idx).device != compute:  # ids on the host, compute on the GPU
+            where, idx_val = self._after_inputs(idx), example_value(idx)
+            if not idx_val.is_contiguous():  # idx[:, -1]: the kernels read idx flat
+                with self.graph.inserting_after(where):
+                    idx = where = self.graph.call_method("contiguous", (idx,))
+            if idx_val.device != compute:  # ids on the host, compute on the GPU
                 with self.graph.inserting_after(where):
                     idx = where = self.graph.call_method("to", (idx, str(compute)))
             with self.graph.inserting_after(where):
@@ -284,12 +307,15 @@ class _Rewriter:
         if ops is None:
             return
         for outer, g_node in (ops, ops[::-1]):
-            lin_node = through_inactive_dropout(outer)  # eval-mode dropout: the identity
+            lin_node = _through_value_identities(outer)
             lin = linear_of(lin_node)
-            g = gather_of(g_node) if lin is not None else None
+            g = gather_of(_token_rows(g_node)) if lin is not None else None
             if lin is not None and g is not None:
                 break
         else:
+            reason = _hidden_rows_reason(ops)
+            if reason is not None:
+                self.report.add_miss(FAMILY, mul, reason)
             return
         if isinstance(g, str):
             self.report.add_miss(FAMILY, mul, g)
@@ -325,7 +351,7 @@ class _Rewriter:
         erase_unused(mul, g_node, outer)
 
     def _output_refusal(self, mul, lin, lin_node, g: Gather, g_node):
-        if squared_relu_of(lin.x) is None:
+        if squared_relu_of(lin.x, loose=True) is None:
             return "the value projection's input is not a squared relu (not a DeepEmbed FFN)"
         h, w, t, i = (example_value(n) for n in (lin.x, lin.weight, g.table, g.idx))
         z, e, y = example_value(lin_node), example_value(g_node), example_value(mul)
@@ -336,7 +362,8 @@ class _Rewriter:
             return f"idx dtype {getattr(i, 'dtype', None)} is not an integer index (eager raises)"
         if e is None or z is None or tuple(e.shape) != tuple(z.shape):
             return "the embedding broadcasts against the value output (shapes differ)"
-        if tuple(i.shape) != tuple(h.shape[:-1]):
+        flat_tokens = i.dim() == 1 and i.numel() == h.numel() // max(h.shape[-1], 1)  # emb(idx.flatten()).view(...)
+        if tuple(i.shape) != tuple(h.shape[:-1]) and not flat_tokens:
             return f"idx shape {tuple(i.shape)} is not the tokens' shape {tuple(h.shape[:-1])}"
         if len(lin_node.users) != 1:
             return "the unscaled value output has other users, so it is computed anyway"
@@ -470,6 +497,44 @@ class _Rewriter:
         if a.dtype != t.dtype or example_value(ev_node.args[0]).dtype != t.dtype:
             return f"a {a.dtype}, table {t.dtype} and the gathered rows must have one dtype"
         return _placement(t, y.device, self.opts, g.sparse)
+
+
+def _through_value_identities(node: Node) -> Node:
+    """The value projection under an inactive dropout and float casts (``value(k).float()``), each
+    read only by the next: the op's result is cast to the product's dtype."""
+    while isinstance(node, Node) and len(node.users) == 1:
+        inner = through_inactive_dropout(node)
+        if inner is node:
+            src = _cast_input(node)
+            before, after = example_value(src), example_value(node)
+            same_place = before is not None and after is not None and (before.shape, before.device) == (
+                after.shape, after.device)
+            inner = src if same_place and before.dtype in FLOAT_DTYPES and after.dtype in FLOAT_DTYPES else node
+        if inner is node:
+            return node
+        node = inner
+    return node
+
+
+def _token_rows(node: object) -> object:
+    """The gathered rows under a view that only regroups tokens (``emb(idx.flatten()).view(B, T, C)``,
+    ``W.index_select(0, idx.flatten()).view_as(x)``): each row stays whole and in token order."""
+    if not (is_method(node, "view", "reshape", "view_as", "reshape_as", "unflatten") or is_function(node, torch.reshape)):
+        return node
+    src = node.args[0]
+    before, after = example_value(src), example_value(node)
+    if before is None or after is None or before.dim() != 2 or after.dim() == 0 or before.shape[-1] != after.shape[-1]:
+        return node
+    return src if len(src.users) == 1 else node
+
+
+def _hidden_rows_reason(ops: tuple) -> str | None:
+    """Why ``relu(key(x)) ** 2 * emb(idx)`` (the rows scale the hidden, then ``value`` projects) is left."""
+    for sq, rows in (ops, ops[::-1]):
+        if squared_relu_of(sq, loose=True) is not None and isinstance(gather_of(rows), Gather):
+            return ("the rows scale the hidden relu(key(x)) ** 2 before the value projection "
+                    "(value(k * emb(idx))): no fused op for this form")
+    return None
 
 
 def _einsum_rowmix_operands(node: Node) -> tuple[Node, Node] | None:

@@ -49,7 +49,8 @@ class Gate:
     """R = s where ``mask`` (or ``s > threshold`` when mask is None), else exactly 0.
 
     ``keep_source``: the mask is ``not (keep_source <= threshold)``, built by the rewrite, for a
-    value that is zero where a relu-like gate of another tensor is (NaN kept, as relu keeps it).
+    value that is zero where a relu-like gate of another tensor is (NaN kept, as relu keeps it);
+    ``not (abs(keep_source) <= threshold)`` with ``keep_abs`` (``hardshrink``, ``softshrink``).
     """
 
     value: Node
@@ -57,6 +58,7 @@ class Gate:
     threshold: float = 0.0
     negate_mask: bool = False
     keep_source: Optional[Node] = None
+    keep_abs: bool = False
 
 
 def _is_bool(node: object) -> bool:
@@ -72,9 +74,11 @@ def gate_of(node: object) -> Union[Gate, str]:
     if s is not None:
         # an in-place relu overwrote s: gate its result instead (relu(R) = R), and keep it
         return Gate(node) if is_inplace_relu(node) else Gate(s)
-    if is_function(node, F.threshold, torch.threshold) and arg(node, 2, "value") == 0:
+    if is_function(node, F.threshold, torch.threshold, torch.threshold_) and arg(node, 2, "value") == 0:
         th = arg(node, 1, "threshold")
         if isinstance(th, numbers.Real):
+            if is_function(node, torch.threshold_) or arg(node, 3, "inplace", False):
+                return Gate(node, threshold=float(th))  # s overwritten: gate the result, zero where s <= t
             return Gate(node.args[0], threshold=float(th))
     ops = mul_operands(node)
     if ops is not None:  # s * (s > t), s * mask.float(), ...
@@ -90,11 +94,26 @@ def gate_of(node: object) -> Union[Gate, str]:
             return Gate(a, mask=m)
         if _is_bool(m) and isinstance(b, Node) and not is_zero(b) and is_zero(a):
             return Gate(b, mask=m, negate_mask=True)
-    if is_method(node, "masked_fill") and len(node.args) == 3 and node.args[2] == 0 and _is_bool(node.args[1]):
-        return Gate(node.args[0], mask=node.args[1], negate_mask=True)
+    if (is_method(node, "masked_fill", "masked_fill_") or is_function(node, torch.masked_fill)) \
+            and len(node.args) == 3 and is_zero(node.args[2]) and _is_bool(node.args[1]):
+        # in place (``s.masked_fill_(~m, 0)``) s is overwritten: its result is the value
+        return Gate(node if is_method(node, "masked_fill_") else node.args[0], mask=node.args[1], negate_mask=True)
     s = _capped_relu_input(node)
     if s is not None:  # relu6(s), clamp(s, 0, c): zero where s <= 0, but not s itself
-        return Gate(node, keep_source=s)
+        return Gate(node, keep_source=node if _writes_input(node) else s)
+    s = _shrink_input(node)
+    if s is not None:  # hardshrink is s itself where |s| > lambda; softshrink is zero there too
+        lambd = float(arg(node, 1, "lambd", 0.5))
+        value = s if is_function(node, F.hardshrink, torch.hardshrink) or is_method(node, "hardshrink") else node
+        return Gate(value, keep_source=s, threshold=lambd, keep_abs=True)
+    s = _unviewed(node)
+    if s is not None:
+        gate = gate_of(s)
+        if isinstance(gate, Gate) and gate.mask is None and gate.keep_source is None:
+            # relu(s).view(...): the viewed result is zero exactly where it is <= t
+            return Gate(node, threshold=gate.threshold)
+        if isinstance(gate, Gate):
+            return "the gate is viewed after its mask is applied (apply the view to its input instead)"
     inner = _zero_preserving_input(node)
     if inner is not None:
         gate = gate_of(inner)
@@ -102,23 +121,55 @@ def gate_of(node: object) -> Union[Gate, str]:
             src = gate.keep_source or (gate.value if gate.mask is None else None)
             return dataclasses.replace(gate, value=node, keep_source=src)
     what = node.target if node.op != "call_function" else getattr(node.target, "__name__", str(node.target))
+    if node.op == "placeholder" and isinstance(getattr(node.meta.get("grapharg"), "example", None), torch.nn.Parameter):
+        return f"gate is not provably zero off the mask (a parameter, {what}, scales the product)"
     if node.op == "placeholder":  # e.g. relu(s) computed before a graph break: not visible here
         return f"gate is not provably zero off the mask (graph input {what}; computed before a graph break?)"
     return f"gate is not provably zero off the mask ({node.op} {what})"
 
 
+def _writes_input(node: Node) -> bool:
+    """``relu6(s, inplace=True)``, ``hardtanh(..., inplace=True)``, ``s.clamp_(0, c)``: s is overwritten."""
+    if is_function(node, F.relu6):
+        return bool(arg(node, 1, "inplace", False))
+    if is_function(node, F.hardtanh):
+        return bool(arg(node, 3, "inplace", False))
+    return is_method(node, "clamp_", "clip_") or is_function(node, torch.clamp_, torch.clip_)
+
+
 def _capped_relu_input(node: Node) -> Optional[Node]:
-    """s for ``relu6(s)``, ``hardtanh(s, 0, c)``, ``clamp(s, 0, c)`` with c > 0."""
-    if is_function(node, F.relu6) and not arg(node, 1, "inplace", False):
+    """s for ``relu6(s)``, ``hardtanh(s, 0, c)``, ``clamp(s, 0, c)`` with c > 0 (in-place forms too)."""
+    if is_function(node, F.relu6):
         return node.args[0]
-    if is_function(node, F.hardtanh) and not arg(node, 3, "inplace", False):
+    if is_function(node, F.hardtanh):
         lo, hi = arg(node, 1, "min_val", -1.0), arg(node, 2, "max_val", 1.0)
-    elif is_function(node, torch.clamp, torch.clip) or is_method(node, "clamp", "clip"):
+    elif is_function(node, torch.clamp, torch.clip, torch.clamp_, torch.clip_) or is_method(
+            node, "clamp", "clip", "clamp_", "clip_"):
         lo, hi = arg(node, 1, "min"), arg(node, 2, "max")
     else:
         return None
     ok = isinstance(hi, numbers.Real) and hi > 0 and isinstance(lo, numbers.Real) and lo == 0
     return node.args[0] if ok else None
+
+
+def _shrink_input(node: Node) -> Optional[Node]:
+    """s for ``hardshrink(s, l)`` / ``softshrink(s, l)`` with l >= 0: zero exactly where |s| <= l."""
+    if not (is_function(node, F.hardshrink, F.softshrink, torch.hardshrink) or is_method(node, "hardshrink")):
+        return None
+    lambd = arg(node, 1, "lambd", 0.5)
+    ok = isinstance(lambd, numbers.Real) and lambd >= 0 and isinstance(node.args[0], Node)
+    return node.args[0] if ok else None
+
+
+def _unviewed(node: Node) -> Optional[Node]:
+    """x for ``x.view(...)``, ``reshape``, ``flatten``, ``unflatten``, ``view_as``, ``reshape_as``: the
+    same elements in the same (row-major) order."""
+    if is_method(node, "view", "reshape", "flatten", "unflatten", "view_as", "reshape_as") or is_function(
+            node, torch.reshape, torch.flatten, torch.unflatten):
+        src = node.args[0]
+        bitcast = any(isinstance(a, torch.dtype) for a in (*node.args[1:], *node.kwargs.values()))
+        return src if isinstance(src, Node) and example_value(src) is not None and not bitcast else None
+    return None
 
 
 def _zero_preserving_input(node: Node) -> Optional[Node]:
@@ -161,17 +212,17 @@ def _same_shape(a: Node, b: Node) -> bool:
 
 
 def _through_identities(node: object) -> object:
-    """The product under what leaves it unchanged: an inactive dropout, and casts to the dtype it
-    already has (``linear(x, W).float()`` in a float32 model, ``.type_as(x)``, ``.contiguous()``),
-    each read only by the next."""
+    """The product under what keeps its values: an inactive dropout, ``.contiguous()`` and float
+    casts (``linear(x, W).float()``, ``.type_as(x)``), each read only by the next. A cast up is
+    only rounded less by the op; ``_refusal`` checks the op's result dtype is the product's."""
     while isinstance(node, Node):
         inner = through_inactive_dropout(node)
         if inner is node and len(node.users) == 1 and (
                 is_method(node, "float", "half", "bfloat16", "to", "type_as", "type", "contiguous")
                 or is_function(node, torch.Tensor.to)) and isinstance(node.args[0], Node):
             before, after = example_value(node.args[0]), example_value(node)
-            same = before is not None and after is not None and (before.dtype, before.shape, before.device) == (
-                after.dtype, after.shape, after.device)
+            same = before is not None and after is not None and (before.shape, before.device) == (
+                after.shape, after.device) and before.dtype.is_floating_point and after.dtype.is_floating_point
             inner = node.args[0] if same else node
         if inner is node:
             break
@@ -180,24 +231,25 @@ def _through_identities(node: object) -> object:
 
 
 def _peel_view(node: object) -> Optional[Node]:
-    """The linear under ``view``/``reshape``/``flatten`` that keep the feature (last) dim."""
-    if not (is_method(node, "view", "reshape", "flatten") or is_function(node, torch.reshape, torch.flatten)):
+    """The linear under a view of it (``view``, ``reshape``, ``flatten``, ...: the product is elementwise,
+    so it is the op's result viewed alike, e.g. split into heads)."""
+    src = _unviewed(node) if isinstance(node, Node) else None
+    before = example_value(src)
+    if src is None or before is None or before.dim() == 0:
         return None
-    src = node.args[0]
-    before, after = example_value(src), example_value(node)
-    if before is None or after is None or before.dim() == 0 or after.dim() == 0:
-        return None
-    return src if before.shape[-1] == after.shape[-1] and linear_of(src) is not None and len(src.users) == 1 else None
+    return src if linear_of(src) is not None and len(src.users) == 1 else None
 
 
-def _refusal(lin_node: Node, lin_inputs: list, gate: Union[Gate, str]) -> Optional[str]:
+def _refusal(mul: Node, lin_node: Node, lin_inputs: list, gate: Union[Gate, str]) -> Optional[str]:
     if isinstance(gate, str):
         return gate
-    out, s = example_value(lin_node), example_value(gate.value)
-    if out is None or s is None:
+    out, s, y = example_value(lin_node), example_value(gate.value), example_value(mul)
+    if out is None or s is None or y is None:
         return "shapes unknown (no example values)"
     if tuple(s.shape) != tuple(out.shape):
         return f"gate shape {tuple(s.shape)} is not the linear output's {tuple(out.shape)} (a broadcast gate is not block-sparse)"
+    if tuple(y.shape) != tuple(out.shape):
+        return f"the gate broadcasts the product up from {tuple(out.shape)} to {tuple(y.shape)} (not one gate per element)"
     for name, val in (("input", out), ("gate", s)):
         if val.dtype not in SUPPORTED_DTYPES:
             return f"{name} dtype {val.dtype} is not supported (float32, bfloat16, float16)"
@@ -208,13 +260,18 @@ def _refusal(lin_node: Node, lin_inputs: list, gate: Union[Gate, str]) -> Option
     dtypes = {example_value(n).dtype for n in lin_inputs if example_value(n) is not None}
     if len(dtypes) > 1 and out.dtype not in dtypes:
         return f"x, weight and bias have mixed dtypes {sorted(str(d) for d in dtypes)}"
+    if torch.promote_types(out.dtype, s.dtype) != y.dtype:
+        return (f"the product linear(x, W) ({out.dtype}) is cast to {y.dtype} before the mask, "
+                f"but the op computes in {torch.promote_types(out.dtype, s.dtype)}")
     if gate.mask is not None or gate.keep_source is not None:
         m = example_value(gate.mask if gate.mask is not None else gate.keep_source)
         if m is None:
             return "shapes unknown (no example values)"
         try:
-            torch.broadcast_shapes(tuple(m.shape), tuple(s.shape))
+            broadcast = torch.broadcast_shapes(tuple(m.shape), tuple(s.shape))
         except RuntimeError:
+            broadcast = None
+        if broadcast is None or tuple(broadcast) != tuple(s.shape):
             return f"mask shape {tuple(m.shape)} does not broadcast to {tuple(s.shape)}"
     return None
 
@@ -265,7 +322,7 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
         if _is_bool(strip_casts(r_node)):
             continue  # linear * mask: a plain masked product (often the gate's own s * (s > t))
         gate = gate_of(r_node)
-        reason = _refusal(lin_node, [lin.x, lin.weight, lin.bias], gate)
+        reason = _refusal(mul, lin_node, [lin.x, lin.weight, lin.bias], gate)
         if reason is not None:
             report.add_miss(FAMILY, mul, reason)
             continue
@@ -283,12 +340,13 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
                 for n in (x, weight, bias)
             )
             if gate.keep_source is not None:  # keep = not (s <= t): NaN kept, as relu keeps it
-                mask = graph.call_function(operator.le, (gate.keep_source, gate.threshold))
+                source = graph.call_function(torch.abs, (gate.keep_source,)) if gate.keep_abs else gate.keep_source
+                mask = graph.call_function(operator.le, (source, gate.threshold))
                 mask = graph.call_function(torch.logical_not, (mask,))
             elif mask is not None and gate.negate_mask:
                 mask = graph.call_function(torch.logical_not, (mask,))
             if reshaped:  # run on 2-D (tokens, features) and view the result back
-                n_out, n_in = example_value(lin_node).shape[-1], example_value(x).shape[-1]
+                n_out, n_in = example_value(inner).shape[-1], example_value(x).shape[-1]
                 if mask is not None:
                     mask = graph.call_method("expand_as", (mask, value))
                     mask = graph.call_method("reshape", (mask, -1, n_out))
