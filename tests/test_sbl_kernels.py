@@ -270,3 +270,34 @@ def test_backward_gets_no_zero_filled_aux_gradients():
     with profile() as prof:
         torch.autograd.grad(y, (x, w, b, s), torch.randn_like(y))
     assert not [e.key for e in prof.key_averages() if e.key in ("aten::zeros", "aten::zero_", "aten::zeros_like")]
+
+
+def test_triton_allocator_reaches_every_thread(monkeypatch):
+    """Device-side descriptors need Triton's scratch allocator in whichever thread launches
+    them: the autograd engine's threads recompute checkpointed forwards."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    from bcpt_compile import kernels
+
+    import contextvars
+
+    # a process where nobody set one (restored after the test)
+    monkeypatch.setattr(_allocation, "_allocator", contextvars.ContextVar("_allocator", default=_allocation._NULL_ALLOCATOR))
+    kernels.ensure_triton_allocator()
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(_allocation._allocator.get()))
+    worker.start()
+    worker.join()
+    assert seen == [kernels._torch_scratch]
+
+    def mine(size, alignment, stream):
+        return None
+
+    import triton
+
+    triton.set_allocator(mine)  # the user's choice still wins, in its thread
+    assert _allocation._allocator.get() is mine
+    kernels.ensure_triton_allocator()
+    assert _allocation._allocator.get() is mine

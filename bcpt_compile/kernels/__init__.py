@@ -39,15 +39,19 @@ def traced(t: torch.Tensor) -> bool:
 def ensure_triton_allocator() -> None:
     """Give Triton an allocator for kernels that need global scratch (device-side TMA
     descriptors), unless the user set one. Inductor launches such kernels with Triton's own
-    launcher (its static launcher bypasses them), which allocates the scratch through it;
+    launcher (its static launcher declines them), which allocates the scratch through it;
     from PyTorch's caching allocator, on the launch stream, it is CUDA-graph safe.
-    Triton keeps the allocator per context (thread): set where the model is compiled and run."""
+
+    Triton keeps the allocator in a ContextVar, so ``triton.set_allocator`` reaches one thread
+    only, and the autograd engine's threads (where a checkpointed forward is recomputed) start
+    without it. Ours becomes the variable's default instead, seen by every thread;
+    ``triton.set_allocator`` still overrides it where it is called."""
+    import contextvars
+
     from triton.runtime import _allocation
 
     if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
-        import triton
-
-        triton.set_allocator(_torch_scratch)
+        _allocation._allocator = contextvars.ContextVar("_allocator", default=_torch_scratch)
 
 
 def _torch_scratch(size: int, alignment: int, stream):
