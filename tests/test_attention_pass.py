@@ -368,6 +368,104 @@ def moba_gate_bias(q, k, v):
     return torch.einsum("hxy,yhd->xhd", qk.softmax(dim=-1), v.float()).type_as(q)
 
 
+def moba_setitem_gate(q, k, v):
+    """MoBA's naive reference as published: the gate's future chunks -inf and own chunk +inf written
+    in a Python loop, top-k, then ``gate[need] = 0; gate[~need] = -inf`` (every entry overwritten:
+    where(need, 0, -inf)), repeated over each chunk's keys, a causal masked_fill_ built with
+    ``ones_like(gate)``."""
+    S = 16
+    t, h, d = q.shape
+    nb = t // S
+    gate = torch.einsum("shd,nhd->hsn", q.float(), k.view(nb, S, h, d).mean(1).float())
+    for i in range(nb):
+        gate[:, : (i + 1) * S, i] = float("-inf")
+        gate[:, i * S: (i + 1) * S, i] = float("inf")
+    val, idx = torch.topk(gate, k=1, dim=-1, largest=True, sorted=False)
+    need = gate >= val.min(dim=-1).values.unsqueeze(-1)
+    need = need & torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, idx, True)
+    gate[need] = 0
+    gate[~need] = -float("inf")
+    gate = gate.repeat_interleave(S, dim=-1)[:, :, :t]
+    gate.masked_fill_(torch.ones_like(gate, dtype=torch.bool).tril().logical_not(), -float("inf"))
+    qk = torch.einsum("xhd,yhd->hxy", q.float(), k.float())
+    qk += gate
+    qk *= d ** -0.5
+    return torch.einsum("hxy,yhd->xhd", qk.softmax(dim=-1), v.float()).type_as(q)
+
+
+def scores_setitem_masks(q, k, v, imp):
+    """Masks written into the scores by setitem with bool masks (``s[~m] = -inf``, ``s[:, :, m] = -big``)."""
+    idx = imp.topk(2, -1).indices
+    bm = torch.zeros_like(imp, dtype=torch.bool).scatter(-1, idx, True)
+    m = bm.repeat_interleave(S, -2).repeat_interleave(S, -1)[..., :T, :T]
+    i = torch.arange(T)
+    s = q @ k.transpose(-1, -2) * 0.25
+    s[~m] = float("-inf")
+    s[:, :, i[:, None] < i[None, :]] = -1e9
+    return s.softmax(-1) @ v
+
+
+def scores_setitem_band(q, k, v):
+    i = torch.arange(T)
+    band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 12)
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)
+    s[..., ~band] = float("-inf")
+    return s.softmax(-1) @ v
+
+
+def constant_block_local_causal(q, k, v):
+    """A block-diagonal causal mask from index arithmetic (T = 40: the last block is partial)."""
+    i = torch.arange(T)
+    local = ((i[:, None] // S) == (i[None, :] // S)) & (i[:, None] >= i[None, :])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=local)
+
+
+def bigbird_like_bias(q, k, v):
+    """A fixed BigBird/Longformer-like block layout (own block + a global first block) filled in a
+    Python loop, expanded with kron, as a (1 - mask) * -10000 bias; not causal."""
+    layout = torch.zeros(NB, NB)
+    for r in range(NB):
+        layout[r, r] = 1
+    layout[0, :] = 1
+    layout[:, 0] = 1
+    mask = torch.kron(layout, torch.ones(S, S))[:T, :T]
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D) + (1.0 - mask) * -10000.0
+    return torch.softmax(s, -1) @ v
+
+
+def tril_block_layout_per_head(q, k, v):
+    """A per-head block layout: ``ones.tril()`` edited in place (head 0 skips block 0 but its own),
+    expanded with repeat_interleave, under a causal bound."""
+    layout = torch.ones(H, NB, NB, dtype=torch.bool).tril()
+    layout[0, 1:, 0] = False
+    m = layout.repeat_interleave(S, 1).repeat_interleave(S, 2)[:, :T, :T]
+    s = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~m, float("-inf"))
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def llama4_chunked_causal(q, k, v):
+    """Llama 4's chunked attention: causal inside chunks of 32 tokens (block size 32, not the 16 the
+    other spellings use)."""
+    i = torch.arange(TF)
+    m = (i[:, None] // 32 == i[None, :] // 32) & (i[None, :] <= i[:, None])
+    s = q @ k.transpose(-2, -1) / math.sqrt(D)
+    return s.masked_fill(~m, torch.finfo(s.dtype).min).softmax(-1) @ v
+
+
+def einops_repeat_block_mask(q, k, v, imp):
+    """einops.repeat of a top-k block mask ('b h i j -> b h (i s1) (j s2)'): Dynamo's unsqueeze,
+    expand, reshape."""
+    import einops
+
+    idx = imp.topk(2, -1).indices
+    bm = torch.zeros_like(imp, dtype=torch.bool).scatter(-1, idx, True)
+    m = einops.repeat(bm, "b h i j -> b h (i s1) (j s2)", s1=S, s2=S)[..., :T, :T]
+    s = torch.einsum("b h i d, b h j d -> b h i j", q, k) * D ** -0.5
+    s = s.masked_fill(~(m & torch.ones(T, T, dtype=torch.bool).tril()), -torch.finfo(s.dtype).max)
+    return torch.einsum("b h i j, b h j d -> b h i d", s.softmax(-1), v)
+
+
 def _per_token_importance(seed=5):
     """(B, H, T, NB) per-token block importance whose first block is always selected."""
     imp = torch.rand(B, H, T, NB, generator=torch.Generator().manual_seed(seed))
@@ -712,7 +810,7 @@ gathered attention: the values are gathered but the keys are computed on after t
         self.assertExpectedInline("\n".join(reasons), """\
 block mask has 4 heads but K/V have 2: the query heads of a KV group do not share one selection
 block size 8 is not a power of two >= 16
-diagonal band -4 <= j - i <= 4 is not a causal sliding window
+diagonal band -4 <= j - i <= 4 is not a causal sliding window (keys up to i+4 visible: the window kernel is causal only)
 dropout_p=0.1 is not supported
 mask term 'L_user_mask_' is a graph input, its pattern cannot be read at compile time
 the attention probabilities have other users (the dense T x T matrix is needed anyway)""")
@@ -845,8 +943,8 @@ def forward(self, L_q_, L_k_, L_v_):
         def misses(q, k, v):
             i = torch.arange(T)
             band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 10)
-            s = q @ k.transpose(-1, -2)
-            s[..., ~band] = float("-inf")                                           # setitem on the scores
+            s = (q @ k.transpose(-1, -2)).masked_fill(~band, float("-inf"))
+            s[..., 3] = float("-inf")                                               # a key column by setitem
             a = s.softmax(-1) @ v
             m = band.clone()
             m[:, :4] = True                                                         # the mask edited in place
@@ -864,9 +962,9 @@ def forward(self, L_q_, L_k_, L_v_):
                                   """\
 constant additive mask call_method masked_fill holds values other than 0 and -inf / -big (a positional bias, not a mask)
 constant additive mask mul holds NaN (e.g. a 0/1 mask times -inf)
-constant mask invert (evaluated) is not a diagonal band lo <= j - i <= hi
+constant mask invert (evaluated) is neither a diagonal band lo <= j - i <= hi nor whole 64/32/16-token blocks (optionally under the causal bound)
 the attention probabilities have other users (the dense T x T matrix is needed anyway)
-the scores are written in place by setitem""")
+the scores are written in place by setitem (read as masking only as s[m] = -inf or -big with a bool mask m over the trailing dims)""")
 
     def test_hf_in_place_constant_masks_are_evaluated(self):
         """HF's masks written in place (masked_fill_ on full(min), ``*=`` with bitwise_or_) depend on no
@@ -895,6 +993,70 @@ the scores are written in place by setitem""")
         self.assertExpectedInline([line for line in code.splitlines() if "nsa_selected" in line][0].strip(), """nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(reshape, reshape_1, reshape_2, getitem_9, getitem_10, 16, 1, True, 0.25)""")
         _compiled_vs_eager(moba_gate_bias, [q, k, v])
 
+    def test_moba_setitem_gate_is_per_token_selection(self):
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(32, 1, D, generator=g) for _ in range(3))
+        code = rewritten_graph(moba_setitem_gate, q, k, v)
+        self.assertExpectedInline("\n".join(line.strip() for line in code.splitlines() if "bcpt" in line), """\
+block_mask_to_indices = bcpt_compile_lowering_attention_block_mask_to_indices(need_1, 1, 1)
+nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(reshape, reshape_1, reshape_2, getitem_5, getitem_6, 16, 1, True, 0.25)""")
+        _compiled_vs_eager(moba_setitem_gate, [q, k, v])
+
+    def test_setitem_masks_on_the_scores(self):
+        q, k, v = _qkv()
+        self.assertEqual([s.op for s in _sites(scores_setitem_band, q, k, v).sites], ["bcpt.sliding_window_attention"])
+        _compiled_vs_eager(scores_setitem_band, [q, k, v])
+        self.assertEqual([s.op for s in _sites(scores_setitem_masks, q, k, v, _importance()).sites],
+                         ["bcpt.nsa_selected_attention"])
+        _compiled_vs_eager(scores_setitem_masks, [q, k, v], (_importance(),))
+
+    def test_constant_block_layouts_are_selected_attention(self):
+        """Constant masks that are whole blocks (optionally under the causal bound) become selected
+        attention with the layout sampled from the mask (``m[..., ::S, ::S]``)."""
+        q, k, v = _qkv()
+        self.assertExpectedInline(rewritten_graph(constant_block_local_causal, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    i = torch.arange(40)
+    getitem = i[(slice(None, None, None), None)]
+    floordiv = getitem // 16
+    getitem_1 = i[(None, slice(None, None, None))]
+    floordiv_1 = getitem_1 // 16
+    eq = floordiv == floordiv_1
+    getitem_2 = i[(slice(None, None, None), None)]
+    getitem_3 = i[(None, slice(None, None, None))]
+    ge = getitem_2 >= getitem_3
+    local = eq & ge
+    getitem_4 = local[(Ellipsis, slice(None, None, 16), slice(None, None, 16))]
+    ne = torch.ne(getitem_4, 0)
+    block_mask_to_indices = bcpt_compile_lowering_attention_block_mask_to_indices(ne, 1, 2)
+    getitem_5 = block_mask_to_indices[0]
+    getitem_6 = block_mask_to_indices[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_5, getitem_6, 16, 16, True, 0.25)
+    getitem_7 = nsa_selected_attention_default[0]
+    return (getitem_7,)
+""")
+        _compiled_vs_eager(constant_block_local_causal, [q, k, v])
+        for fn in (bigbird_like_bias, tril_block_layout_per_head):
+            self.assertEqual([s.op for s in _sites(fn, q, k, v).sites], ["bcpt.nsa_selected_attention"])
+            _compiled_vs_eager(fn, [q, k, v])
+
+    def test_llama4_chunked_attention_is_block_size_32(self):
+        q, k, v = (torch.randn(B, H, TF, D, generator=torch.Generator().manual_seed(2)) for _ in range(3))
+        code = rewritten_graph(llama4_chunked_causal, q, k, v)
+        self.assertIn("nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_5, getitem_6, 32, 32, True", code)
+        _compiled_vs_eager(llama4_chunked_causal, [q, k, v])
+
+    def test_einops_repeat_block_mask(self):
+        pytest = __import__("pytest")
+        pytest.importorskip("einops")
+        q, k, v = _qkv()
+        self.assertEqual([s.op for s in _sites(einops_repeat_block_mask, q, k, v, _importance()).sites],
+                         ["bcpt.nsa_selected_attention"])
+        _compiled_vs_eager(einops_repeat_block_mask, [q, k, v], (_importance(),))
+
     def test_constant_mask_near_misses_name_their_reason(self):
         """Constant masks are evaluated only when their value is unambiguous, and must be a band."""
         q, k, v = _qkv()
@@ -908,8 +1070,9 @@ the scores are written in place by setitem""")
             m.to(torch.bool)[:, 0] = q[0, 0, :, 0] > 0                           # through an alias, by data
             c = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
             i = torch.arange(T)
-            local = ((i[:, None] // 16) == (i[None, :] // 16)) & (i[:, None] >= i[None, :])
-            d = F.scaled_dot_product_attention(q, k, v, attn_mask=local)         # block-diagonal, not a band
+            strided = ((i[:, None] // 16) == (i[None, :] // 16)) | (i[None, :] % 16 == 15)
+            strided = strided & (i[:, None] >= i[None, :])
+            d = F.scaled_dot_product_attention(q, k, v, attn_mask=strided)       # Sparse Transformer's fixed pattern
             rel = (i[None, :] - i[:, None]).float()
             e = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(rel <= 0, rel * 0.5, float("-inf")))
             s = q @ k.transpose(2, 3) * 0.25
@@ -922,7 +1085,7 @@ the scores are written in place by setitem""")
         self.assertEqual(report.counts["attention"], 0)
         self.assertExpectedInline("\n".join(sorted(m.reason for m in report.misses if m.family == "attention")), """\
 constant additive mask where holds values other than 0 and -inf / -big (a positional bias, not a mask)
-constant mask and_ (evaluated) is not a diagonal band lo <= j - i <= hi
+constant mask and_ (evaluated) is neither a diagonal band lo <= j - i <= hi nor whole 64/32/16-token blocks (optionally under the causal bound)
 constant mask call_method triu is written in place between its readers
 constant mask call_method triu is written in place between its readers
 constant mask call_method triu is written in place by a computed value
@@ -1246,13 +1409,45 @@ def forward(self, L_q_, L_k_, L_v_):
 """)
         self._module_vs_eager(mod, q, k, v)
 
-    def test_local_attention_look_forward_is_a_near_miss(self):
+    def test_local_attention_look_forward_is_block_local_selected_attention(self):
+        """causal=False attends whole key blocks W-L..W+F around the query's block: selected
+        attention with a static table and no causal bound."""
         mod = self.la.LocalAttention(window_size=16, causal=False, look_backward=1, look_forward=1).eval()
+        g = torch.Generator().manual_seed(4)
+        q, k, v = (torch.randn(B, H, 64, D, generator=g) for _ in range(3))
+        self.assertExpectedInline(rewritten_graph(mod, q, k, v), """\
+def forward(self, L_q_, L_k_, L_v_):
+    l_q_ = L_q_
+    l_k_ = L_k_
+    l_v_ = L_v_
+    seq = torch.arange(64, device = device(type='cpu'))
+    tensor = seq.reshape([4, 16])
+    tensor_1 = tensor.reshape([1, 4, 16])
+    tensor_5 = tensor_1.reshape([1, 4, 16, 1])
+    block_band_table = bcpt_compile_passes_attention_block_band_table(l_k_, 16, 1, 1)
+    getitem_1 = block_band_table[0]
+    getitem_2 = block_band_table[1]
+    nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_1, getitem_2, 16, 16, False, 0.25)
+    getitem_3 = nsa_selected_attention_default[0]
+    return (getitem_3,)
+""")
+        self._module_vs_eager(mod, q, k, v)
+
+    def test_local_attention_look_forward_rotary_3d(self):
+        mod = self.la.LocalAttention(dim=D, window_size=16, causal=False, look_backward=0, look_forward=1).eval()
+        g = torch.Generator().manual_seed(6)
+        q, k, v = (torch.randn(B * H, 32, D, generator=g) for _ in range(3))
+        self.assertEqual([s.op for s in _sites(mod, q, k, v).sites], ["bcpt.nsa_selected_attention"])
+        self._module_vs_eager(mod, q, k, v)
+
+    def test_local_attention_token_level_look_forward_is_a_near_miss(self):
+        mod = self.la.LocalAttention(window_size=16, causal=False, look_backward=1, look_forward=1,
+                                     exact_windowsize=True).eval()
         g = torch.Generator().manual_seed(4)
         report = explain(mod, *(torch.randn(B, H, 64, D, generator=g) for _ in range(3)))
         self.assertEqual(report.counts["attention"], 0)
-        self.assertEqual([m.reason for m in report.misses],
-                         ["windowed attention is not a causal contiguous window (look-forward or gaps)"])
+        self.assertExpectedInline("\n".join(m.reason for m in report.misses), """\
+windowed attention looks ahead of the query (keys up to i+16) at token level: the sliding-window kernel is causal only, and the window is not whole key blocks (selected attention)""")
 
     def test_local_attention_rotary_moves_to_token_space(self):
         """``LocalAttention(dim=...)`` (the package's README usage) rotates the window-gathered q
@@ -1334,7 +1529,8 @@ def forward(self, L_q_, L_k_, L_v_, L_self_modules_rel_pos_buffers_inv_freq_):
         q, k, v = (torch.randn(B, H, 64, D, generator=g) for _ in range(3))
         reasons = []
         for mod in (self.la.LocalAttention(dim=D, window_size=16, causal=True, use_xpos=True).eval(), doubled,
-                    self.la.LocalAttention(dim=D, window_size=16, causal=False, look_forward=1).eval()):
+                    self.la.LocalAttention(dim=D, window_size=16, causal=False, look_forward=1,
+                                           exact_windowsize=True).eval()):
             torch._dynamo.reset()
             report = explain(mod, q, k, v)
             self.assertEqual(report.counts["attention"], 0)
@@ -1342,7 +1538,7 @@ def forward(self, L_q_, L_k_, L_v_, L_self_modules_rel_pos_buffers_inv_freq_):
         self.assertExpectedInline("\n".join(reasons), """\
 windowed attention: rotary embedding on the window-gathered q/k is scaled by a computed factor (e.g. xpos): not purely relative
 windowed attention: the rotary positions of the window-gathered q/k are not the token positions up to one shift (not purely relative)
-windowed attention is not a causal contiguous window (look-forward or gaps)""")
+windowed attention looks ahead of the query (keys up to i+16) at token level: the sliding-window kernel is causal only, and the window is not whole key blocks (selected attention)""")
 
     def _nsa(self, **kw):
         import pytest
@@ -1391,7 +1587,9 @@ windowed attention is not a causal contiguous window (look-forward or gaps)""")
         report = explain(mod, x)
         self.assertEqual([s.op for s in report.sites], ["bcpt.nsa_selected_attention"])
         self.assertEqual([m.reason for m in report.misses],
-                         ["windowed attention is not a causal contiguous window (look-forward or gaps)"])
+                         ["windowed attention looks ahead of the query (keys up to i+16) at token level: the "
+                          "sliding-window kernel is causal only, and the window is not whole key blocks "
+                          "(selected attention)"])
         torch._dynamo.reset()
         self._module_vs_eager(mod, x)
 

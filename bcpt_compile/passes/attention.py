@@ -16,7 +16,9 @@ spelling: diagonal bounds ``lo <= j - i <= hi`` (from ``tril``/``triu`` of ones,
 comparisons of ``arange`` grids, negated or not), and at most one block-level mask
 expanded by S in both trailing dims (``repeat_interleave`` twice, ``kron`` with a ones
 block, or ``expand`` + ``reshape``) or a per-token one expanded along the keys only
-(query block 1). Constants written in place are not read. Then:
+(query block 1). Constants written in place are not read by the algebra; a mask that depends
+on no graph input is evaluated instead and must be a band or whole S x S blocks (optionally
+causal), whose layout is then sliced from the mask. Then:
 
 * block term (+ optional causal bound ``hi = 0``) -> ``bcpt.nsa_selected_attention``; the
   kernel's index table is the top-k that ``scatter``-ed the block mask when the graph shows
@@ -27,8 +29,9 @@ block, or ``expand`` + ``reshape``) or a per-token one expanded along the keys o
 Windowed layouts (local-attention's ``LocalAttention``, also inside native-sparse-attention's
 ``SparseAttention``): q cut into windows, keys gathered per window, constant masks. The
 gathers and masks are evaluated at compile time on position probes (see "windowed
-layouts" below) and the resulting visibility must be a causal sliding window or a causal
-block-local band (-> selected attention with a static table).
+layouts" below) and the resulting visibility must be a causal sliding window or a
+block-local band of whole key blocks, causal or looking ahead (-> selected attention with a
+static table).
 
 Gathered layouts (native-sparse-attention's fine branch): every query token gathers its
 top-k key blocks (``gather`` by the top-k indices), under causality plus its own block
@@ -408,6 +411,7 @@ def _block_expansion(node: Node) -> Optional[tuple[Node, int]]:
         # walk back through the singleton-inserting view to the (…, NQ, NK) block mask
         base = exp.args[0]
         while isinstance(base, Node) and (is_method(base, "unsqueeze", "view", "reshape") or
+                                          is_function(base, torch.unsqueeze, torch.reshape) or  # einops.repeat
                                           (is_function(base, operator.getitem) and _full_slices_or_none(base.args[1]))):
             nxt = base.args[0]
             nv = example_value(nxt)
@@ -597,7 +601,7 @@ def _read_bias(bias: Any) -> Visible:
         raise NotAMask("additive bias is a constant")
     fills = [u for u in bias.users if u not in _READ_WRITES and _writes(u, bias)]
     if fills:  # ``bias.masked_fill_(m, -inf)`` before it is read (MoBA's gate under a causal tril)
-        readers = [u for u in bias.users if u not in fills]
+        readers = [u for u in bias.users if u not in fills and not _reads_only_metadata(u)]
         if not all(is_method(u, "masked_fill_") and u.args[0] is bias and _is_masked_value(arg(u, 2, "value"))
                    and all(_runs_before(u, r) for r in readers) for u in fills):
             raise NotAMask(f"additive mask {_name(bias)} is written in place by {_name(fills[0])}")
@@ -635,7 +639,8 @@ def _read_bias(bias: Any) -> Visible:
             return _additive_bias(base) & visible_set(m, False)
     for expansion, query_block in ((_block_expansion, None), (_token_expansion, 1)):
         found = expansion(bias)
-        blocks = _block_level_bias(found[0]) if found is not None else None
+        reader = _reader_of(found[0], bias) if found is not None else None
+        blocks = _block_level_bias(found[0], reader) if found is not None else None
         if blocks is not None:  # where(block_mask, 0, -inf) expanded to tokens (MoBA's gate)
             return Visible(block=BlockTerm(blocks[0], found[1], negate=blocks[1], query_block=query_block))
     for fn, name in ((torch.triu, "triu"), (torch.tril, "tril")):  # full(-inf).triu(1): -inf above the diagonal
@@ -664,9 +669,14 @@ def _read_bias(bias: Any) -> Visible:
     raise NotAMask(f"additive mask {_name(bias)} is not where(mask, 0, -inf) or zeros.masked_fill(mask, -inf)")
 
 
-def _block_level_bias(node: Any) -> Optional[tuple[Node, bool]]:
+def _block_level_bias(node: Any, reader: Optional[Node] = None) -> Optional[tuple[Node, bool]]:
     """(m, negate) for a 0 / -big bias chosen by a mask: ``where(m, 0, -inf)`` -> (m, False),
-    ``where(m, -inf, 0)`` / ``zeros.masked_fill(m, -inf)`` -> (m, True)."""
+    ``where(m, -inf, 0)`` / ``zeros.masked_fill(m, -inf)`` -> (m, True), also as two complementary
+    setitems before ``reader`` (the expansion that reads node)."""
+    if isinstance(node, Node) and reader is not None:
+        found = _complementary_setitems(node, reader)
+        if found is not None:
+            return found
     if is_function(node, torch.where) and len(node.args) == 3 and isinstance(node.args[0], Node):
         m, a, b = node.args
         if _number(a) == 0.0 and _is_masked_value(b):
@@ -677,6 +687,22 @@ def _block_level_bias(node: Any) -> Optional[tuple[Node, bool]]:
             and _is_masked_value(arg(node, 2, "value")) and isinstance(arg(node, 1, "mask"), Node):
         return arg(node, 1, "mask"), True
     return None
+
+
+#: Ops that read a tensor's shape, dtype and device, not its values (``ones_like(gate)``).
+_METADATA_FUNCS = (torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like)
+
+
+def _reads_only_metadata(node: Node) -> bool:
+    return is_function(node, *_METADATA_FUNCS) or is_method(node, "size", "dim", "new_ones", "new_zeros",
+                                                             "new_empty", "new_full")
+
+
+def _reader_of(node: Node, consumer: Node) -> Optional[Node]:
+    """The user of ``node`` through which ``consumer`` reads it (the start of an expansion chain)."""
+    up = _ancestors(consumer)
+    found = [u for u in node.users if u in up]
+    return found[0] if len(found) == 1 else None
 
 
 def _fills_the_rest(base: Any, keep: Any) -> bool:
@@ -828,6 +854,63 @@ def _band_of(visible: torch.Tensor, what: str) -> Visible:
     return Visible(hi=None if hi >= n - 1 else hi, lo=None if lo <= 1 - n else lo)
 
 
+#: Block sizes tried for a constant block layout, largest first (the kernel's key tile is the block).
+_CONSTANT_BLOCK_SIZES = (64, 32, 16)
+#: meta key of the block masks that ``_sampled_blocks`` inserts (erased again when no site uses them).
+_SAMPLED_BLOCKS = "bcpt_sampled_blocks"
+
+
+def _constant_layout(node: Node, visible: torch.Tensor, what: str) -> Visible:
+    """The band, or else the static block layout (whole S x S blocks, optionally under the causal
+    bound j <= i), that a constant visibility equals: BigBird/Longformer-like fixed patterns,
+    block-local masks, ``tril`` block layouts expanded to tokens. The layout is sampled from the
+    mask at each block's first query and key, which is inside the causal bound for every key
+    block up to the query's."""
+    try:
+        return _band_of(visible, what)
+    except NotAMask as exc:
+        band_reason = exc
+    if visible.dim() < 2 or visible.shape[-1] != visible.shape[-2] or not bool(visible.any()):
+        raise band_reason
+    T = visible.shape[-1]
+    i = torch.arange(T)
+    causal = i[None, :] <= i[:, None]
+    for S in _CONSTANT_BLOCK_SIZES:
+        if S >= T:
+            continue
+        blocks = visible[..., ::S, ::S]
+        tokens = blocks.repeat_interleave(S, -2).repeat_interleave(S, -1)[..., :T, :T]
+        for bound in (None, causal):
+            if torch.equal(visible, tokens if bound is None else tokens & bound):
+                return Visible(hi=None if bound is None else 0, block=BlockTerm(_sampled_blocks(node, S), S))
+    sizes = "/".join(map(str, _CONSTANT_BLOCK_SIZES))
+    if "differs between" in str(band_reason):
+        raise NotAMask(f"{band_reason}, and is not whole {sizes}-token blocks (optionally under the causal bound)")
+    raise NotAMask(f"{what} is neither a diagonal band lo <= j - i <= hi nor whole {sizes}-token blocks "
+                   "(optionally under the causal bound)")
+
+
+def _sampled_blocks(node: Node, S: int) -> Node:
+    """``node[..., ::S, ::S] != 0``, the block layout read off the mask at run time, inserted just
+    before the first reader of ``node`` (where its value is the one evaluated; a copy, so later
+    writes cannot reach it); reused when present."""
+    for user in node.users:
+        if user.meta.get(_SAMPLED_BLOCKS) == S:
+            return user
+    graph = node.graph
+    order = {n: idx for idx, n in enumerate(graph.nodes)}
+    memo: dict = {}
+    first = min((u for u in node.users if _depends_on_input(u, memo)), key=order.__getitem__)
+    sampled = example_value(node)[..., ::S, ::S]
+    with graph.inserting_before(first):
+        sample = graph.call_function(operator.getitem, (node, (Ellipsis, slice(None, None, S), slice(None, None, S))))
+        blocks = graph.call_function(torch.ne, (sample, 0))
+    sample.meta["example_value"] = sampled
+    blocks.meta["example_value"] = sampled != 0
+    blocks.meta[_SAMPLED_BLOCKS] = S
+    return blocks
+
+
 def _constant_mask(node: Any, positive: bool) -> Optional[Visible]:
     """visible_set of a mask that depends on no graph input, read from its values; None if not constant."""
     val = _constant_value(node) if isinstance(node, Node) else None
@@ -835,7 +918,10 @@ def _constant_mask(node: Any, positive: bool) -> Optional[Visible]:
         return None
     if val.is_floating_point() and bool(val.isnan().any()):
         raise NotAMask(f"constant mask {_name(node)} holds NaN")
-    return _band_of(val != 0 if positive else val == 0, f"constant mask {_name(node)} (evaluated)")
+    vis = _constant_layout(node, val != 0 if positive else val == 0, f"constant mask {_name(node)} (evaluated)")
+    if vis.block is not None:
+        vis.block.negate = not positive
+    return vis
 
 
 def _constant_bias(node: Any) -> Optional[Visible]:
@@ -850,7 +936,10 @@ def _constant_bias(node: Any) -> Optional[Visible]:
     if not bool(((val == 0) | (val <= BIG_NEGATIVE)).all()):
         raise NotAMask(f"constant additive mask {_name(node)} holds values other than 0 and -inf / -big "
                        "(a positional bias, not a mask)")
-    return _band_of(val == 0, f"constant additive mask {_name(node)} (evaluated)")
+    vis = _constant_layout(node, val == 0, f"constant additive mask {_name(node)} (evaluated)")
+    if vis.block is not None:
+        vis.block.negate = True  # visible where the bias is 0
+    return vis
 
 
 # ----------------------------------------------------------------------------- scores / softmax / PV
@@ -1351,8 +1440,59 @@ def _inplace_masks(node: Any, reader: Node) -> list:
                 and _runs_before(user, reader):
             masks.append(arg(user, 1, "mask"))
             continue
+        mask = _setitem_mask(user, node)
+        if mask is not None and _is_masked_value(user.args[2]) and _runs_before(user, reader):
+            masks.append(mask)  # ``s[m] = -inf`` / ``s[..., m] = -inf``: a masked_fill_ by m
+            continue
+        if is_function(user, operator.setitem):
+            raise NotAMask(f"the scores are written in place by {_name(user)} (read as masking only as s[m] = -inf "
+                           "or -big with a bool mask m over the trailing dims)")
         raise NotAMask(f"the scores are written in place by {_name(user)}")
     return masks
+
+
+def _setitem_mask(user: Node, node: Node) -> Optional[Node]:
+    """m for ``node[m] = x``, ``node[..., m] = x`` or ``node[:, :, m] = x`` with a bool m that
+    indexes node's trailing dims: every entry where m (right-aligned) is True is written, as
+    ``node.masked_fill_(m, x)`` writes it."""
+    if not is_function(user, operator.setitem) or user.args[0] is not node:
+        return None
+    index = user.args[1]
+    parts = list(index) if isinstance(index, tuple) else [index]
+    mask = parts[-1]
+    mv, nv = example_value(mask), example_value(node)
+    if mv is None or nv is None or mv.dtype != torch.bool:
+        return None
+    lead = parts[:-1]
+    if lead == [Ellipsis] or (all(_is_full_slice(x) for x in lead) and len(lead) + mv.dim() == nv.dim()):
+        return mask if mv.dim() <= nv.dim() and _same_shape(mv.shape, nv.shape[nv.dim() - mv.dim():]) else None
+    return None
+
+
+def _is_full_slice(x: Any) -> bool:
+    return isinstance(x, slice) and x == slice(None)
+
+
+def _complementary_setitems(node: Node, reader: Node) -> Optional[tuple[Node, bool]]:
+    """(m, negate) when the last writes to ``node`` before ``reader`` are ``node[m] = a`` and
+    ``node[~m] = b`` (either order) with {a, b} = {0, -big}: then every entry was overwritten and
+    node is ``where(m, a, b)`` (MoBA's ``gate[need_attend] = 0; gate[~need_attend] = -inf``;
+    the gate's earlier values and writes only chose m)."""
+    order = {n: idx for idx, n in enumerate(node.graph.nodes)}
+    writes = sorted((u for u in node.users if _writes(u, node)), key=order.__getitem__)
+    if len(writes) < 2 or order[writes[-1]] > order[reader] or not all(_is_inplace(u) for u in writes):
+        return None  # a write through a view would run at a time its view node does not show
+    prev, last = writes[-2:]
+    masks = [_setitem_mask(u, node) for u in (prev, last)]
+    if any(m is None for m in masks) or not _same_shape(example_value(masks[0]).shape, example_value(node).shape):
+        return None
+    for (m, a), (n, b) in (((masks[0], prev), (masks[1], last)), ((masks[1], last), (masks[0], prev))):
+        if (is_function(n, *NOT) or is_method(n, "logical_not", "bitwise_not")) and n.args[0] is m:
+            if _number(a.args[2]) == 0.0 and _is_masked_value(b.args[2]):
+                return m, False
+            if _is_masked_value(a.args[2]) and _number(b.args[2]) == 0.0:
+                return m, True
+    return None
 
 
 def _runs_before(a: Node, b: Node) -> bool:
@@ -1540,7 +1680,12 @@ def _classify(site: Site) -> Union[str, tuple[str, Any], None]:
             return None
         if vis.hi == 0 and vis.lo is not None and vis.lo <= 0:
             return ("window", 1 - vis.lo)
-        return f"diagonal band {vis.lo} <= j - i <= {vis.hi} is not a causal sliding window"
+        if vis.hi is None or vis.hi > 0:
+            ahead = "every later key" if vis.hi is None else f"keys up to i+{vis.hi}"
+            why = f"{ahead} visible: the window kernel is causal only"
+        else:
+            why = "the query's own key is hidden"
+        return f"diagonal band {vis.lo} <= j - i <= {vis.hi} is not a causal sliding window ({why})"
     if vis.lo is not None or vis.hi not in (None, 0):
         return f"block mask combined with the band {vis.lo} <= j - i <= {vis.hi} (only causal is supported)"
     bt = vis.block
@@ -2019,8 +2164,10 @@ class WindowedSite:
     scale: float
     kind: str          # "window" or "local"
     window: int = 0    # window: keys i-w+1..i
-    block: int = 0     # local: block size; lookback blocks
+    block: int = 0     # local: block size; key blocks W-lookback..W+lookforward, whole unless causal
     lookback: int = 0
+    lookforward: int = 0
+    causal: bool = True
     rotary: Optional[tuple[Node, int]] = None  # (inv_freq, q's position shift): rotate q, k in token space
 
 
@@ -2121,8 +2268,8 @@ def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
     jmin, jmax = j_sorted[:, 0], torch.where(cnt > 0, j_sorted.gather(1, (cnt - 1).clamp_min(0)[:, None])[:, 0], -1)
     steps = j_sorted[:, 1:] - j_sorted[:, :-1]
     inside = torch.arange(1, j.shape[1], dtype=torch.long)[None, :] < cnt[:, None]
-    if not bool(torch.all((steps == 1) | ~inside)) or not bool(torch.all(jmax == i)):
-        return "windowed attention is not a causal contiguous window (look-forward or gaps)"
+    if not bool(torch.all((steps == 1) | ~inside)) or not bool(torch.all(cnt > 0)):
+        return "windowed attention is not a contiguous window (gaps, or a query that sees no key)"
     rotary = None
     if rot_q is not None:
         # plain RoPE is relative: every visible (row, slot) must have q_pos - k_pos equal to the
@@ -2138,6 +2285,8 @@ def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
             return ("windowed attention: the rotary positions of the window-gathered q/k are not the "
                     "token positions up to one shift (not purely relative)")
         rotary = (rot_q.inv, int(d[0]))
+    if not bool(torch.all(jmax == i)):
+        return _non_causal_local(q, k, v, scale, i, jmin, jmax, int(sq.shape[-2]), T, rotary, pv_node, rows)
     out = _output_node(pv_node, rows.to(torch.int32)[..., None].expand(example_value(pv_node).shape), q)
     if isinstance(out, str):
         return out
@@ -2151,6 +2300,45 @@ def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
             return f"block-local attention with window {S}: not a power of two >= 16"
         return WindowedSite(q, k, v, out, scale, "local", block=S, lookback=lookback, rotary=rotary)
     return "windowed attention is neither a sliding window nor block-local"
+
+
+def _non_causal_local(q: Node, k: Node, v: Node, scale: float, i: torch.Tensor, jmin: torch.Tensor,
+                      jmax: torch.Tensor, S: int, T: int, rotary: Optional[tuple[Node, int]], pv_node: Node,
+                      rows: torch.Tensor) -> Union[WindowedSite, str]:
+    """A window that looks ahead: exact only as whole key blocks W-L..W+F around the query's
+    block W (local-attention's ``causal=False`` without ``exact_windowsize``), which is selected
+    attention with a static table and no causal bound; a token-level two-sided window is not
+    (the window kernel sees keys i-w+1..i only)."""
+    blk = torch.div(i, S, rounding_mode="floor")
+    lookback = int((blk - torch.div(jmin, S, rounding_mode="floor")).max())
+    lookforward = int((torch.div(jmax, S, rounding_mode="floor") - blk).max())
+    block_aligned = bool(torch.all(jmin == ((blk - lookback) * S).clamp_min(0))) \
+        and bool(torch.all(jmax == ((blk + lookforward + 1) * S - 1).clamp_max(T - 1)))
+    if not block_aligned:
+        ahead = int((jmax - i).max())
+        return (f"windowed attention looks ahead of the query (keys up to i+{ahead}) at token level: the "
+                "sliding-window kernel is causal only, and the window is not whole key blocks "
+                "(selected attention)")
+    if S < 16 or S & (S - 1):
+        return f"block-local attention with window {S}: not a power of two >= 16"
+    out = _output_node(pv_node, rows.to(torch.int32)[..., None].expand(example_value(pv_node).shape), q)
+    if isinstance(out, str):
+        return out
+    return WindowedSite(q, k, v, out, scale, "local", block=S, lookback=lookback, lookforward=lookforward,
+                        causal=False, rotary=rotary)
+
+
+def block_band_table(k: torch.Tensor, block_size: int, lookback: int,
+                     lookforward: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query block W sees key blocks W-lookback..W+lookforward (whole): a static selection table
+    (B, H_kv, NQ, lookback+lookforward+1), out-of-range blocks -1 (skipped by the kernel)."""
+    B, Hkv, T, _ = k.shape
+    nb = -(-T // block_size)
+    rows = torch.arange(nb, device=k.device)[:, None] + torch.arange(-lookback, lookforward + 1, device=k.device)
+    idx = torch.where((rows >= 0) & (rows < nb), rows, -1).to(torch.int32)
+    idx = idx.expand(B, Hkv, nb, idx.shape[-1]).contiguous()
+    counts = torch.full((B, Hkv, nb), idx.shape[-1], dtype=torch.int32, device=k.device)
+    return idx, counts
 
 
 def _output_node(pv_node: Node, probe: torch.Tensor, q: Node, what: str = "windowed attention") -> Union[Node, str]:
@@ -2206,11 +2394,13 @@ def _rewrite_windowed(graph: torch.fx.Graph, site: WindowedSite, anchor: Node, r
                                        (q, k, v, site.window, float(site.scale)))
             op = "bcpt.sliding_window_attention"
         else:
-            table = graph.call_function(local_block_table, (q, site.block, site.lookback))
+            table = graph.call_function(local_block_table, (q, site.block, site.lookback)) if site.causal \
+                else graph.call_function(block_band_table, (k, site.block, site.lookback, site.lookforward))
             idx = graph.call_function(operator.getitem, (table, 0))
             counts = graph.call_function(operator.getitem, (table, 1))
             call = graph.call_function(torch.ops.bcpt.nsa_selected_attention.default,
-                                       (q, k, v, idx, counts, site.block, site.block, True, float(site.scale)))
+                                       (q, k, v, idx, counts, site.block, site.block, site.causal,
+                                        float(site.scale)))
             op = "bcpt.nsa_selected_attention"
         out = graph.call_function(operator.getitem, (call, 0))
         if qv.dim() != 4:
@@ -2736,3 +2926,6 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, opts: BcptOptions, report
         old_inputs = list(node.all_input_nodes)
         node.replace_all_uses_with(out)
         erase_unused(node, *old_inputs)
+    for node in list(graph.nodes):
+        if node.meta.get(_SAMPLED_BLOCKS) and not node.users:  # sampled for a site that was refused
+            erase_unused(node)
