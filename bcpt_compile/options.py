@@ -8,6 +8,9 @@ from typing import Any, Mapping
 FAMILIES = ("sbl", "deepembed", "attention", "prefetch")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 DEEPEMBED_TABLES = ("gpu", "cpu")
+#: ``deepembed_tables`` inside a higher-order op's body (a checkpointed region) when the user
+#: chose "cpu": tables are used where they live, no prefetch (a recompute would gather twice).
+BODY_HOST_TABLES = "cpu-no-prefetch"
 
 
 @dataclasses.dataclass(frozen=True)

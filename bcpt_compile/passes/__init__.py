@@ -14,7 +14,7 @@ import torch
 import torch.fx
 
 from .._logging import log
-from ..options import BcptOptions
+from ..options import BODY_HOST_TABLES, BcptOptions
 from ..report import Report
 from . import attention, deepembed, sbl
 
@@ -93,7 +93,7 @@ def run_passes(gm: torch.fx.GraphModule, opts: BcptOptions, *, body: bool = Fals
         for miss in local.misses:
             log.info("near-miss [%s] %s at %s", miss.family, miss.reason, miss.source)
         report.extend(local)
-    inner_opts = dataclasses.replace(opts, deepembed_tables="gpu")
+    inner_opts = dataclasses.replace(opts, deepembed_tables="gpu" if opts.deepembed_tables == "gpu" else BODY_HOST_TABLES)
     for sub in list(_bodies(gm)):
         report.extend(run_passes(sub, inner_opts, body=True))
     return report

@@ -14,8 +14,10 @@ The squared relu is required on the output-scale form: it is what makes the patt
 FFN and not any ``linear * embedding``, whose owner may want its own kernel.
 
 Every rewritten site gets the row plan of its ``idx`` (``bcpt.row_plan``, inserted once per
-``idx`` right after the graph inputs and shared by all layers): it checks ``idx`` once and
-groups the tokens by row for the row-sparse table gradients (one sort per step, not per layer).
+``idx`` right after the graph inputs, or after the lookups through ``idx`` by other rules that
+precede the first site, such as a token embedding ``tok.weight[idx]``, so that a bad ``idx``
+raises their error as in eager; shared by all layers): it checks ``idx`` once and groups the tokens by row for the row-sparse
+table gradients (one sort per step, not per layer).
 
 With ``deepembed_tables="cpu"`` a table that lives on the host is reached through
 ``bcpt.gather_rows(table, plan, device, grad_mode)``; the prefetch pass then splits every
@@ -34,9 +36,10 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ..options import BcptOptions
+from ..options import BODY_HOST_TABLES, BcptOptions
 from ..report import Report
 from .canonical import (
+    DROPOUT_FUNCTIONS,
     Node,
     arg,
     erase_unused,
@@ -224,6 +227,9 @@ def _where(table_val: torch.Tensor, compute: torch.device, opts: BcptOptions) ->
     if table_val.device.type == "cpu" and compute.type == "cuda":
         if opts.deepembed_tables == "cpu":
             return ("host", "")
+        if opts.deepembed_tables == BODY_HOST_TABLES:
+            return ("table is in host memory inside a checkpointed (higher-order op) body, where rows are not "
+                    "prefetched: move the embedding lookup out of the checkpoint")
         return "table is in host memory; deepembed_tables='cpu' prefetches its rows"
     return f"table on {table_val.device} and compute on {compute}"
 
@@ -271,6 +277,26 @@ class _Rewriter:
             return last_ph
         return node
 
+    def _after_earlier_lookups(self, where: Node, key: tuple, at: Node) -> Node:
+        """``where``, or the last lookup through ``idx`` before ``at`` that checks it by other rules
+        (a token embedding ``tok(idx)`` of another size or spelling, an earlier plan) if later:
+        eager raises a bad idx's error at the first lookup, so the plan's check, whose message
+        follows ``key = (idx, rows, indexing)``, must not run before those."""
+        idx = key[0]
+        plans = {plan for plan_key, plan in self.plans.items() if plan_key[0] is idx}
+        seen_where = False
+        for n in self.graph.nodes:
+            if n is at:
+                break
+            if not seen_where:
+                seen_where = n is where
+                continue
+            g = gather_of(n) if n not in plans else None
+            if n in plans or (isinstance(g, Gather) and g.idx is idx
+                              and (idx, example_value(g.table).shape[0], g.indexing) != key):
+                where = n
+        return where
+
     def table_operands(self, g: Gather, at: Node, compute: torch.device, host: bool):
         """(table, idx, indexing, plan, slots) for the fused op: the table itself, or the host
         table's rows gathered to ``compute`` (slot-indexed, ``idx`` the tokens' slots)."""
@@ -279,7 +305,7 @@ class _Rewriter:
         key = (idx, rows, g.indexing)
         plan = self.plans.get(key)
         if plan is None:
-            where, idx_val = self._after_inputs(idx), example_value(idx)
+            where, idx_val = self._after_earlier_lookups(self._after_inputs(idx), key, at), example_value(idx)
             if not idx_val.is_contiguous():  # idx[:, -1]: the kernels read idx flat
                 with self.graph.inserting_after(where):
                     idx = where = self.graph.call_method("contiguous", (idx,))
@@ -313,7 +339,7 @@ class _Rewriter:
             if lin is not None and g is not None:
                 break
         else:
-            reason = _hidden_rows_reason(ops)
+            reason = _hidden_rows_reason(ops) or _dropout_on_value_reason(ops)
             if reason is not None:
                 self.report.add_miss(FAMILY, mul, reason)
             return
@@ -534,6 +560,18 @@ def _hidden_rows_reason(ops: tuple) -> str | None:
         if squared_relu_of(sq, loose=True) is not None and isinstance(gather_of(rows), Gather):
             return ("the rows scale the hidden relu(key(x)) ** 2 before the value projection "
                     "(value(k * emb(idx))): no fused op for this form")
+    return None
+
+
+def _dropout_on_value_reason(ops: tuple) -> str | None:
+    """Why ``dropout(value(relu(key(x)) ** 2)) * emb(idx)`` is left: in training the dropout's
+    random mask sits between the GEMM and its epilogue (in eval mode it is looked through)."""
+    for d, rows in (ops, ops[::-1]):
+        if not (is_function(d, *DROPOUT_FUNCTIONS) and isinstance(gather_of(_token_rows(rows)), Gather)):
+            continue
+        lin = linear_of(_through_value_identities(d.args[0]))
+        if lin is not None and squared_relu_of(lin.x, loose=True) is not None:
+            return "dropout on the value projection is active (training): its random mask is not modelled"
     return None
 
 
