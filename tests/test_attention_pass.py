@@ -1424,9 +1424,9 @@ def forward(self, L_q_, L_k_, L_v_):
     tensor = seq.reshape([4, 16])
     tensor_1 = tensor.reshape([1, 4, 16])
     tensor_5 = tensor_1.reshape([1, 4, 16, 1])
-    block_band_table = bcpt_compile_passes_attention_block_band_table(l_k_, 16, 1, 1)
-    getitem_1 = block_band_table[0]
-    getitem_2 = block_band_table[1]
+    local_block_table = bcpt_compile_lowering_attention_local_block_table(l_k_, 16, 1, 1)
+    getitem_1 = local_block_table[0]
+    getitem_2 = local_block_table[1]
     nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_1, getitem_2, 16, 16, False, 0.25)
     getitem_3 = nsa_selected_attention_default[0]
     return (getitem_3,)

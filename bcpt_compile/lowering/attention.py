@@ -148,17 +148,18 @@ def topk_to_indices(idx: Tensor, batch: int, kv_heads: int) -> tuple[Tensor, Ten
     return idx, counts
 
 
-def local_block_table(q: Tensor, block_size: int, lookback: int) -> tuple[Tensor, Tensor]:
-    """Block-local attention (query block W sees key blocks W-lookback..W) as a static selection table.
+def local_block_table(t: Tensor, block_size: int, lookback: int, lookforward: int = 0) -> tuple[Tensor, Tensor]:
+    """Block-local attention (query block W sees key blocks W-lookback..W+lookforward) as a static
+    selection table, sized by ``t``'s batch and heads (the K/V heads the kernel indexes).
 
     Out-of-range blocks are -1 (skipped by the kernel), so every row has the same width.
     """
-    B, H, T, _ = q.shape
+    B, H, T, _ = t.shape
     nq = _cdiv(T, block_size)
-    rows = torch.arange(nq, device=q.device)[:, None] - torch.arange(lookback, -1, -1, device=q.device)[None, :]
-    idx = torch.where(rows >= 0, rows, -1).to(torch.int32)
-    idx = idx.expand(B, H, nq, lookback + 1).contiguous()
-    counts = torch.full((B, H, nq), lookback + 1, dtype=torch.int32, device=q.device)
+    rows = torch.arange(nq, device=t.device)[:, None] + torch.arange(-lookback, lookforward + 1, device=t.device)[None, :]
+    idx = torch.where((rows >= 0) & (rows < nq), rows, -1).to(torch.int32)
+    idx = idx.expand(B, H, nq, lookback + lookforward + 1).contiguous()
+    counts = torch.full((B, H, nq), lookback + lookforward + 1, dtype=torch.int32, device=t.device)
     return idx, counts
 
 

@@ -2328,19 +2328,6 @@ def _non_causal_local(q: Node, k: Node, v: Node, scale: float, i: torch.Tensor, 
                         causal=False, rotary=rotary)
 
 
-def block_band_table(k: torch.Tensor, block_size: int, lookback: int,
-                     lookforward: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query block W sees key blocks W-lookback..W+lookforward (whole): a static selection table
-    (B, H_kv, NQ, lookback+lookforward+1), out-of-range blocks -1 (skipped by the kernel)."""
-    B, Hkv, T, _ = k.shape
-    nb = -(-T // block_size)
-    rows = torch.arange(nb, device=k.device)[:, None] + torch.arange(-lookback, lookforward + 1, device=k.device)
-    idx = torch.where((rows >= 0) & (rows < nb), rows, -1).to(torch.int32)
-    idx = idx.expand(B, Hkv, nb, idx.shape[-1]).contiguous()
-    counts = torch.full((B, Hkv, nb), idx.shape[-1], dtype=torch.int32, device=k.device)
-    return idx, counts
-
-
 def _output_node(pv_node: Node, probe: torch.Tensor, q: Node, what: str = "windowed attention") -> Union[Node, str]:
     """Follow data movement after P @ V back to q's layout, proving by probe that token ids land home.
 
@@ -2395,7 +2382,7 @@ def _rewrite_windowed(graph: torch.fx.Graph, site: WindowedSite, anchor: Node, r
             op = "bcpt.sliding_window_attention"
         else:
             table = graph.call_function(local_block_table, (q, site.block, site.lookback)) if site.causal \
-                else graph.call_function(block_band_table, (k, site.block, site.lookback, site.lookforward))
+                else graph.call_function(local_block_table, (k, site.block, site.lookback, site.lookforward))
             idx = graph.call_function(operator.getitem, (table, 0))
             counts = graph.call_function(operator.getitem, (table, 1))
             call = graph.call_function(torch.ops.bcpt.nsa_selected_attention.default,
