@@ -61,8 +61,8 @@ from torch.fx.experimental.symbolic_shapes import guard_bool, statically_known_t
 from ..lowering.attention import block_mask_to_indices, local_block_table, topk_to_indices
 from ..options import BcptOptions
 from ..report import Report
-from .canonical import (INPLACE_FUNCTIONS, Node, add_operands, arg, erase_unused, example_value, is_function,
-                        is_method, mul_operands)
+from .canonical import (Node, add_operands, arg, erase_unused, example_value, is_function,
+                        is_method, mul_operands, writes_in_place)
 
 FAMILY = "attention"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -744,14 +744,6 @@ _RANDOM_NAMES = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomi
                  "geometric", "log_normal", "random")
 
 
-def _is_inplace(node: Node) -> bool:
-    if node.op == "call_method":
-        return str(node.target).endswith("_")
-    return node.op == "call_function" and (node.target in INPLACE_FUNCTIONS or (
-        str(getattr(node.target, "__name__", "")).endswith("_")
-        and getattr(node.target, "__module__", None) not in ("_operator", "operator")))
-
-
 def _ancestors(node: Node) -> set:
     out, stack = set(), [node]
     while stack:
@@ -779,7 +771,7 @@ def _constant_value(node: Node) -> Optional[torch.Tensor]:
     mine = _ancestors(node)
     replay, written_from_outside = set(mine), []
     for n in node.graph.nodes:
-        if not _is_inplace(n) or not n.args or not isinstance(n.args[0], Node) \
+        if not writes_in_place(n) or not n.args or not isinstance(n.args[0], Node) \
                 or _depends_on_input(n.args[0], memo):
             continue
         if _depends_on_input(n, memo):  # a computed value written into a constant
@@ -1406,11 +1398,7 @@ def _writes(user: Node, node: Node, depth: int = 8) -> bool:
     """Whether ``user`` writes ``node`` in place, directly or through a view of it."""
     if user in _READ_WRITES:
         return False
-    if user.op == "call_method" and str(user.target).endswith("_") and user.args and user.args[0] is node:
-        return True
-    if user.op == "call_function" and user.args and user.args[0] is node and (user.target in INPLACE_FUNCTIONS or (
-            str(getattr(user.target, "__name__", "")).endswith("_")
-            and getattr(user.target, "__module__", None) not in ("_operator", "operator"))):
+    if writes_in_place(user) and user.args[0] is node:
         return True
     if depth and user.args and user.args[0] is node and (
             is_method(user, *_VIEW_METHODS, *_ALIAS_METHODS) or is_function(user, *_ALIAS_FUNCS)):
@@ -1480,7 +1468,7 @@ def _complementary_setitems(node: Node, reader: Node) -> Optional[tuple[Node, bo
     the gate's earlier values and writes only chose m)."""
     order = {n: idx for idx, n in enumerate(node.graph.nodes)}
     writes = sorted((u for u in node.users if _writes(u, node)), key=order.__getitem__)
-    if len(writes) < 2 or order[writes[-1]] > order[reader] or not all(_is_inplace(u) for u in writes):
+    if len(writes) < 2 or order[writes[-1]] > order[reader] or not all(writes_in_place(u) for u in writes):
         return None  # a write through a view would run at a time its view node does not show
     prev, last = writes[-2:]
     masks = [_setitem_mask(u, node) for u in (prev, last)]

@@ -320,6 +320,25 @@ INPLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.im
                      operator.iand, operator.ior, operator.ixor)
 
 
+def writes_in_place(node: Any) -> bool:
+    """``node`` writes its first argument in place: ``x.add_(y)``, ``torch.relu_(x)``, ``y += r``,
+    ``s[m] = v``, ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``. The one test both the
+    fused ops' clone-before-write check and the attention pass's write checks use."""
+    if not isinstance(node, Node) or not node.args:
+        return False
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("__")
+    if node.op == "call_function":
+        name = str(getattr(node.target, "__name__", ""))
+        if node.target in INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
+            return True
+        if name.endswith("_") and not name.startswith("__") \
+                and getattr(node.target, "__module__", None) not in ("_operator", "operator"):
+            return True
+    return is_inplace_relu(node)
+
+
 def mutated_later(node: Node) -> bool:
     """Some later op writes ``node``'s result (or a view of it) in place: ``y += r`` on the
     FFN's output, ``out.view(...).add_(b)``. Aliases are found by storage, as Dynamo records them."""
@@ -333,9 +352,7 @@ def mutated_later(node: Node) -> bool:
         user = stack.pop()
         if user in aliases:
             continue
-        writes = is_function(user, *INPLACE_FUNCTIONS) or is_inplace_relu(user) or (
-            user.op == "call_method" and str(user.target).endswith("_"))
-        if writes and user.args and user.args[0] in aliases:
+        if writes_in_place(user) and user.args[0] in aliases:
             return True
         uval = example_value(user)
         try:
