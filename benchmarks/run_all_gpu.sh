@@ -23,3 +23,4 @@ run sbl_overhead 60 python3 benchmarks/cpu_overhead_sbl.py
 run example 100 python3 examples/tiny_onn_sbl.py
 run attention 300 python3 benchmarks/bench_attention.py --budget 200
 run deepembed 200 python3 benchmarks/bench_deepembed.py
+run prefetch_overhead 90 python3 benchmarks/host_overhead_prefetch.py
