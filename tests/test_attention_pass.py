@@ -325,6 +325,31 @@ def hf_cache_position_window(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, :, :t])
 
 
+def hf_vmap_mask_function_window(q, k, v):
+    """HF 4.5x's ``masking_utils`` with torch >= 2.6: mask functions of (batch, head, q, kv)
+    indices combined with ``&`` and mapped over a 4-D grid by nested ``torch.vmap``
+    (causal and a sliding window of 12, as Mistral / Qwen2 build theirs)."""
+    t = q.shape[-2]
+
+    def causal(b, h, qi, kv):
+        return kv <= qi
+
+    def window(b, h, qi, kv):
+        return kv > qi - 12
+
+    def both(b, h, qi, kv):
+        result = qi.new_ones((), dtype=torch.bool)
+        for fn in (window, causal):
+            result = result & fn(b, h, qi, kv).to(result.device)
+        return result
+
+    grid = both
+    for dims in ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)):
+        grid = torch.vmap(grid, in_dims=dims, out_dims=0)
+    mask = grid(torch.arange(q.shape[0]), torch.arange(1), torch.arange(t), torch.arange(t))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def index_grid_4d_window(q, k, v):
     """Mask-function style: 4-D broadcast index grids, kv <= q and kv > q - w, as an SDPA bool mask."""
     t = q.shape[-2]
@@ -975,6 +1000,18 @@ the scores are written in place by setitem (read as masking only as s[m] = -inf 
             calls = [line.split("(", 1)[1] for line in code.splitlines() if "bcpt." in line]
             self.assertEqual(calls, [f"l_q_, l_k_, l_v_, {window}, 0.25)"])
             _compiled_vs_eager(fn, [q, k, v])
+
+    def test_vmap_mask_functions_are_evaluated(self):
+        """transformers' mask functions under nested vmap (checked against MistralModel and
+        Qwen2Model of transformers 4.57 with sliding_window=16: 5e-7 from eager): the replay runs
+        the vmap level calls, which no mask node depends on, and closes any level it opened."""
+        q, k, v = _qkv()
+        code = rewritten_graph(hf_vmap_mask_function_window, q, k, v)
+        calls = [line.strip() for line in code.splitlines() if "bcpt." in line]
+        self.assertEqual(len(calls), 1)
+        self.assertIn("sliding_window_attention.default(l_q_, l_k_, l_v_, 12, 0.25)", calls[0])
+        _compiled_vs_eager(hf_vmap_mask_function_window, [q, k, v])
+        self.assertIsNone(torch._C._functorch.maybe_current_level())
 
     def test_index_grids_loops_and_abs_bands_are_evaluated(self):
         q, k, v = _qkv(h=4, hkv=4)

@@ -779,6 +779,7 @@ def _constant_value(node: Node) -> Optional[torch.Tensor]:
             replay |= _ancestors(n.args[0])
         else:
             replay |= _ancestors(n)
+    replay |= _vmap_levels(node.graph, replay)
     for n in replay:
         name = str(getattr(n.target, "__name__", n.target))
         if any(r in name for r in _RANDOM_NAMES):
@@ -801,6 +802,7 @@ def _constant_value(node: Node) -> Optional[torch.Tensor]:
             return {k: value(i) for k, i in x.items()}
         return x
 
+    level = torch._C._functorch.maybe_current_level()
     try:
         for n in node.graph.nodes:
             if n in readers:
@@ -818,13 +820,33 @@ def _constant_value(node: Node) -> Optional[torch.Tensor]:
         raise
     except Exception as exc:  # an op we cannot replay outside the graph
         raise NotAMask(f"constant mask {_name(node)} could not be evaluated ({type(exc).__name__})") from None
-    storages = {env[n].untyped_storage().data_ptr() for n in mine if isinstance(env.get(n), torch.Tensor)}
+    finally:
+        while torch._C._functorch.maybe_current_level() != level:  # vmap levels a failed replay left open
+            torch._C._functorch._vmap_decrement_nesting()
+    storages = {env[n].untyped_storage().data_ptr() for n in mine if isinstance(env.get(n), torch.Tensor)
+                and not torch._C._functorch.is_batchedtensor(env[n])}  # vmap's batched views own no storage
     if any(isinstance(env.get(c), torch.Tensor) and env[c].untyped_storage().data_ptr() in storages
            for c in written_from_outside):
         raise NotAMask(f"constant mask {_name(node)} is written in place by a computed value")
     if not all(isinstance(x, torch.Tensor) for x in seen) or any(not torch.equal(seen[0], x) for x in seen[1:]):
         raise NotAMask(f"constant mask {_name(node)} is written in place between its readers")
     return seen[0]
+
+
+_VMAP_LEVEL_CALLS = ("_vmap_increment_nesting", "_vmap_decrement_nesting")
+
+
+def _vmap_levels(graph: torch.fx.Graph, replay: set) -> set:
+    """Every vmap level call of the graph when the replay holds batched tensors (a mask function
+    under ``torch.vmap``, as HF's ``masking_utils`` builds masks): ``_add_batch_dim`` takes its
+    level as a constant, so the calls that open and close the levels are nobody's ancestors,
+    yet the replay needs them, in graph order, to run the batched ops."""
+    def name(n: Node) -> str:
+        return str(getattr(n.target, "__name__", "")) if n.op == "call_function" else ""
+
+    if not any(name(n) in ("_add_batch_dim", "_remove_batch_dim") for n in replay):
+        return set()
+    return {n for n in graph.nodes if name(n) in _VMAP_LEVEL_CALLS}
 
 
 def _band_of(visible: torch.Tensor, what: str) -> Visible:
