@@ -572,6 +572,10 @@ def _read_mask(node: Any, positive: bool) -> Visible:
     if expansion is not None:  # per-token selection: the key dim only
         bm, size = expansion
         return Visible(block=BlockTerm(bm, size, negate=not positive, query_block=1))
+    inputs = sorted(str(n.target) for n in _ancestors(node) if n.op == "placeholder")
+    if inputs:  # e.g. transformers' mask from a padding ``attention_mask``
+        raise NotAMask(f"mask term {_name(node)} is computed from graph input {', '.join(inputs[:2])} (a padding "
+                       "mask?): not a causal/band bound or a block-expanded mask, and not constant")
     raise NotAMask(f"mask term {_name(node)} is not a causal/band bound or a block-expanded mask")
 
 
