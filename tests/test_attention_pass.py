@@ -837,7 +837,7 @@ block mask has 4 heads but K/V have 2: the query heads of a KV group do not shar
 block size 8 is not a power of two >= 16
 diagonal band -4 <= j - i <= 4 is not a causal sliding window (keys up to i+4 visible: the window kernel is causal only)
 dropout_p=0.1 is not supported
-mask term 'L_user_mask_' is a graph input, its pattern cannot be read at compile time
+mask term 'L_user_mask_' is a graph input (passed in, or built before a graph break), its pattern cannot be read at compile time
 the attention probabilities have other users (the dense T x T matrix is needed anyway)""")
 
     def test_mistral_log_band_bias(self):

@@ -496,7 +496,8 @@ def _read_mask(node: Any, positive: bool) -> Visible:
     if not isinstance(node, Node):
         raise NotAMask(f"mask is a constant {node!r}")
     if node.op == "placeholder" or node.op == "get_attr":
-        raise NotAMask(f"mask term '{node.target}' is a graph input, its pattern cannot be read at compile time")
+        raise NotAMask(f"mask term '{node.target}' is a graph input (passed in, or built before a graph break), "
+                       "its pattern cannot be read at compile time")
     if any(_writes(u, node) for u in node.users):
         raise NotAMask(f"mask term {_name(node)} is written in place, its pattern cannot be read at compile time")
     if is_method(node, "eq") or is_function(node, operator.eq, torch.eq):
@@ -669,7 +670,8 @@ def _read_bias(bias: Any) -> Visible:
     if _is_zeros(bias):
         return Visible()  # a zero bias (Bloom's baddbmm input without ALiBi) hides nothing
     if bias.op == "placeholder":
-        raise NotAMask(f"additive mask '{bias.target}' is a graph input, its pattern cannot be read at compile time")
+        raise NotAMask(f"additive mask '{bias.target}' is a graph input (passed in, or built before a graph break), "
+                       "its pattern cannot be read at compile time")
     raise NotAMask(f"additive mask {_name(bias)} is not where(mask, 0, -inf) or zeros.masked_fill(mask, -inf)")
 
 
