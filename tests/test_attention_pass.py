@@ -1416,7 +1416,7 @@ def forward(self, L_q_, L_k_, L_v_):
     l_q_ = L_q_
     l_k_ = L_k_
     l_v_ = L_v_
-    local_block_table = bcpt_compile_lowering_attention_local_block_table(l_q_, 16, 1)
+    local_block_table = bcpt_compile_lowering_attention_local_block_table(l_k_, 16, 1, 0)
     getitem_1 = local_block_table[0]
     getitem_2 = local_block_table[1]
     nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(l_q_, l_k_, l_v_, getitem_1, getitem_2, 16, 16, True, 0.25)
@@ -1523,7 +1523,7 @@ def forward(self, L_q_, L_k_, L_v_, L_self_modules_rel_pos_buffers_inv_freq_):
     mul_11 = l_k_ * cos_2
     mul_12 = cat_8 * sin_2
     add_3 = mul_11 + mul_12
-    local_block_table = bcpt_compile_lowering_attention_local_block_table(add_2, 16, 1)
+    local_block_table = bcpt_compile_lowering_attention_local_block_table(add_3, 16, 1, 0)
     getitem_10 = local_block_table[0]
     getitem_11 = local_block_table[1]
     nsa_selected_attention_default = torch.ops.bcpt.nsa_selected_attention.default(add_2, add_3, l_v_, getitem_10, getitem_11, 16, 16, True, 0.25)

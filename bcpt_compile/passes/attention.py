@@ -2397,8 +2397,7 @@ def _rewrite_windowed(graph: torch.fx.Graph, site: WindowedSite, anchor: Node, r
                                        (q, k, v, site.window, float(site.scale)))
             op = "bcpt.sliding_window_attention"
         else:
-            table = graph.call_function(local_block_table, (q, site.block, site.lookback)) if site.causal \
-                else graph.call_function(local_block_table, (k, site.block, site.lookback, site.lookforward))
+            table = graph.call_function(local_block_table, (k, site.block, site.lookback, site.lookforward))
             idx = graph.call_function(operator.getitem, (table, 0))
             counts = graph.call_function(operator.getitem, (table, 1))
             call = graph.call_function(torch.ops.bcpt.nsa_selected_attention.default,
