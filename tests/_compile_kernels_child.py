@@ -59,11 +59,14 @@ CASES = [
                                     TMA=False, **NO_PERMS)),
     (bg._dense_forward_kernel, dict(TILE, BK=64, HAS_BIAS=True, HAS_MASK=False, SAVE_Z=True, PROGRAMS=132,
                                     INT64=False, SPAN=2, GROUP_M=8, EVEN_K=False, TMA=True, **NO_PERMS)),
-    (bg._dx_kernel, dict(TILE, BK=128, BC=64, HAS_PERM=True, HAS_COL_PERM=True, EVEN=False)),
-    (bg._dx_kernel, dict(TILE, BK=256, BC=64, EVEN=True, **NO_PERMS)),
+    (bg._dx_kernel, dict(TILE, BK=128, BC=64, HAS_PERM=True, HAS_COL_PERM=True, EVEN=False, TMA=False)),
+    (bg._dx_kernel, dict(TILE, BK=256, BC=64, EVEN=True, TMA=False, **NO_PERMS)),
+    (bg._dx_kernel, dict(TILE, BK=256, BC=64, EVEN=False, TMA=True, **NO_PERMS)),  # CUDA_CONFIGS["dx"]
     (bg._dw_kernel, dict(TILE, BK=128, BC=64, HAS_PERM=True, HAS_COL_PERM=False, col_perm_ptr=None, NEED_DB=True,
-                         EVEN=False)),
-    (bg._dw_kernel, dict(TILE, BK=256, BC=64, NEED_DB=False, db_ptr=None, EVEN=True, **NO_PERMS)),
+                         EVEN=False, TMA=False)),
+    (bg._dw_kernel, dict(TILE, BK=256, BC=64, NEED_DB=False, db_ptr=None, EVEN=True, TMA=False, **NO_PERMS)),
+    (bg._dw_kernel, dict(TILE, BK=256, BC=64, NEED_DB=True, EVEN=False, TMA=True, **NO_PERMS)),  # CUDA_CONFIGS["dw"]
+    (bg._dw_kernel, dict(TILE, BK=256, BC=64, NEED_DB=False, db_ptr=None, EVEN=True, TMA=True, **NO_PERMS)),
 ]
 
 

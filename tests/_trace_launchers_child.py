@@ -64,6 +64,7 @@ def main() -> int:
                        for d in n.meta["val"].shape):
                 failures.append(f"{name} reorder={reorder}: shapes were not symbolic")
     failures += _dense_tma_forward()
+    failures += _dense_tma_backward()
     failures += _deepembed_forward()
     failures += _deepembed_backward()
     print("\n".join(failures) or "traced")
@@ -86,6 +87,35 @@ def _dense_tma_forward() -> list:
             return [f"dense TMA forward: {type(exc).__name__}: {exc}"]
     flags = [n.kwargs["kwargs"].get("TMA") for n in _launches(gm)]
     return [] if True in flags else [f"dense TMA forward: no launch traced with TMA=True ({flags})"]
+
+
+def _dense_tma_backward() -> list:
+    """The backward's dense dx / dW loops with tensor-descriptor loads (bf16, forced): the
+    alignment test of G' (fresh, (M, N)), W and x must hold on symbolic sizes, and both
+    launches must be traced with TMA on."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    M, N, K, block = 100, 48, 32, 16
+    x, w, b = torch.randn(M, K).bfloat16(), torch.randn(N, K).bfloat16(), torch.randn(N).bfloat16()
+    s, dy, z = torch.randn(M, N).bfloat16(), torch.randn(M, N).bfloat16(), torch.randn(M, N).bfloat16()
+    state = torch.zeros(sbl_op.tile_state_size(M, N, block), dtype=torch.int32)
+    none = torch.empty(0, dtype=torch.int32)
+
+    def backward(dy, x, w, b, s, state, z):
+        return sbl_op._backward_grads(dy, x, w, b, s, None, state, none, none, z, 0.0, block, 0.0,
+                                      [True, True, True, True])
+
+    with mock.patch.object(bg, "DENSE_TMA", True):
+        try:
+            gm = make_fx(backward, tracing_mode="symbolic")(dy, x, w, b, s, state, z)
+        except Exception as exc:
+            return [f"dense TMA backward: {type(exc).__name__}: {exc}"]
+    flags = {kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__: n.kwargs["kwargs"].get("TMA")
+             for n in _launches(gm)}
+    wanted = {"_dx_kernel": True, "_dw_kernel": True}
+    if {k: flags.get(k) for k in wanted} != wanted:
+        return [f"dense TMA backward: dx / dW not traced with TMA=True ({flags})"]
+    return []
 
 
 def _deepembed_forward() -> list:

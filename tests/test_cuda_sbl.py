@@ -91,7 +91,7 @@ def test_dense_forward_with_tensor_descriptors_matches_eager(M, K, N, graphs):
     from bcpt_compile.kernels import sbl_block_gemm as bg
 
     args = _inputs(torch.bfloat16, M=M, K=K, N=N)
-    assert not torch.cuda.get_device_capability() >= (9, 0) or bg._dense_tma(args[0], args[1], _no_perm_bcat(args[3]))
+    assert not torch.cuda.get_device_capability() >= (9, 0) or bg._dense_tma((args[0], args[1]), _no_perm_bcat(args[3]))
     ref = sbl(*args)
     dy = torch.randn_like(ref)
     ref_g = torch.autograd.grad(ref, args, dy)
@@ -105,6 +105,30 @@ def test_dense_forward_with_tensor_descriptors_matches_eager(M, K, N, graphs):
         assert _rel(out, ref) <= 1e-2
         for name, a, b in zip("x w b s".split(), got_g, ref_g):
             assert _rel(a, b) <= 1e-2, name
+
+
+@pytest.mark.parametrize("M,K,N", [(700, 192, 520), (333, 136, 1000), (333, 136, 1001)])
+def test_dense_backward_with_tensor_descriptors_matches_eager(M, K, N):
+    """crossover 0: dx and dW run their dense loops, which on Hopper load G', W and x through
+    device-side descriptors; with N = 1001 the rows of G' are not 16-byte aligned, and they take
+    pointer loads (the forward still uses descriptors)."""
+    from bcpt_compile.kernels import sbl_block_gemm as bg
+
+    args = _inputs(torch.bfloat16, M=M, K=K, N=N)
+    g = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")  # G', as the backward allocates it
+    bcat = _no_perm_bcat(args[3])
+    tma = torch.cuda.get_device_capability() >= (9, 0) and N % 8 == 0
+    assert bg._dense_tma((g, args[1]), bcat) == tma and bg._dense_tma((g, args[0]), bcat) == tma
+    ref = sbl(*args)
+    dy = torch.randn_like(ref)
+    ref_g = torch.autograd.grad(ref, args, dy)
+    torch._dynamo.reset()
+    fn = torch.compile(sbl, backend="bcpt", options={"density_crossover": 0.0})
+    out = fn(*args)
+    got_g = torch.autograd.grad(out, args, dy)
+    assert _rel(out, ref) <= 1e-2
+    for name, a, b in zip("x w b s".split(), got_g, ref_g):
+        assert _rel(a, b) <= 1e-2, name
 
 
 def _no_perm_bcat(gate):

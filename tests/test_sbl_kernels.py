@@ -33,8 +33,11 @@ def _rel(a, ref):
     return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _check(x, w, b, s, mask=None, threshold=0.0, block=16, crossover=1.0, reorder=False, tol=1e-5, save_product=True):
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, s)] + ([b.detach().clone().requires_grad_()] if b is not None else [])
+def _check(x, w, b, s, mask=None, threshold=0.0, block=16, crossover=1.0, reorder=False, tol=1e-5, save_product=True,
+           keep_layout=False):
+    """keep_layout: the leaves keep the inputs' strides and storage offsets (no clone)."""
+    leaf = (lambda t: t.detach().requires_grad_()) if keep_layout else (lambda t: t.detach().clone().requires_grad_())
+    leaves = [leaf(t) for t in (x, w, s)] + ([leaf(b)] if b is not None else [])
     xl, wl, sl = leaves[:3]
     bl = leaves[3] if b is not None else None
     y = op(xl, wl, bl, sl, mask, threshold, block, crossover, reorder, save_product)
@@ -102,9 +105,68 @@ def test_dense_path_tma_loads_match(poisoned, monkeypatch, M, N, K, dtype):
     x, w, b, s = _inputs(M, N, K, dtype, seed=12, density_shift=1.5)
     s[:16, 16:32] = -1.0
     bcat = bc.empty_bcat(s, 16, 0.0)
-    assert bg._dense_tma(x, w, bcat) and not bg._dense_tma(x.float(), w.float(), bcat)
-    assert not bg._dense_tma(x[:, 1:], w[:, 1:], bcat), "misaligned rows must take pointer loads"
+    assert bg._dense_tma((x, w), bcat) and not bg._dense_tma((x.float(), w.float()), bcat)
+    assert not bg._dense_tma((x[:, 1:], w[:, 1:]), bcat), "misaligned rows must take pointer loads"
     _check(x, w, b, s, crossover=0.0, tol=1e-2)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """(kernel name, constexpr kwargs) of each launch from sbl_block_gemm, in order."""
+    seen = []
+
+    def recording(kernel, t):
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    seen.append((kernel.fn.__name__, kwargs))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Launcher()
+
+    monkeypatch.setattr(bg, "launchable", recording)
+    return seen
+
+
+def _tma_flags(launches):
+    return {name: kwargs["TMA"] for name, kwargs in launches if "TMA" in kwargs}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M, N, K", [(37, 40, 24), (50, 56, 40)])
+def test_dense_backward_tma_loads_match(poisoned, monkeypatch, launches, M, N, K, dtype):
+    """crossover 0: the backward's dense dx / dW loops load G', W and x through tensor
+    descriptors (forced on under the interpreter); ragged edges are zero-filled by the
+    descriptors, and db is summed from the loaded G' tiles."""
+    monkeypatch.setattr(bg, "DENSE_TMA", True)
+    x, w, b, s = _inputs(M, N, K, dtype, seed=13, density_shift=1.5)
+    s[:16, 16:32] = -1.0  # an inactive tile: G' is zero there, the dense loops still read it
+    bcat = bc.empty_bcat(s, 16, 0.0)
+    g = torch.empty(M, N, dtype=dtype)  # G', as the backward allocates it
+    assert bg._dense_tma((g, w), bcat) and bg._dense_tma((g, x), bcat)
+    _check(x, w, b, s, crossover=0.0, tol=1e-2)
+    assert _tma_flags(launches) == {"_dense_forward_kernel": True, "_dx_kernel": True, "_dw_kernel": True}
+
+
+@pytest.mark.parametrize("misaligned", ["g", "x"])
+def test_dense_backward_refuses_tma_on_misaligned_operands(poisoned, monkeypatch, launches, misaligned):
+    """G' rows of N = 70 bf16 elements (140 bytes), or x at a 2-byte storage offset, are not
+    16-byte aligned: the kernels loading them take pointer loads, and stay right."""
+    monkeypatch.setattr(bg, "DENSE_TMA", True)
+    if misaligned == "g":
+        x, w, b, s = _inputs(37, 70, 24, torch.bfloat16, seed=14, density_shift=1.5)
+        expected = {"_dense_forward_kernel": True, "_dx_kernel": False, "_dw_kernel": False}
+    else:
+        x, w, b, s = _inputs(37, 40, 24, torch.bfloat16, seed=15, density_shift=1.5)
+        x = torch.cat([torch.zeros(37, 1, dtype=x.dtype), x, torch.zeros(37, 7, dtype=x.dtype)], 1)[:, 1:25]
+        assert x.stride() == (32, 1) and x.storage_offset() == 1
+        expected = {"_dense_forward_kernel": False, "_dx_kernel": True, "_dw_kernel": False}
+    bcat = bc.empty_bcat(s, 16, 0.0)
+    g = torch.empty(s.shape, dtype=x.dtype)
+    assert bg._dense_tma((g, w), bcat) == expected["_dx_kernel"]
+    assert not bg._dense_tma((g, x), bcat)
+    _check(x, w, b, s, crossover=0.0, tol=1e-2, keep_layout=True)
+    assert _tma_flags(launches) == expected
 
 
 def test_block_diagonal_mask_runs_at_block_diagonal_cost(poisoned):

@@ -15,7 +15,8 @@ R = where(keep, s, 0) with keep = mask, or s > threshold (NaN kept, as relu keep
 * ``_dx_kernel`` walks each row tile's active column tiles (dx = G' W),
   ``_dw_kernel`` each column tile's active row tiles (dW = G'^T x, db = colsum G').
 In the backward, once the active count reaches the density crossover (a device-side
-test), every tile counts as active and the same kernels run as dense GEMMs.
+test), every tile counts as active and the same kernels run as dense GEMMs (their operands
+loaded through tensor descriptors on Hopper, as the dense forward's).
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def _dx_kernel(
     M, N, K, Nt, dense_min,
     stride_wn, stride_wk, stride_dxm, stride_dxk,
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    BC: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr,
+    BC: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
 ):
     """EVEN (every dim a multiple of its tile): loads without masks, which pipeline best.
 
@@ -273,15 +274,24 @@ def _dx_kernel(
     (read from HBM once) and all of W (which stays in L2). Past the density crossover the
     loop walks every column BC at a time with no list: 64-deep steps keep three pipeline
     stages beside the 128x256 output tile, and no indirect load stalls the pipeline
-    (full density on the H200: 0.47 ms, was 0.59; cuBLAS 0.38)."""
+    (full density on the H200: 0.47 ms, was 0.59; cuBLAS 0.38). There, with TMA (as in
+    ``_dense_forward_kernel``: Hopper, no permutations, aligned rows), G' and W arrive
+    through tensor descriptors, which zero-fill past the edges."""
     tile_m = tl.program_id(1)
+    pid_k = tl.program_id(0)
     offs_m = tile_m * BM + tl.arange(0, BM)
-    offs_k = tl.program_id(0) * BK + tl.arange(0, BK)
+    offs_k = pid_k * BK + tl.arange(0, BK)
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     if tl.load(state_ptr) >= dense_min:  # every column, no list: no indirect load in the loop
-        for j in range(0, tl.cdiv(N, BC)):
-            acc = _dx_step(acc, g_ptr, w_ptr, col_perm_ptr, offs_m, j * BC + tl.arange(0, BC), offs_k, M, N, K,
-                           stride_wn, stride_wk, HAS_COL_PERM, PRECISION, EVEN)
+        if TMA:  # G' is contiguous (M, N), in tile space = user indexing (no permutations)
+            g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BC])
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BC, BK])
+            for j in range(0, tl.cdiv(N, BC)):
+                acc = mma(g_desc.load([tile_m * BM, j * BC]), w_desc.load([j * BC, pid_k * BK]), acc, PRECISION)
+        else:
+            for j in range(0, tl.cdiv(N, BC)):
+                acc = _dx_step(acc, g_ptr, w_ptr, col_perm_ptr, offs_m, j * BC + tl.arange(0, BC), offs_k, M, N, K,
+                               stride_wn, stride_wk, HAS_COL_PERM, PRECISION, EVEN)
     else:
         for i in range(0, tl.load(counts_ptr + tile_m)):  # whole blocks: fewer indirect loads
             offs_n = tl.load(cols_ptr + tile_m * Nt + i) * BN + tl.arange(0, BN)
@@ -332,10 +342,11 @@ def _dw_kernel(
     stride_xm, stride_xk, stride_dwn, stride_dwk,
     HAS_PERM: tl.constexpr, HAS_COL_PERM: tl.constexpr, NEED_DB: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, TMA: tl.constexpr,
 ):
     """EVEN (every dim a multiple of its tile): loads without masks, which pipeline best.
-    K blocks on grid axis 0 and BC-deep contraction steps, as in ``_dx_kernel``."""
+    K blocks on grid axis 0 and BC-deep contraction steps, and TMA past the density
+    crossover, as in ``_dx_kernel``."""
     tile_n = tl.program_id(1)
     pid_k = tl.program_id(0)
     offs_n = tile_n * BN + tl.arange(0, BN)
@@ -343,9 +354,18 @@ def _dw_kernel(
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     db = tl.zeros((BN,), dtype=tl.float32)
     if tl.load(state_ptr) >= dense_min:  # every row, no list: no indirect load in the loop
-        for j in range(0, tl.cdiv(M, BC)):
-            acc, db = _dw_step(acc, db, g_ptr, x_ptr, perm_ptr, j * BC + tl.arange(0, BC), offs_n, offs_k, M, N, K,
-                               stride_xm, stride_xk, HAS_PERM, NEED_DB, PRECISION, EVEN)
+        if TMA:  # G' is contiguous (M, N), in tile space = user indexing (no permutations)
+            g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, N], strides=[N, 1], block_shape=[BC, BN])
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BC, BK])
+            for j in range(0, tl.cdiv(M, BC)):
+                g = g_desc.load([j * BC, tile_n * BN])
+                acc = mma(g.T, x_desc.load([j * BC, pid_k * BK]), acc, PRECISION)
+                if NEED_DB:  # rows past M are zero-filled
+                    db += tl.sum(g.to(tl.float32), axis=0)
+        else:
+            for j in range(0, tl.cdiv(M, BC)):
+                acc, db = _dw_step(acc, db, g_ptr, x_ptr, perm_ptr, j * BC + tl.arange(0, BC), offs_n, offs_k,
+                                   M, N, K, stride_xm, stride_xk, HAS_PERM, NEED_DB, PRECISION, EVEN)
     else:
         for i in range(0, tl.load(counts_ptr + tile_n)):  # whole blocks: fewer indirect loads
             offs_m = tl.load(rows_ptr + tile_n * Mt + i) * BM + tl.arange(0, BM)
@@ -448,33 +468,34 @@ def sddmm_forward(x, weight, bias, gate, mask, threshold: float, bcat: BCAT, out
     launchable(_dense_forward_kernel, x)[(programs,)](
         *args, M, N, K, Mt, bcat.n_words, bcat.dense_min, float(threshold), *strides,
         PROGRAMS=programs, INT64=max(x.numel(), weight.numel(), gate.numel()) >= 2**31,
-        SPAN=DENSE_SPAN, GROUP_M=8, EVEN_K=K % cfg["BK"] == 0, TMA=_dense_tma(x, weight, bcat), **flags, **cfg,
+        SPAN=DENSE_SPAN, GROUP_M=8, EVEN_K=K % cfg["BK"] == 0, TMA=_dense_tma((x, weight), bcat), **flags, **cfg,
     )
     return y, z
 
 
-#: TMA operand loads in the dense forward: "auto" on Hopper and newer; True also under the
-#: interpreter (tests); False never.
+#: TMA operand loads in the dense forward and the backward's dense dx / dW loops: "auto" on
+#: Hopper and newer; True also under the interpreter (tests); False never.
 DENSE_TMA = "auto"
 
 
-def _dense_tma(x: torch.Tensor, weight: torch.Tensor, bcat: BCAT) -> bool:
-    """Whether the dense forward may load x and W through tensor descriptors: 16-bit operands
-    (a 64-deep step is one 128-byte swizzle row), unit inner strides, 16-byte aligned row
-    strides and offsets (a symbolic size is guarded on; an unbacked one means no), no row or
-    column permutation."""
+def _dense_tma(tensors: tuple[torch.Tensor, ...], bcat: BCAT) -> bool:
+    """Whether a dense loop may load ``tensors`` through tensor descriptors: 16-bit operands
+    of one dtype (a 64-deep step is one 128-byte swizzle row), unit inner strides, 16-byte
+    aligned row strides and offsets (a symbolic size is guarded on; an unbacked one means
+    no), no row or column permutation (G' is then in the user's indexing)."""
     if DENSE_TMA is False or bcat.perm is not None or bcat.col_perm is not None:
         return False
-    if x.is_cuda:
-        if DENSE_TMA == "auto" and torch.cuda.get_device_capability(x.device) < (9, 0):
+    first = tensors[0]
+    if first.is_cuda:
+        if DENSE_TMA == "auto" and torch.cuda.get_device_capability(first.device) < (9, 0):
             return False
     elif DENSE_TMA is not True:
         return False
-    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+    if first.dtype not in (torch.bfloat16, torch.float16) or any(t.dtype != first.dtype for t in tensors):
         return False
-    size = x.element_size()
+    size = first.element_size()
     aligned = all(guard_or_false(t.stride(1) == 1) and guard_or_false((t.stride(0) * size) % 16 == 0)
-                  and guard_or_false((t.storage_offset() * size) % 16 == 0) for t in (x, weight))
+                  and guard_or_false((t.storage_offset() * size) % 16 == 0) for t in tensors)
     if aligned:
         ensure_triton_allocator()
     return aligned
@@ -519,7 +540,8 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
                 g, weight, dx, perm, col_perm, row_counts, row_cols, bcat.state,
                 M, N, K, Nt, bcat.dense_min, weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
                 HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, BM=BM, BN=BN, PRECISION=prec,
-                EVEN=(M % BM == 0) and (N % BN == 0) and (K % cfg["BK"] == 0), **cfg,
+                EVEN=(M % BM == 0) and (N % BN == 0) and (K % cfg["BK"] == 0), TMA=_dense_tma((g, weight), bcat),
+                **cfg,
             )
     if need_dw or need_db:
         dw = _empty(weight.shape, weight.dtype, x.device)
@@ -530,7 +552,8 @@ def sddmm_backward(grad, x, weight, bias, gate, mask, threshold: float, bcat: BC
                 g, x, dw, db, perm, col_perm, col_counts, col_rows, bcat.state,
                 M, N, K, Mt, bcat.dense_min, x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
                 HAS_PERM=has_perm, HAS_COL_PERM=has_col_perm, NEED_DB=need_db, BM=BM, BN=BN, PRECISION=prec,
-                EVEN=(M % BM == 0) and (N % BN == 0) and (K % cfg["BK"] == 0), **cfg,
+                EVEN=(M % BM == 0) and (N % BN == 0) and (K % cfg["BK"] == 0), TMA=_dense_tma((g, x), bcat),
+                **cfg,
             )
         elif db is not None:
             db.zero_()
