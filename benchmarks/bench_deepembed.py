@@ -95,7 +95,9 @@ def table_bytes_on_gpu(model: nn.Module) -> int:
 
 
 HOST_TRAFFIC_KERNELS = ("_gather_rows_kernel", "_row_update_kernel")
-TRACE_KEYS = ("copy_ms", "hidden", "per_kind", "top", "kernel_ms", "host_top")
+#: What ``--pytrace`` lists: bcpt's functions, Triton's launch path, the custom-op machinery.
+PYTRACE_KEYS = ("bcpt_compile", "triton/", "_library/", "torch/cuda/", "_ops.py")
+TRACE_KEYS = ("copy_ms", "hidden", "per_kind", "top", "kernel_ms", "busy_ms", "host_top")
 
 
 def _merge(spans):
@@ -151,13 +153,46 @@ def trace_analysis(trace_path: str, steps: int) -> dict:
         k[0] += b - a
         k[1] += ov
     top = sorted(kernel_time.items(), key=lambda kv: -kv[1])[:12]
+    busy = _merge([sp for spans in compute.values() for sp in spans])
     return {
+        # compute kernels' union: step time minus this is when the GPU computed nothing
+        "busy_ms": sum(b - a for a, b in busy) / steps / 1000,
         "copy_ms": total / steps / 1000,
         "hidden": hidden / total if total else float("nan"),
         "per_kind": {k: (v[0] / steps / 1000, v[1] / v[0] if v[0] else float("nan")) for k, v in per_kind.items()},
         "top": [(n, t / steps / 1000) for n, t in top],
         "kernel_ms": sum(kernel_time.values()) / steps / 1000,
     }
+
+
+def python_time(step, sync, steps: int) -> list[tuple[str, float, float]]:
+    """[(function, inclusive ms per step, calls per step)] from torch.profiler's Python
+    stacks: a recursive function counts once per outermost call."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "py.json")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
+            for _ in range(steps):
+                step()
+            sync()
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    per_thread: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "python_function":
+            per_thread.setdefault(e.get("tid"), []).append((float(e["ts"]), float(e.get("dur", 0)), e["name"]))
+    total: dict[str, list[float]] = {}
+    for spans in per_thread.values():
+        open_until: dict[str, float] = {}  # name -> end of its outermost open call
+        for ts, dur, fn_name in sorted(spans):
+            if open_until.get(fn_name, -1.0) > ts:
+                continue
+            open_until[fn_name] = ts + dur
+            acc = total.setdefault(fn_name, [0.0, 0.0])
+            acc[0] += dur
+            acc[1] += 1
+    rows = [(n, v[0] / steps / 1000, v[1] / steps) for n, v in total.items()]
+    return sorted(rows, key=lambda r: -r[1])
 
 
 def run_config(name, build, args, x, idx, gy, trace: bool = False):
@@ -235,6 +270,13 @@ def run_config(name, build, args, x, idx, gy, trace: bool = False):
             # host side: where a step's CPU time goes, and any call that waits for the GPU
             host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
             row["host_top"] = [(e.key, e.self_cpu_time_total / 2 / 1000, e.count // 2) for e in host]
+    if args.pytrace:
+        print(f"\n[pytrace] {name}: bcpt's, Triton's and the op machinery's Python functions by inclusive host "
+              "ms per step, every thread (the backward runs on the autograd engine's device thread, which "
+              "cProfile misses)", file=sys.stderr)
+        ours = [r for r in python_time(step, sync, steps=3) if any(k in r[0] for k in PYTRACE_KEYS)]
+        for fn_name, ms, calls in ours[:40]:
+            print(f"  {ms:8.3f} {calls:6.1f}  {fn_name[:120]}", file=sys.stderr)
     if args.cprofile:  # the Python side of a step: where host-bound configurations spend it
         import cProfile
         import pstats
@@ -270,6 +312,8 @@ def main():
     ap.add_argument("--all", action="store_true", help="also the dense-gradient host configs (slow)")
     ap.add_argument("--no-trace", dest="trace", action="store_false", help="skip the profiler traces")
     ap.add_argument("--cprofile", action="store_true", help="print each configuration's Python hot spots")
+    ap.add_argument("--pytrace", action="store_true", help="Python functions' host time on every thread "
+                    "(torch.profiler stacks), per configuration")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--device", default="cuda", help="cuda; 'cpu' only checks the script (TRITON_INTERPRET=1)")
     ap.add_argument("--rounds", type=int, default=1, help="time every configuration this many times, interleaved")
@@ -399,7 +443,8 @@ def main():
             for n, ms, calls in r["host_top"]:
                 print(f"  {ms:8.3f} {calls:5d}  {n[:100]}")
         if "top" in r:
-            print(f"\n{r['config']}: top CUDA kernels (ms/step, of {r['kernel_ms']:.2f} ms of kernel time)")
+            print(f"\n{r['config']}: top CUDA kernels (ms/step, of {r['kernel_ms']:.2f} ms of kernel time; "
+                  f"compute busy {r.get('busy_ms', float('nan')):.2f} ms of the traced step)")
             for n, ms in r["top"]:
                 print(f"  {ms:8.3f}  {n[:110]}")
 

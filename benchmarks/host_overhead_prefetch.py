@@ -1,6 +1,9 @@
-"""Host time of the host-table prefetch ops on CUDA: 12 tables prefetched one op per table
+"""Host time of the host-table ops on CUDA: 12 tables prefetched one op per table
 (``prefetch_rows([t])`` each) or in one op (``prefetch_rows(tables)``), each then waited
-for; no sync inside the timed loop, so this is what the host spends issuing them.
+for; and the backward's fused row update (``rows_to_table_grad`` with a
+``FusedRowOptimizer``), peeled layer by layer: the op, ``fused.apply_rows`` called
+directly, and the bare ``row_update`` launch. No sync inside the timed loops, so this is
+what the host spends issuing them.
 
     python benchmarks/host_overhead_prefetch.py [--tables 12] [--vocab 65536] [--d 1024] [--tokens 16384]
 
@@ -52,6 +55,28 @@ def main() -> None:
     timed(f"{args.tables} prefetch+wait, one prefetch per table (ms)", one_op_per_table)
     timed(f"{args.tables} prefetch+wait, one grouped prefetch (ms)", one_op_for_all)
     timed("row_plan (ms)", lambda: torch.ops.bcpt.row_plan(idx, args.vocab, False))
+
+    from torch import nn
+
+    from bcpt_compile.kernels.deepembed import row_update
+    from bcpt_compile.runtime import fused
+
+    params = [nn.Parameter(t, requires_grad=True) for t in tables]
+    opt = fused.FusedRowOptimizer(params, kind="sgd", lr=1e-3)
+    modes = [fused.mode_for(p) for p in params]
+    grads = [torch.randn(args.tokens, args.d, dtype=torch.bfloat16, device="cuda") for _ in tables]
+    with torch.no_grad():
+        timed(f"{args.tables} rows_to_table_grad, fused (ms)", lambda: [
+            torch.ops.bcpt.rows_to_table_grad(g, p, plan, m) for g, p, m in zip(grads, params, modes)])
+        timed(f"{args.tables} fused.apply_rows (ms)", lambda: [
+            fused.apply_rows(g, p, plan, m) for g, p, m in zip(grads, params, modes)])
+        timed(f"{args.tables} row_update launches (ms)", lambda: [
+            row_update(p, g, plan, lr=1e-3, adam=False) for g, p in zip(grads, params)])
+        inv = plan[1:1 + args.tokens]
+        timed(f"{args.tables} inv.clone() (ms)", lambda: [inv.clone() for _ in tables])
+        timed(f"{args.tables} torch.empty (ms)", lambda: [
+            torch.empty((args.tokens, args.d), dtype=torch.bfloat16, device="cuda") for _ in tables])
+    opt.remove()
     print(json.dumps(out))
 
 
