@@ -79,6 +79,28 @@ def functional_inplace(node: Any) -> bool:
     return isinstance(target, Node) and is_fresh(target) and len(target.users) == 1
 
 
+def read_after_inplace(node: Any) -> bool:
+    """For ``y.mul_(r)`` / ``y.add_(b)`` / ``y *= r`` / ``y += b`` written as a statement on a fresh y
+    (``y = linear(x, W); y.mul_(r); return y``): make y's later readers read the write's result,
+    which is y itself (the same tensor), so the write becomes the functional form
+    ``functional_inplace`` accepts. Done only when no reader of y precedes the write (those see
+    the value before it) and y is fresh; returns whether the graph was changed. Additive: a
+    graph that is not rewritten afterwards computes exactly what it did."""
+    if not (is_function(node, operator.imul, operator.iadd) or is_method(node, "mul_", "add_")):
+        return False
+    target = node.args[0] if node.args else None
+    if not isinstance(target, Node) or not is_fresh(target) or len(target.users) < 2:
+        return False
+    others = set(target.users) - {node}
+    cur = target.next
+    while cur is not node:  # readers between y and the write see y before it
+        if cur in others or cur.op == "root":
+            return False
+        cur = cur.next
+    target.replace_all_uses_with(node, delete_user_cb=lambda user: user in others)
+    return True
+
+
 def mul_operands(node: Any) -> Optional[tuple[Any, Any]]:
     if is_function(node, *MUL_TARGETS) or is_method(node, "mul") or (
         (is_function(node, operator.imul) or is_method(node, "mul_")) and functional_inplace(node)

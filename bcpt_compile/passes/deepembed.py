@@ -50,6 +50,7 @@ from .canonical import (
     linear_of,
     mul_operands,
     own_result,
+    read_after_inplace,
     relu_input,
     through_inactive_dropout,
 )
@@ -126,7 +127,7 @@ def squared_relu_of(node: object, loose: bool = False) -> Node | None:
     ``loose`` (the square is only recognised, not recomputed): float casts around the relu and
     the square are looked through too.
     """
-    node = strip_float_casts(node) if loose else node
+    node = _through_basic_views(strip_float_casts(node)) if loose else node
     if not isinstance(node, Node):
         return None
     base = None
@@ -143,6 +144,27 @@ def squared_relu_of(node: object, loose: bool = False) -> Node | None:
     base = strip_float_casts(base) if loose else base
     # an in-place relu overwrites its input, which the rewrites never read
     return base if base is not None and relu_input(base, allow_inplace=True) is not None else None
+
+
+def _through_basic_views(node: object) -> object:
+    """``node`` under views and basic slices of an elementwise value (``k[:, 1:]``, ``k[:, -1]``,
+    ``k.view(B * T, C)``, ``.reshape``, ``.flatten``, ``.contiguous()``): a slice of ``relu(u) ** 2``
+    is still a squared relu, element for element."""
+    while isinstance(node, Node):
+        src = node.args[0] if node.args else None
+        if is_method(node, "view", "reshape", "flatten", "contiguous") or is_function(node, torch.reshape, torch.flatten):
+            if any(isinstance(a, torch.dtype) for a in (*node.args[1:], *node.kwargs.values())):
+                return node  # view(dtype): a bitcast
+        elif is_function(node, operator.getitem):
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if not all(isinstance(k, (int, slice)) or k is None or k is Ellipsis for k in index):
+                return node  # advanced indexing gathers
+        else:
+            return node
+        if not isinstance(src, Node):
+            return node
+        node = src
+    return node
 
 
 def _same_relu(a: object, b: object) -> bool:
@@ -163,8 +185,11 @@ class Gather:
 
 def gather_of(node: object) -> Gather | str | None:
     """The table gather behind ``node`` (device moves and dtype casts skipped: the caller
-    compares dtypes); a reason when it cannot be fused."""
+    compares dtypes); a reason when it cannot be fused. ``.detach()`` is looked through: the
+    rewrites detach the table where the rows need no gradient."""
     node = strip_float_casts(node)
+    while is_method(node, "detach") or is_function(node, torch.detach):
+        node = strip_float_casts(node.args[0])
     if not isinstance(node, Node):
         return None
     if is_function(node, torch.embedding):  # the ATen-level spelling: (weight, idx), padding_idx=-1 is none
@@ -259,6 +284,23 @@ def grad_mode_of(g: Gather) -> str:
     return "sparse" if g.sparse else "dense"
 
 
+def _needs_grad(node: object) -> bool:
+    """The node's result requires grad (False under ``torch.no_grad()``, after ``.detach()``)."""
+    val = example_value(node)
+    return val is None or val.requires_grad
+
+
+def _detach_unless(graph: torch.fx.Graph, node: object, keep_grad: bool) -> object:
+    """``node.detach()`` when eager read it without a gradient (under ``torch.no_grad()``) and it
+    would otherwise give the fused op's backward a path to it, else ``node``."""
+    if keep_grad or not isinstance(node, Node):
+        return node
+    val = example_value(node)
+    if val is not None and not val.requires_grad:
+        return node
+    return graph.call_method("detach", (node,))
+
+
 class _Rewriter:
     def __init__(self, gm: torch.fx.GraphModule, opts: BcptOptions, report: Report):
         self.gm, self.graph, self.opts, self.report = gm, gm.graph, opts, report
@@ -330,6 +372,9 @@ class _Rewriter:
 
     def output_scale(self, mul: Node) -> None:
         ops = mul_operands(mul)
+        if ops is None and mul.args and isinstance(mul.args[0], Node) \
+                and linear_of(_through_value_identities(mul.args[0])) is not None and read_after_inplace(mul):
+            ops = mul_operands(mul)  # ``y = value(k); y.mul_(emb(idx)); return y``: later reads of y read the write
         if ops is None:
             return
         for outer, g_node in (ops, ops[::-1]):
@@ -364,6 +409,9 @@ class _Rewriter:
                 if n is not None and example_value(n) is not None and example_value(n).dtype != z_dtype else n
                 for n in (lin.x, weight, flat_bias(self.graph, lin.bias))
             )
+            # the value projection or the rows read under ``torch.no_grad()``: no gradient through them
+            h, weight, bias = (_detach_unless(self.graph, n, _needs_grad(lin_node)) for n in (h, weight, bias))
+            table = _detach_unless(self.graph, table, _needs_grad(g_node))
             call = self.graph.call_function(torch.ops.bcpt.deepembed_linear.default,
                                             (h, weight, bias, table, idx, indexing, plan, slots))
             out = self.graph.call_function(operator.getitem, (call, 0))
@@ -432,6 +480,7 @@ class _Rewriter:
         table, idx, indexing, plan, slots = self.table_operands(g, mm, out_val.device, where == "host")
         with self.graph.inserting_before(mm):
             a2 = self.graph.call_function(torch.reshape, (a_node, (-1, r)))
+            table = _detach_unless(self.graph, table, _needs_grad(ev_node))  # rows gathered under no_grad
             call = self.graph.call_function(torch.ops.bcpt.deepembed_rowmix.default,
                                             (a2, table, idx, r, indexing, plan, slots))
             out = self.graph.call_method("reshape_as", (call, a_node))  # a @ E keeps a's shape
@@ -485,6 +534,9 @@ class _Rewriter:
             return False
         if m.numel() // r != x.numel() // x.shape[-1]:
             return False
+        inputs = [ul.x, ul.weight, mix, lm.weight] + ([lm.bias] if lm.bias is not None else [])
+        if any(_needs_grad(n) for n in inputs) and not all(_needs_grad(n) for n in (u_node, sq, scale, kmul)):
+            return False  # part of the FFN ran under no_grad: the fused op would give it a gradient
         with self.graph.inserting_before(kmul):
             kw = self.graph.call_function(torch.t, (ul.weight,)) if ul.weight_is_kn else ul.weight
             s2w = lm.weight if lm.weight_is_kn else self.graph.call_function(torch.t, (lm.weight,))
@@ -616,7 +668,7 @@ def rewrite_deepembed(gm: torch.fx.GraphModule, opts: BcptOptions, report: Repor
     for node in list(gm.graph.nodes):
         if getattr(node, "_erased", False):
             continue
-        if mul_operands(node) is not None:
+        if mul_operands(node) is not None or is_method(node, "mul_") or is_function(node, operator.imul):
             rw.output_scale(node)
         else:
             rw.hidden_scale(node)

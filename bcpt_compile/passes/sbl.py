@@ -35,6 +35,7 @@ from .canonical import (
     linear_of,
     mul_operands,
     own_result,
+    read_after_inplace,
     relu_input,
     strip_casts,
     through_inactive_dropout,
@@ -174,7 +175,7 @@ def _unviewed(node: Node) -> Optional[Node]:
 
 def _zero_preserving_input(node: Node) -> Optional[Node]:
     """R for an elementwise f(R) of R's shape with f(0) = 0: dtype casts, ``detach``,
-    ``contiguous``, ``clone``, dropout, ``R * t``, ``R / c``, ``R ** p`` (p > 0), ``square``,
+    ``contiguous``, ``clone``, dropout, ``R * t``, ``R / c``, ``R / t``, ``R ** p`` (p > 0), ``square``,
     ``clamp(R, lo <= 0 <= hi)``. The value is taken as f(R) itself, the keep mask as R's."""
     val, inner = example_value(node), None
     if is_method(node, "float", "half", "bfloat16", "to", "type_as", "type", "detach", "contiguous", "clone") or \
@@ -182,6 +183,11 @@ def _zero_preserving_input(node: Node) -> Optional[Node]:
         inner = node.args[0]
     elif is_function(node, operator.truediv, torch.div, torch.true_divide) or is_method(node, "div", "true_divide"):
         if len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], numbers.Real) and node.args[1] != 0:
+            inner = node.args[0]
+        elif len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], Node) and example_value(
+                node.args[1]) is not None and example_value(node.args[1]).dtype.is_floating_point:
+            # R / t, t a tensor that does not broadcast R up (a normaliser, ``r.sum(-1, keepdim=True) + eps``):
+            # zero wherever R is, as R * (1 / t) (where t is 0 or NaN eager gives NaN, the op 0)
             inner = node.args[0]
     elif is_function(node, operator.pow, torch.pow) or is_method(node, "pow"):
         p = arg(node, 1, "exponent")
@@ -204,6 +210,20 @@ def _zero_preserving_input(node: Node) -> Optional[Node]:
 #: Dropouts that keep zeros even in training (they zero and rescale); not the alpha
 #: dropouts of ``canonical.DROPOUT_FUNCTIONS``, which move dropped entries off zero.
 _ZERO_KEEPING_DROPOUTS = (F.dropout, torch.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+
+
+def _needs_grad(node: Node) -> bool:
+    """The node's result requires grad (False under ``torch.no_grad()``, after ``.detach()``)."""
+    val = example_value(node)
+    return val is None or val.requires_grad
+
+
+def _detached(graph: torch.fx.Graph, node: object) -> object:
+    """``node.detach()`` where it requires grad (a tensor read under no_grad by eager), else node."""
+    val = example_value(node)
+    if val is None or not val.requires_grad:
+        return node
+    return graph.call_method("detach", (node,))
 
 
 def _same_shape(a: Node, b: Node) -> bool:
@@ -306,6 +326,9 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
     graph = gm.graph
     for mul in list(graph.nodes):
         ops = mul_operands(mul)
+        if ops is None and mul.args and isinstance(mul.args[0], Node) \
+                and linear_of(_through_identities(mul.args[0])) is not None and read_after_inplace(mul):
+            ops = mul_operands(mul)  # ``y = linear(x, W); y.mul_(r); return y``: later reads of y read the write
         if ops is None:
             continue
         for lin_node, r_node in (ops, ops[::-1]):
@@ -339,6 +362,12 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
                 if n is not None and example_value(n) is not None and example_value(n).dtype != lin_dtype else n
                 for n in (x, weight, bias)
             )
+            # an operand read under ``torch.no_grad()`` (the linear, or the gate computed from a value
+            # that needs a gradient) gets none in eager: the op must not give it one either
+            if not _needs_grad(inner if inner is not None else lin_node):
+                x, weight, bias = (_detached(graph, n) for n in (x, weight, bias))
+            if not _needs_grad(r_node):
+                value = _detached(graph, value)
             if gate.keep_source is not None:  # keep = not (s <= t): NaN kept, as relu keeps it
                 source = graph.call_function(torch.abs, (gate.keep_source,)) if gate.keep_abs else gate.keep_source
                 mask = graph.call_function(operator.le, (source, gate.threshold))
@@ -354,7 +383,7 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
                 shape = graph.call_method("size", (value,))
                 value = graph.call_method("reshape", (value, -1, n_out))
             gate_value = example_value(gate.value)
-            save_product = bool(gate_value is not None and gate_value.requires_grad)  # ds will be needed
+            save_product = bool(gate_value is not None and gate_value.requires_grad and _needs_grad(r_node))  # ds needed
             call = graph.call_function(
                 torch.ops.bcpt.sbl_masked_linear.default,
                 (x, weight, bias, value, mask, gate.threshold,
