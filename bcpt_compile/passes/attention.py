@@ -1367,6 +1367,9 @@ def _peel_scores(node: Node, reader: Node) -> tuple[Node, float, Visible]:
         if _is_upcast(node):
             node = node.args[0]  # scores.float() before the softmax: exact, and the kernels accumulate in fp32
             continue
+        if _row_max_shift(node) is not None:  # s - s.amax(-1, keepdim=True): the softmax is shift-invariant
+            node = node.args[0]
+            continue
         if _leading_reshape(node) is not None:  # GPT-2's scores.reshape(B, H, T, T) of a (B*H, T, T) bmm
             node = node.args[0]
             continue
@@ -1520,27 +1523,83 @@ def _runs_before(a: Node, b: Node) -> bool:
     return False
 
 
+def _row_max_shift(node: Any) -> Optional[Node]:
+    """s for ``s - s.amax(-1, keepdim=True)`` (also ``.detach()``, ``torch.amax``, ``s.max(-1,
+    keepdim=True).values`` / ``[0]``): lucidrains' "stable softmax". Subtracting each row's own
+    maximum leaves the softmax unchanged wherever eager is defined (a row whose maximum is -inf is
+    an empty row, NaN in eager either way), so the shift is looked through."""
+    if not isinstance(node, Node) or len(node.args) != 2 or node.kwargs \
+            or not (is_function(node, operator.sub, torch.sub) or is_method(node, "sub")):
+        return None
+    s, m = node.args
+    if not isinstance(s, Node) or not isinstance(m, Node):
+        return None
+    while is_method(m, "detach") or is_function(m, torch.detach):
+        m = m.args[0]
+    if (is_function(m, operator.getitem) and len(m.args) == 2 and m.args[1] == 0) \
+            or (is_function(m, getattr) and len(m.args) == 2 and m.args[1] == "values"):
+        m = m.args[0]
+        if not (is_method(m, "max") or is_function(m, torch.max)):
+            return None
+    elif not (is_method(m, "amax") or is_function(m, torch.amax)):
+        return None
+    if not isinstance(m, Node) or not m.args or m.args[0] is not s:
+        return None
+    nd = _ndim(s)
+    dim, keep = arg(m, 1, "dim"), arg(m, 2, "keepdim", False)
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    if nd is None or not isinstance(dim, int) or dim % nd != nd - 1 or keep is not True:
+        return None
+    return s
+
+
 def _is_masking(node: Any) -> bool:
     return isinstance(node, Node) and (is_method(node, "masked_fill") or is_function(node, torch.where, torch.masked_fill))
 
 
+def _scalar_constant(x: Any, product: Node) -> Optional[float]:
+    """A positive finite number: a Python number, or a one-element tensor computed from no graph
+    input (``torch.sqrt(torch.tensor(d))``, ``torch.tensor(d) ** -0.5``) whose product with the
+    other operand keeps that operand's shape and dtype (a 0-d tensor does not promote the scores;
+    a ``(1,)`` float32 tensor would promote bf16 scores, and is then not a plain scale)."""
+    val = _number(x)
+    if val is None and isinstance(x, Node):
+        other = next((o for o in product.args[:2] if o is not x), None)
+        xv, ov, pv = example_value(x), example_value(other), example_value(product)
+        if xv is None or ov is None or pv is None or xv.numel() != 1 or xv.dtype == torch.bool \
+                or pv.dtype != ov.dtype or not _same_shape(pv.shape, ov.shape):
+            return None
+        try:
+            const = _constant_value(x)
+        except NotAMask:
+            return None
+        if const is None or const.numel() != 1 or const.is_complex():
+            return None
+        val = float(const.reshape(()).item())
+    return val if val is not None and 0 < val < math.inf else None
+
+
 def _strip_scale(node: Any, single: bool = False) -> tuple[Any, float]:
-    """(x, c) for ``x * c``, ``c * x``, ``x / c`` with a positive constant c."""
+    """(x, c) for ``x * c``, ``c * x``, ``x / c`` with a positive constant c (a number, or a
+    one-element constant tensor: ``/ torch.sqrt(torch.tensor(d))``)."""
     scale = 1.0
     while isinstance(node, Node):
         if (is_function(node, operator.mul, operator.imul, torch.mul) or is_method(node, "mul", "mul_")) \
-                and len(node.args) == 2:  # ``scores *= c`` (MoBA) writes scores, which only this mul reads
+                and len(node.args) == 2 and not node.kwargs:  # ``scores *= c`` (MoBA) writes scores, which only this mul reads
             a, b = node.args
-            if _number(b) is not None and _number(b) > 0 and isinstance(a, Node):
-                node, scale = a, scale * _number(b)
-            elif _number(a) is not None and _number(a) > 0 and isinstance(b, Node):
-                node, scale = b, scale * _number(a)
+            cb = _scalar_constant(b, node) if isinstance(a, Node) else None
+            ca = _scalar_constant(a, node) if cb is None and isinstance(b, Node) else None
+            if cb is not None:
+                node, scale = a, scale * cb
+            elif ca is not None:
+                node, scale = b, scale * ca
             else:
                 break
         elif (is_function(node, operator.truediv, operator.itruediv, torch.div) or is_method(node, "div", "div_")) \
-                and len(node.args) == 2 \
-                and _number(node.args[1]) is not None and _number(node.args[1]) > 0 and not node.kwargs:
-            node, scale = node.args[0], scale / _number(node.args[1])
+                and len(node.args) == 2 and not node.kwargs and isinstance(node.args[0], Node) \
+                and _scalar_constant(node.args[1], node) is not None:
+            node, scale = node.args[0], scale / _scalar_constant(node.args[1], node)
         else:
             break
         if single:
@@ -1557,7 +1616,7 @@ def _explicit_site(pv_node: Node) -> Union[Site, str, None]:
     p, v, p_sub, v_sub, o_sub = pv
     sm, why = _peel_probabilities(p, leading=True)
     if sm is None:
-        return why
+        return why or _masked_after_softmax(p)
     try:
         core, scale, vis = _peel_scores(_softmax_input(sm), sm)
     except NotAMask as exc:
@@ -1584,6 +1643,32 @@ def _explicit_site(pv_node: Node) -> Union[Site, str, None]:
     if vis.block is not None and lay.lead_pv != lay.lead:
         return "block mask on scores reshaped across their leading dims: its heads cannot be matched to q's"
     return Site(pv_node, sc.q, sc.k, v, scale * sc.alpha, vis, None if lay.identity() else lay)
+
+
+def _masked_after_softmax(p: Any) -> Optional[str]:
+    """The reason for probabilities zero-filled after the softmax of a band or block mask
+    (``softmax(...).masked_fill(~m, 0)``), reported only where the softmax itself would be ours."""
+    if not isinstance(p, Node):
+        return None
+    if (is_method(p, "masked_fill") or is_function(p, torch.masked_fill)) and _number(arg(p, 2, "value")) == 0:
+        inner = p.args[0]
+    elif is_function(p, torch.where) and len(p.args) == 3 and 0.0 in (_number(p.args[1]), _number(p.args[2])):
+        inner = p.args[2] if _number(p.args[1]) == 0 else p.args[1]
+    else:
+        return None
+    sm, _ = _peel_probabilities(inner)
+    if sm is None:
+        return None
+    try:
+        core, _, vis = _peel_scores(_softmax_input(sm), sm)
+    except NotAMask:
+        return None
+    sv = example_value(sm)
+    if _scores(core) is None or sv is None or sv.dim() < 2 or not _same(sv.shape[-1], sv.shape[-2]) \
+            or (vis.block is None and vis.lo is None and vis.hi in (None, 0)):
+        return None
+    return (f"the attention probabilities are masked again after the softmax ({_name(p)}, fill 0): only casts "
+            "and inactive dropout are looked through between the softmax and P @ V")
 
 
 def _mentions_qk(node: Any, depth: int = 6) -> bool:
@@ -2190,7 +2275,7 @@ class WindowedSite:
 def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
     pv = _pv(pv_node)
     if pv is None:
-        return None
+        return _per_token_window_site(pv_node)
     sm, _ = _peel_probabilities(pv[0])
     if sm is None or len(sm.users) != 1:
         return None
@@ -2255,6 +2340,106 @@ def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
         return f"windowed attention: {exc}"
     except Exception as exc:  # an op we cannot replay outside the graph
         return f"windowed attention: could not evaluate its layout ({type(exc).__name__})"
+    return _window_layout(q, k, v, qv, kv, gqa, scale, rows, slots, vslots, visible, int(sq.shape[-2]),
+                          rot_q, rot_k, pv_node, rows.to(torch.int32)[..., None].expand(example_value(pv_node).shape))
+
+
+def _per_token_window_site(pv_node: Node) -> Union[WindowedSite, str, None]:
+    """Per-token windows: every query row contracts with its own key slots, cut from k by
+    ``unfold`` (``F.pad(k, (0, 0, w - 1, 0)).unfold(-2, w, 1)``), ``einsum("bhtd,bhtwd->bhtw")`` or a
+    matmul on ``(..., 1, d)`` rows. The layout is evaluated on probes as the windowed layouts are,
+    each query row a window of one token (``n = 1``)."""
+    c = _contraction(pv_node)
+    if c is None:
+        return None
+    p, vw, p_sub, v_sub, o_sub = c
+    slot = (set(p_sub) & set(v_sub)) - set(o_sub)
+    feat = (set(v_sub) & set(o_sub)) - set(p_sub)
+    if len(slot) != 1 or len(feat) != 1 or set(o_sub) != (set(p_sub) - slot) | feat \
+            or not set(v_sub) <= set(p_sub) | feat:
+        return None
+    slot, feat = slot.pop(), feat.pop()
+    if p_sub[-1] != slot or not any(is_method(n, "unfold") for n in _chain(vw)):
+        return None
+    what = "per-token windowed attention"
+    sm, why = _peel_probabilities(p)
+    if sm is None:
+        return why
+    if len(sm.users) != 1:
+        return "the attention probabilities have other users (the dense T x T matrix is needed anyway)"
+    try:
+        core, scale, masks = _masks_on(_softmax_input(sm), sm)
+    except NotAMask as exc:
+        return f"{what}: {exc}"
+    qk = _contraction(core)
+    if qk is None or len(qk[4]) != len(p_sub):
+        return f"{what}: the scores are not q times the window-gathered keys ({_name(core)})"
+    a, b, a_sub, b_sub, s_sub = qk
+    fl = (set(a_sub) & set(b_sub)) - set(s_sub)
+    if len(fl) != 1 or set(s_sub) != (set(a_sub) | set(b_sub)) - fl:
+        return f"{what}: the scores do not contract one feature dim"
+    fl = fl.pop()
+    ren = dict(zip(s_sub, p_sub))
+    ren[fl] = next(ch for ch in _LETTERS if ch not in p_sub + v_sub + o_sub)
+    a_sub, b_sub = "".join(ren[x] for x in a_sub), "".join(ren[x] for x in b_sub)
+    fl = ren[fl]
+    qn, kw, q_sub, k_sub = (b, a, b_sub, a_sub) if slot in a_sub else (a, b, a_sub, b_sub)
+    lead = p_sub[:-1]
+    if slot in q_sub or set(q_sub) != set(lead) | {fl}:
+        return f"{what}: the query operand is not one row per token"
+    qn, s2 = _strip_scale(qn)
+    scale *= s2
+    q = _source(qn)
+    k, v = _kv_sources(kw, vw, q) if q is not None and example_value(q) is not None else (None, None)
+    if q is None or k is None or v is None:
+        return f"{what} whose q/k/v gathers are not pure data movement"
+    qv, kv, vv = (example_value(n) for n in (q, k, v))
+    if any(isinstance(d, torch.SymInt) for t in (qv, kv, vv) if t is not None for d in t.shape):
+        return f"{what}: dynamic shapes are not supported yet"
+    if qv is None or kv is None or vv is None or kv.shape != vv.shape or qv.dim() < 2:
+        return f"{what} over k, v of different shapes"
+    gqa = qv.dim() == 4 and kv.dim() == 4 and qv.shape[1] != kv.shape[1] and kv.shape[1] \
+        and qv.shape[1] % kv.shape[1] == 0 and (qv.shape[0], *qv.shape[2:]) == (kv.shape[0], *kv.shape[2:])
+    if qv.shape != kv.shape and not gqa:
+        return f"{what} over q, k, v of different shapes"
+    try:
+        rows, sub = _drop_letter(_evaluate(qn, {q: _probe(q)}, {})[0], q_sub, fl)
+        rows = _align(rows.double(), sub, lead)
+        slots, sub = _drop_letter(_evaluate(kw, {k: _probe(k)}, {})[0], k_sub, fl)
+        slots = _align(slots.double(), sub, lead + slot)
+        vslots, sub = _drop_letter(_evaluate(vw, {v: _probe(v)}, {})[0], v_sub, feat)
+        vslots = _align(vslots.double(), sub, lead + slot)
+        visible = torch.ones((), dtype=torch.bool)
+        for m, when in masks:
+            mv = _evaluate(m, {}, {})[0]
+            if not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool:
+                raise NotEvaluable("mask is not boolean")
+            visible = visible & (mv if when else ~mv)
+    except NotEvaluable as exc:
+        return f"{what}: {exc}"
+    except Exception as exc:  # an op we cannot replay outside the graph
+        return f"{what}: could not evaluate its layout ({type(exc).__name__})"
+    try:
+        if visible.dim() > len(p_sub) or torch.broadcast_shapes(rows.shape, slots.shape[:-1], vslots.shape[:-1],
+                                                                 visible.shape[:-1]) != rows.shape:
+            raise RuntimeError
+        slots, vslots = (x.expand(*rows.shape, x.shape[-1]) for x in (slots, vslots))
+        out_probe = _align(rows.to(torch.int32)[..., None].expand(*rows.shape, example_value(pv_node).shape[
+            o_sub.index(feat)]), lead + feat, o_sub).expand(example_value(pv_node).shape)
+    except RuntimeError:
+        return f"{what}: the masks or key slots broadcast the query rows"
+    visible = visible.unsqueeze(-2) if visible.dim() else visible
+    return _window_layout(q, k, v, qv, kv, gqa, scale, rows[..., None], slots, vslots, visible, 1, None, None,
+                          pv_node, out_probe)
+
+
+def _window_layout(q: Node, k: Node, v: Node, qv: torch.Tensor, kv: torch.Tensor, gqa: bool, scale: float,
+                   rows: torch.Tensor, slots: torch.Tensor, vslots: torch.Tensor, visible: torch.Tensor, n: int,
+                   rot_q: Any, rot_k: Any, pv_node: Node, out_probe: torch.Tensor) -> Union[WindowedSite, str]:
+    """Classify an evaluated window layout: ``rows`` (..., W, n) the query token ids + 1 of each
+    window row, ``slots`` / ``vslots`` (..., W, m) the key / value token ids + 1 of its key slots,
+    ``visible`` broadcastable to (..., W, n, m); ``out_probe`` the query token id + 1 of every
+    element of P @ V (for moving the output back). ``n = 1``: per-token windows."""
     if not torch.equal(slots, vslots):
         return "windowed attention: keys and values are gathered differently"
     T = qv.shape[-2]
@@ -2302,14 +2487,21 @@ def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
                     "token positions up to one shift (not purely relative)")
         rotary = (rot_q.inv, int(d[0]))
     if not bool(torch.all(jmax == i)):
-        return _non_causal_local(q, k, v, scale, i, jmin, jmax, int(sq.shape[-2]), T, rotary, pv_node, rows)
-    out = _output_node(pv_node, rows.to(torch.int32)[..., None].expand(example_value(pv_node).shape), q)
+        if n == 1 and bool(torch.any(jmax > i)):
+            return (f"windowed attention looks ahead of the query (keys up to i+{int((jmax - i).max())}) at token "
+                    "level: the sliding-window kernel is causal only")
+        if n == 1:
+            return "per-token windowed attention hides the query's own key: not a causal sliding window"
+        return _non_causal_local(q, k, v, scale, i, jmin, jmax, n, T, rotary, pv_node, rows)
+    out = _output_node(pv_node, out_probe, q)
     if isinstance(out, str):
         return out
     w = int(cnt.max())
     if bool(torch.all(jmin == (i - w + 1).clamp_min(0))):
         return WindowedSite(q, k, v, out, scale, "window", window=w, rotary=rotary)
-    S = int(sq.shape[-2])
+    if n == 1:
+        return "per-token windowed attention is not a sliding window (its windows differ in length)"
+    S = n
     lookback = (int(i[-1]) // S * S - int(jmin[-1])) // S if i.numel() else 0
     if bool(torch.all(jmin == ((torch.div(i, S, rounding_mode="floor") - lookback) * S).clamp_min(0))):
         if S < 16 or S & (S - 1):
@@ -2591,9 +2783,15 @@ def _gathered_site(pv_node: Node) -> Union[GatheredSite, str, None]:
         return None
     p, vg, p_sub, v_sub, o_sub = c
     gv = _gather_source(vg)
-    if gv is None:
-        return None
     what = "gathered attention"
+    if gv is None:
+        adv = [n for n in _chain(vg) if is_function(n, operator.getitem) and isinstance(n.args[1], tuple) and any(
+            isinstance(x, Node) and example_value(x) is not None and example_value(x).dim() >= 1
+            and not example_value(x).is_floating_point() for x in n.args[1])]
+        if adv and _softmax_input(_source(p)) is not None:
+            return (f"{what}: K/V are gathered by advanced indexing ({_name(adv[0])}: x[b, ids, h]), not by "
+                    "torch.gather of whole key blocks along a block dim: the slots' blocks and entries are not read")
+        return None
     slot = (set(p_sub) & set(v_sub)) - set(o_sub)
     feat = (set(v_sub) & set(o_sub)) - set(p_sub)
     if len(slot) != 1 or len(feat) != 1 or set(o_sub) != (set(p_sub) - slot) | feat \
