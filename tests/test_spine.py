@@ -299,3 +299,23 @@ def test_checkpointed_blocks_are_rewritten_and_match_eager():
     expected.backward(grad)
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_triton_helpers_keep_their_own_names():
+    """Inductor compiles a traced kernel (a ``triton_op``'s launch) from source, writing each
+    ``@triton.jit`` helper it calls under the helper's own ``__name__``: a helper imported under
+    an alias (``import grouped_tile as _grouped_tile``) is then undefined there, and the compile
+    fails (``NameError``, seen on the H200 when the DeepEmbed forward's fused GEMM won)."""
+    import importlib
+    import pkgutil
+
+    import bcpt_compile.kernels as kernels
+
+    aliased = []
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"bcpt_compile.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            fn = getattr(obj, "fn", None)
+            if type(obj).__name__ in ("JITFunction", "InterpretedFunction") and callable(fn) and fn.__name__ != name:
+                aliased.append(f"{info.name}.{name} is {fn.__name__}")
+    assert not aliased, aliased

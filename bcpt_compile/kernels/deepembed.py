@@ -50,8 +50,8 @@ import triton.language as tl
 
 from . import launchable, traced
 from .tile_gemm import dot_precision as _dot_precision
-from .tile_gemm import grouped_tile as _grouped_tile
-from .tile_gemm import mma as _mma
+from .tile_gemm import grouped_tile
+from .tile_gemm import mma
 from .tile_gemm import xwt_tile
 
 
@@ -76,7 +76,7 @@ def _out_forward_kernel(
 ):
     Mt = tl.cdiv(M, BM)
     Nt = tl.cdiv(N, BN)
-    tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
     rows = offs_m.to(tl.int64)
@@ -755,7 +755,7 @@ def _scale_tile(b_ptr, s2_ptr, s0_ptr, rows, offs_m, offs_n, M, N, R,
                  mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
     st = tl.load(s2_ptr + offs_r[:, None] * stride_s2r + offs_n[None, :] * stride_s2n,
                  mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
-    c = _mma(bt, st, tl.zeros((BM, BN), dtype=tl.float32), PRECISION)
+    c = mma(bt, st, tl.zeros((BM, BN), dtype=tl.float32), PRECISION)
     if HAS_S0:
         c += tl.load(s0_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     return c
@@ -771,7 +771,7 @@ def _hidden_forward_kernel(
 ):
     Mt = tl.cdiv(M, BM)
     Nt = tl.cdiv(N, BN)
-    tile_m, tile_n = _grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), Mt, Nt, GROUP_M)
     offs_m = tile_m * BM + tl.arange(0, BM)
     offs_n = tile_n * BN + tl.arange(0, BN)
     rows = offs_m.to(tl.int64)

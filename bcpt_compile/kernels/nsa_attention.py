@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .tile_gemm import dot_precision as _dot_precision
-from .tile_gemm import mma as _mma
+from .tile_gemm import mma
 
 MODE_SELECTED = 0
 MODE_WINDOW = 1
@@ -113,10 +113,10 @@ def _probs(q, k, v, do, lse2, qk_scale, t, row_ok, offs_n, ok, own, T, window, M
            CAUSAL: tl.constexpr, OWN: tl.constexpr, PRECISION: tl.constexpr):
     """(P, dP = dO V^T), rows x keys, P recomputed from the saved lse (``lse2``, exp2 domain):
     one spelling for the dq kernel's delta and dq loops, so both use the same P."""
-    s = _mma(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), tl.float32), PRECISION) * qk_scale
+    s = mma(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), tl.float32), PRECISION) * qk_scale
     vis = _visible(t[:, None], offs_n[None, :], row_ok[:, None], ok, own, T, window, MODE, CAUSAL, OWN)
     p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-    dp = _mma(do, tl.trans(v), tl.zeros((q.shape[0], k.shape[0]), tl.float32), PRECISION)
+    dp = mma(do, tl.trans(v), tl.zeros((q.shape[0], k.shape[0]), tl.float32), PRECISION)
     return p, dp
 
 
@@ -127,10 +127,10 @@ def _probs_t(q, k, v, do, lse2, qk_scale, t, row_ok, offs_n, own, T, window, MOD
     side (64 rows, a full Hopper wgmma, where a per-token tile of 16 query rows is not), and
     P^T, dS^T come out of the accumulator already as the left operand of dV += P^T dO,
     dK += dS^T Q: no register tensor is transposed (see ``_bwd_dkv_kernel``)."""
-    sT = _mma(k, tl.trans(q), tl.zeros((k.shape[0], q.shape[0]), tl.float32), PRECISION) * qk_scale
+    sT = mma(k, tl.trans(q), tl.zeros((k.shape[0], q.shape[0]), tl.float32), PRECISION) * qk_scale
     vis = _visible(t[None, :], offs_n[:, None], row_ok[None, :], True, own, T, window, MODE, CAUSAL, OWN)
     pT = tl.where(vis, tl.exp2(sT - lse2[None, :]), 0.0)
-    dpT = _mma(v, tl.trans(do), tl.zeros((k.shape[0], q.shape[0]), tl.float32), PRECISION)
+    dpT = mma(v, tl.trans(do), tl.zeros((k.shape[0], q.shape[0]), tl.float32), PRECISION)
     return pT, dpT
 
 
@@ -185,7 +185,7 @@ def _fwd_kernel(
         kv_mask = (offs_n[:, None] < T) & d_ok[None, :]
         k = tl.load(k_base + n64[:, None] * skt + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + n64[:, None] * svt + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        s = _mma(q, tl.trans(k), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION) * qk_scale
+        s = mma(q, tl.trans(k), tl.zeros((QB * GH, BLOCK_N), tl.float32), PRECISION) * qk_scale
         vis = _visible(t[:, None], offs_n[None, :], row_ok[:, None], ok, own, T, window, MODE, CAUSAL, OWN)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -195,9 +195,9 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if PRECISION == "upcast":
-            acc = _mma(p, v, acc, PRECISION)
+            acc = mma(p, v, acc, PRECISION)
         else:
-            acc = _mma(p.to(v.dtype), v, acc, PRECISION)
+            acc = mma(p.to(v.dtype), v, acc, PRECISION)
         m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -278,16 +278,16 @@ def _bwd_kernel(
                        PRECISION)
         ds = p * (dp - delta[:, None])
         if PRECISION == "upcast":
-            dq = _mma(ds, k, dq, PRECISION)
+            dq = mma(ds, k, dq, PRECISION)
         else:
-            dq = _mma(ds.to(k.dtype), k, dq, PRECISION)
+            dq = mma(ds.to(k.dtype), k, dq, PRECISION)
         if ATOMIC_DKV:  # debug only: transposed products from shared memory, dk^T += q^T dS
             if PRECISION == "upcast":
-                dv_c = _mma(tl.trans(do), p, tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
-                dk_c = _mma(tl.trans(q), ds, tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
+                dv_c = mma(tl.trans(do), p, tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
+                dk_c = mma(tl.trans(q), ds, tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
             else:
-                dv_c = _mma(tl.trans(do), p.to(do.dtype), tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
-                dk_c = _mma(tl.trans(q), ds.to(q.dtype), tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
+                dv_c = mma(tl.trans(do), p.to(do.dtype), tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
+                dk_c = mma(tl.trans(q), ds.to(q.dtype), tl.zeros((BLOCK_D, BLOCK_N), tl.float32), PRECISION)
             upd = (offs_n[None, :] < T) & d_ok[:, None] & ok
             tl.atomic_add(dv_base + n64[None, :] * sdkt + offs_d[:, None] * sdkd, dv_c, mask=upd)
             tl.atomic_add(dk_base + n64[None, :] * sdkt + offs_d[:, None] * sdkd, dk_c * sm_scale, mask=upd)
@@ -393,11 +393,11 @@ def _bwd_dkv_kernel(
                                CAUSAL, OWN, PRECISION)
             dsT = pT * (dpT - delta[None, :])
             if PRECISION == "upcast":
-                dv = _mma(pT, do, dv, PRECISION)
-                dk = _mma(dsT, q, dk, PRECISION)
+                dv = mma(pT, do, dv, PRECISION)
+                dk = mma(dsT, q, dk, PRECISION)
             else:
-                dv = _mma(pT.to(do.dtype), do, dv, PRECISION)
-                dk = _mma(dsT.to(q.dtype), q, dk, PRECISION)
+                dv = mma(pT.to(do.dtype), do, dv, PRECISION)
+                dk = mma(dsT.to(q.dtype), q, dk, PRECISION)
     dk = dk * sm_scale
     if n_parts == 1:
         tl.store(dk_ptr + b * sdkb + hkv.to(tl.int64) * sdkh + n64[:, None] * sdkt + offs_d[None, :] * sdkd,
