@@ -97,7 +97,7 @@ def table_bytes_on_gpu(model: nn.Module) -> int:
 HOST_TRAFFIC_KERNELS = ("_gather_rows_kernel", "_row_update_kernel")
 #: What ``--pytrace`` lists: bcpt's functions, Triton's launch path, the custom-op machinery.
 PYTRACE_KEYS = ("bcpt_compile", "triton/", "_library/", "torch/cuda/", "_ops.py")
-TRACE_KEYS = ("copy_ms", "hidden", "per_kind", "top", "kernel_ms", "busy_ms", "host_top")
+TRACE_KEYS = ("copy_ms", "hidden", "per_kind", "top", "kernel_ms", "busy_ms", "host_top", "timeline", "gaps")
 
 
 def _merge(spans):
@@ -154,6 +154,13 @@ def trace_analysis(trace_path: str, steps: int) -> dict:
         k[1] += ov
     top = sorted(kernel_time.items(), key=lambda kv: -kv[1])[:12]
     busy = _merge([sp for spans in compute.values() for sp in spans])
+    t0 = min([a for (a, _), _, _ in traffic] + [a for a, _ in busy], default=0.0)
+    # when the traffic ran and what compute did meanwhile, and where compute stood idle
+    timeline = [(round((a - t0) / 1000, 3), kind, round((b - a) / 1000, 3),
+                 round(_overlap(a, b, merged_other[stream]) / (b - a), 2) if b > a else 1.0)
+                for (a, b), stream, kind in sorted(traffic)]
+    gaps = [(round((a0 - t0) / 1000, 3), round((b0 - a0) / 1000, 3))
+            for (_, a0), (b0, _) in zip(busy, busy[1:]) if b0 - a0 > 30]
     return {
         # compute kernels' union: step time minus this is when the GPU computed nothing
         "busy_ms": sum(b - a for a, b in busy) / steps / 1000,
@@ -162,6 +169,8 @@ def trace_analysis(trace_path: str, steps: int) -> dict:
         "per_kind": {k: (v[0] / steps / 1000, v[1] / v[0] if v[0] else float("nan")) for k, v in per_kind.items()},
         "top": [(n, t / steps / 1000) for n, t in top],
         "kernel_ms": sum(kernel_time.values()) / steps / 1000,
+        "timeline": timeline,
+        "gaps": gaps,
     }
 
 
@@ -312,6 +321,8 @@ def main():
     ap.add_argument("--all", action="store_true", help="also the dense-gradient host configs (slow)")
     ap.add_argument("--no-trace", dest="trace", action="store_false", help="skip the profiler traces")
     ap.add_argument("--cprofile", action="store_true", help="print each configuration's Python hot spots")
+    ap.add_argument("--timeline", action="store_true", help="print the traced steps' host-traffic kernels "
+                    "and the compute streams' idle gaps")
     ap.add_argument("--pytrace", action="store_true", help="Python functions' host time on every thread "
                     "(torch.profiler stacks), per configuration")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -437,6 +448,11 @@ def main():
         if r.get("per_kind"):
             parts = ", ".join(f"{k}: {ms:.2f} ms/step, {100 * h:.0f} % hidden" for k, (ms, h) in r["per_kind"].items())
             print(f"\n{r['config']} host traffic: {parts}")
+        if r.get("timeline") and args.timeline:
+            print(f"\n{r['config']}: traced steps' host traffic (start ms, kernel, ms, share overlapping compute)")
+            for ev in r["timeline"]:
+                print(f"  {ev[0]:8.3f}  {ev[1]:22s} {ev[2]:6.3f} {ev[3]:5.2f}")
+            print(f"{r['config']}: compute idle > 30 us (start ms, ms): {r['gaps']}")
     for r in rows:
         if "host_top" in r:
             print(f"\n{r['config']}: top host ops (self CPU ms/step, calls/step)")
