@@ -184,6 +184,53 @@ def _cast_to(graph: torch.fx.Graph, nodes: list, replaced: Node) -> list:
         out.append(n)
     return out
 
+
+def _carries_grad(node: Node, through: bool = False) -> bool:
+    """Whether the node's result requires grad (its example value; False for sizes and numbers,
+    True when unknown, so that an unknown path keeps the operand as it is). ``through``: whether a
+    gradient also flows through it to its inputs: a computed value without a ``grad_fn`` does not
+    (a view taken under ``torch.no_grad()`` still requires grad, as in eager, but is cut off)."""
+    val = node.meta.get("example_value", node.meta.get("val"))
+    if val is None:
+        return True
+    return any(isinstance(t, torch.Tensor) and t.requires_grad and (
+        not through or t.grad_fn is not None or node.op in ("placeholder", "get_attr"))
+        for t in torch.utils._pytree.tree_leaves(val))
+
+
+def _grad_reaches(src: Node, dst: Node) -> bool:
+    """Whether eager differentiates ``dst`` with respect to ``src``: some path of graph nodes from
+    src to dst passes a gradient all along. Not so where eager reads src without a gradient (the
+    scores, probabilities or window gathers computed under ``torch.no_grad()``, a ``.detach()``,
+    ``dst`` itself under no_grad): the op, handed src, would differentiate it anyway."""
+    if not isinstance(src, Node) or not _carries_grad(src):
+        return False
+    stack, seen = [dst], set()
+    while stack:
+        n = stack.pop()
+        if n is src:
+            return True
+        if n in seen or not isinstance(n, Node) or not _carries_grad(n, through=True):
+            continue
+        seen.add(n)
+        stack.extend(m for m in n.all_input_nodes if not m < src)  # nodes before src cannot lie on a path from it
+    return False
+
+
+def _grad_as_eager(graph: torch.fx.Graph, nodes: list, dst: Node) -> list:
+    """The op's operands, each ``.detach()``-ed where eager computes ``dst`` (the value the op
+    replaces) without a gradient to it, so that the op's backward differentiates only what eager does."""
+    out = []
+    for n in nodes:
+        if isinstance(n, Node) and _carries_grad(n) and not _grad_reaches(n, dst):
+            val = example_value(n)
+            n = graph.call_method("detach", (n,))
+            if val is not None:
+                n.meta["example_value"] = val.detach()
+        out.append(n)
+    return out
+
+
 def _name(node: Any) -> str:
     if not isinstance(node, Node):
         return repr(node)
@@ -1814,10 +1861,13 @@ def _classify(site: Site) -> Union[str, tuple[str, Any], None]:
 
 _MOVE_METHODS = ("reshape", "view", "permute", "transpose", "contiguous", "unsqueeze", "squeeze", "flatten",
                  "unflatten", "movedim", "moveaxis", "unfold", "expand", "expand_as", "clone", "swapaxes",
-                 "repeat", "repeat_interleave", "tile", "flip", "roll")
+                 "repeat", "repeat_interleave", "tile", "flip", "roll", "detach")
 _MOVE_FUNCS = (torch.reshape, torch.cat, torch.concat, torch.permute, torch.transpose, torch.unsqueeze,
                torch.squeeze, torch.flatten, torch.movedim, torch.narrow, operator.getitem, F.pad, torch._C._nn.pad,
-               torch.repeat_interleave, torch.tile, torch.stack, torch.flip, torch.roll)
+               torch.repeat_interleave, torch.tile, torch.stack, torch.flip, torch.roll, torch.detach)
+# ``detach`` moves no data: the layout is evaluated through it, and the rewrite detaches the op's
+# operands where eager has no gradient to them (``_grad_as_eager``), whatever cut it off.
+
 #: Compile-time evaluation limit (elements per intermediate): position probes are int32 copies
 #: of q, k, v, so a 64k-token, 16-head, D=128 layer (134M) fits; masks are far smaller.
 _MAX_EVAL_NUMEL = 1 << 28
@@ -2577,7 +2627,7 @@ def _rewrite_windowed(graph: torch.fx.Graph, site: WindowedSite, anchor: Node, r
             report.add_miss(FAMILY, anchor, f"dtype {val.dtype} / device {val.device.type} is not supported")
             return
     with graph.inserting_before(site.out):
-        q, k, v = [_as_heads(graph, n) for n in (site.q, site.k, site.v)]
+        q, k, v = [_as_heads(graph, n) for n in _grad_as_eager(graph, [site.q, site.k, site.v], site.out)]
         if site.rotary is not None:
             inv, shift = site.rotary
             cache: dict = {}
@@ -2955,7 +3005,7 @@ def _rewrite_gathered(graph: torch.fx.Graph, site: GatheredSite, anchor: Node, r
             return
     B, Hkv = example_value(site.q).shape[0], example_value(site.k).shape[1]
     with graph.inserting_before(site.out):
-        q, k, v = _cast_to(graph, [site.q, site.k, site.v], site.out)
+        q, k, v = _cast_to(graph, _grad_as_eager(graph, [site.q, site.k, site.v], site.out), site.out)
         idx = site.table
         if site.valid is not None:
             idx = graph.call_function(torch.where, (site.valid, idx, -1))
@@ -3098,7 +3148,7 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, opts: BcptOptions, report
         Hkv = ks[1]
         scale = site.scale if site.scale is not None else 1.0 / math.sqrt(D)
         with graph.inserting_before(node):
-            q, k, v = _cast_to(graph, [site.q, site.k, site.v], node)
+            q, k, v = _cast_to(graph, _grad_as_eager(graph, [site.q, site.k, site.v], node), node)
             if site.layout is not None:
                 q, k, v = _to_op_layout(graph, site.layout, q, k, v)
             # a symbolic batch / KV-head count is read from the graph (q.size(0)), never baked in
