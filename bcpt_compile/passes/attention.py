@@ -2394,6 +2394,47 @@ def _windowed_site(pv_node: Node) -> Union[WindowedSite, str, None]:
                           rot_q, rot_k, pv_node, rows.to(torch.int32)[..., None].expand(example_value(pv_node).shape))
 
 
+def _slot_and_feature(p_sub: str, v_sub: str, o_sub: str) -> Optional[tuple[str, str]]:
+    """(key-slot letter, feature letter) of ``P @ V`` in subscripts, when it contracts exactly one
+    dim of key slots and keeps one feature dim of V."""
+    slot = (set(p_sub) & set(v_sub)) - set(o_sub)
+    feat = (set(v_sub) & set(o_sub)) - set(p_sub)
+    if len(slot) != 1 or len(feat) != 1 or set(o_sub) != (set(p_sub) - slot) | feat \
+            or not set(v_sub) <= set(p_sub) | feat:
+        return None
+    return slot.pop(), feat.pop()
+
+
+def _scores_over_slots(p: Node, p_sub: str, o_sub: str, slot: str, what: str, keys: str) -> Union[tuple, str, None]:
+    """From the probabilities of a per-token or gathered layout back to its scores, q times the
+    ``keys``: ``(scale, masks, q, keys, q_sub, k_sub, fl)`` in P's letters (``fl`` a fresh letter
+    for the contracted feature dim), else a reason, or None when P is not a softmax at all."""
+    sm, why = _peel_probabilities(p)
+    if sm is None:
+        return why  # not attention, or inactive dropout's reason
+    if p_sub[-1] != slot:
+        return f"{what}: the softmax is not over the key slots"
+    if len(sm.users) != 1:
+        return "the attention probabilities have other users (the dense T x T matrix is needed anyway)"
+    try:
+        core, scale, masks = _masks_on(_softmax_input(sm), sm)
+    except NotAMask as exc:
+        return f"{what}: {exc}"
+    qk = _contraction(core)
+    if qk is None or len(qk[4]) != len(p_sub):
+        return f"{what}: the scores are not q times the {keys} ({_name(core)})"
+    a, b, a_sub, b_sub, s_sub = qk
+    fl = (set(a_sub) & set(b_sub)) - set(s_sub)
+    if len(fl) != 1 or set(s_sub) != (set(a_sub) | set(b_sub)) - fl:
+        return f"{what}: the scores do not contract one feature dim"
+    fl = fl.pop()
+    ren = dict(zip(s_sub, p_sub))
+    ren[fl] = next(ch for ch in _LETTERS if ch not in p_sub + o_sub)  # V's letters are among these
+    a_sub, b_sub = "".join(ren[x] for x in a_sub), "".join(ren[x] for x in b_sub)
+    qn, kx, q_sub, k_sub = (b, a, b_sub, a_sub) if slot in a_sub else (a, b, a_sub, b_sub)
+    return scale, masks, qn, kx, q_sub, k_sub, ren[fl]
+
+
 def _per_token_window_site(pv_node: Node) -> Union[WindowedSite, str, None]:
     """Per-token windows: every query row contracts with its own key slots, cut from k by
     ``unfold`` (``F.pad(k, (0, 0, w - 1, 0)).unfold(-2, w, 1)``), ``einsum("bhtd,bhtwd->bhtw")`` or a
@@ -2403,37 +2444,17 @@ def _per_token_window_site(pv_node: Node) -> Union[WindowedSite, str, None]:
     if c is None:
         return None
     p, vw, p_sub, v_sub, o_sub = c
-    slot = (set(p_sub) & set(v_sub)) - set(o_sub)
-    feat = (set(v_sub) & set(o_sub)) - set(p_sub)
-    if len(slot) != 1 or len(feat) != 1 or set(o_sub) != (set(p_sub) - slot) | feat \
-            or not set(v_sub) <= set(p_sub) | feat:
+    dims = _slot_and_feature(p_sub, v_sub, o_sub)
+    if dims is None:
         return None
-    slot, feat = slot.pop(), feat.pop()
+    slot, feat = dims
     if p_sub[-1] != slot or not any(is_method(n, "unfold") for n in _chain(vw)):
         return None
     what = "per-token windowed attention"
-    sm, why = _peel_probabilities(p)
-    if sm is None:
-        return why
-    if len(sm.users) != 1:
-        return "the attention probabilities have other users (the dense T x T matrix is needed anyway)"
-    try:
-        core, scale, masks = _masks_on(_softmax_input(sm), sm)
-    except NotAMask as exc:
-        return f"{what}: {exc}"
-    qk = _contraction(core)
-    if qk is None or len(qk[4]) != len(p_sub):
-        return f"{what}: the scores are not q times the window-gathered keys ({_name(core)})"
-    a, b, a_sub, b_sub, s_sub = qk
-    fl = (set(a_sub) & set(b_sub)) - set(s_sub)
-    if len(fl) != 1 or set(s_sub) != (set(a_sub) | set(b_sub)) - fl:
-        return f"{what}: the scores do not contract one feature dim"
-    fl = fl.pop()
-    ren = dict(zip(s_sub, p_sub))
-    ren[fl] = next(ch for ch in _LETTERS if ch not in p_sub + v_sub + o_sub)
-    a_sub, b_sub = "".join(ren[x] for x in a_sub), "".join(ren[x] for x in b_sub)
-    fl = ren[fl]
-    qn, kw, q_sub, k_sub = (b, a, b_sub, a_sub) if slot in a_sub else (a, b, a_sub, b_sub)
+    found = _scores_over_slots(p, p_sub, o_sub, slot, what, "window-gathered keys")
+    if not isinstance(found, tuple):
+        return found
+    scale, masks, qn, kw, q_sub, k_sub, fl = found
     lead = p_sub[:-1]
     if slot in q_sub or set(q_sub) != set(lead) | {fl}:
         return f"{what}: the query operand is not one row per token"
@@ -2842,36 +2863,15 @@ def _gathered_site(pv_node: Node) -> Union[GatheredSite, str, None]:
             return (f"{what}: K/V are gathered by advanced indexing ({_name(adv[0])}: x[b, ids, h]), not by "
                     "torch.gather of whole key blocks along a block dim: the slots' blocks and entries are not read")
         return None
-    slot = (set(p_sub) & set(v_sub)) - set(o_sub)
-    feat = (set(v_sub) & set(o_sub)) - set(p_sub)
-    if len(slot) != 1 or len(feat) != 1 or set(o_sub) != (set(p_sub) - slot) | feat \
-            or not set(v_sub) <= set(p_sub) | feat:
+    dims = _slot_and_feature(p_sub, v_sub, o_sub)
+    if dims is None:
         return f"{what}: P @ V does not contract one dim of key slots"
-    slot, feat = slot.pop(), feat.pop()
-    sm, why = _peel_probabilities(p)
-    if sm is None:
-        return why  # not attention (q times gathered keys has the same shape), or inactive dropout's reason
-    if p_sub[-1] != slot:
-        return f"{what}: the softmax is not over the key slots"
-    if len(sm.users) != 1:
-        return "the attention probabilities have other users (the dense T x T matrix is needed anyway)"
-    try:
-        core, scale, masks = _masks_on(_softmax_input(sm), sm)
-    except NotAMask as exc:
-        return f"{what}: {exc}"
-    qk = _contraction(core)
-    if qk is None or len(qk[4]) != len(p_sub):
-        return f"{what}: the scores are not q times the gathered keys ({_name(core)})"
-    a, b, a_sub, b_sub, s_sub = qk
-    fl = (set(a_sub) & set(b_sub)) - set(s_sub)
-    if len(fl) != 1 or set(s_sub) != (set(a_sub) | set(b_sub)) - fl:
-        return f"{what}: the scores do not contract one feature dim"
-    fl = fl.pop()
-    ren = dict(zip(s_sub, p_sub))
-    ren[fl] = next(ch for ch in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if ch not in p_sub + o_sub)
-    a_sub, b_sub = "".join(ren[x] for x in a_sub), "".join(ren[x] for x in b_sub)
-    fl = ren[fl]
-    qn, kg, q_sub, k_sub = (b, a, b_sub, a_sub) if slot in a_sub else (a, b, a_sub, b_sub)
+    slot, feat = dims
+    # None from it: not attention (q times gathered keys has the same shape)
+    found = _scores_over_slots(p, p_sub, o_sub, slot, what, "gathered keys")
+    if not isinstance(found, tuple):
+        return found
+    scale, masks, qn, kg, q_sub, k_sub, fl = found
     if slot in q_sub:
         return f"{what}: the query operand has a key-slot dim"
     gk = _gather_source(kg)

@@ -79,6 +79,13 @@ def functional_inplace(node: Any) -> bool:
     return isinstance(target, Node) and is_fresh(target) and len(target.users) == 1
 
 
+def needs_grad(node: Any) -> bool:
+    """The node's result requires grad (False under ``torch.no_grad()``, after ``.detach()``;
+    True when unknown)."""
+    val = example_value(node)
+    return val is None or val.requires_grad
+
+
 def read_after_inplace(node: Any) -> bool:
     """For ``y.mul_(r)`` / ``y.add_(b)`` / ``y *= r`` / ``y += b`` written as a statement on a fresh y
     (``y = linear(x, W); y.mul_(r); return y``): make y's later readers read the write's result,

@@ -49,6 +49,7 @@ from .canonical import (
     is_method,
     linear_of,
     mul_operands,
+    needs_grad,
     own_result,
     read_after_inplace,
     relu_input,
@@ -284,12 +285,6 @@ def grad_mode_of(g: Gather) -> str:
     return "sparse" if g.sparse else "dense"
 
 
-def _needs_grad(node: object) -> bool:
-    """The node's result requires grad (False under ``torch.no_grad()``, after ``.detach()``)."""
-    val = example_value(node)
-    return val is None or val.requires_grad
-
-
 def _detach_unless(graph: torch.fx.Graph, node: object, keep_grad: bool) -> object:
     """``node.detach()`` when eager read it without a gradient (under ``torch.no_grad()``) and it
     would otherwise give the fused op's backward a path to it, else ``node``."""
@@ -410,8 +405,8 @@ class _Rewriter:
                 for n in (lin.x, weight, flat_bias(self.graph, lin.bias))
             )
             # the value projection or the rows read under ``torch.no_grad()``: no gradient through them
-            h, weight, bias = (_detach_unless(self.graph, n, _needs_grad(lin_node)) for n in (h, weight, bias))
-            table = _detach_unless(self.graph, table, _needs_grad(g_node))
+            h, weight, bias = (_detach_unless(self.graph, n, needs_grad(lin_node)) for n in (h, weight, bias))
+            table = _detach_unless(self.graph, table, needs_grad(g_node))
             call = self.graph.call_function(torch.ops.bcpt.deepembed_linear.default,
                                             (h, weight, bias, table, idx, indexing, plan, slots))
             out = self.graph.call_function(operator.getitem, (call, 0))
@@ -480,7 +475,7 @@ class _Rewriter:
         table, idx, indexing, plan, slots = self.table_operands(g, mm, out_val.device, where == "host")
         with self.graph.inserting_before(mm):
             a2 = self.graph.call_function(torch.reshape, (a_node, (-1, r)))
-            table = _detach_unless(self.graph, table, _needs_grad(ev_node))  # rows gathered under no_grad
+            table = _detach_unless(self.graph, table, needs_grad(ev_node))  # rows gathered under no_grad
             call = self.graph.call_function(torch.ops.bcpt.deepembed_rowmix.default,
                                             (a2, table, idx, r, indexing, plan, slots))
             out = self.graph.call_method("reshape_as", (call, a_node))  # a @ E keeps a's shape
@@ -535,7 +530,7 @@ class _Rewriter:
         if m.numel() // r != x.numel() // x.shape[-1]:
             return False
         inputs = [ul.x, ul.weight, mix, lm.weight] + ([lm.bias] if lm.bias is not None else [])
-        if any(_needs_grad(n) for n in inputs) and not all(_needs_grad(n) for n in (u_node, sq, scale, kmul)):
+        if any(needs_grad(n) for n in inputs) and not all(needs_grad(n) for n in (u_node, sq, scale, kmul)):
             return False  # part of the FFN ran under no_grad: the fused op would give it a gradient
         with self.graph.inserting_before(kmul):
             kw = self.graph.call_function(torch.t, (ul.weight,)) if ul.weight_is_kn else ul.weight

@@ -34,6 +34,7 @@ from .canonical import (
     is_zero,
     linear_of,
     mul_operands,
+    needs_grad,
     own_result,
     read_after_inplace,
     relu_input,
@@ -212,12 +213,6 @@ def _zero_preserving_input(node: Node) -> Optional[Node]:
 _ZERO_KEEPING_DROPOUTS = (F.dropout, torch.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 
 
-def _needs_grad(node: Node) -> bool:
-    """The node's result requires grad (False under ``torch.no_grad()``, after ``.detach()``)."""
-    val = example_value(node)
-    return val is None or val.requires_grad
-
-
 def _detached(graph: torch.fx.Graph, node: object) -> object:
     """``node.detach()`` where it requires grad (a tensor read under no_grad by eager), else node."""
     val = example_value(node)
@@ -364,9 +359,9 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
             )
             # an operand read under ``torch.no_grad()`` (the linear, or the gate computed from a value
             # that needs a gradient) gets none in eager: the op must not give it one either
-            if not _needs_grad(inner if inner is not None else lin_node):
+            if not needs_grad(inner if inner is not None else lin_node):
                 x, weight, bias = (_detached(graph, n) for n in (x, weight, bias))
-            if not _needs_grad(r_node):
+            if not needs_grad(r_node):
                 value = _detached(graph, value)
             if gate.keep_source is not None:  # keep = not (s <= t): NaN kept, as relu keeps it
                 source = graph.call_function(torch.abs, (gate.keep_source,)) if gate.keep_abs else gate.keep_source
@@ -383,7 +378,7 @@ def rewrite_sbl_masked_linear(gm: torch.fx.GraphModule, opts: BcptOptions, repor
                 shape = graph.call_method("size", (value,))
                 value = graph.call_method("reshape", (value, -1, n_out))
             gate_value = example_value(gate.value)
-            save_product = bool(gate_value is not None and gate_value.requires_grad and _needs_grad(r_node))  # ds needed
+            save_product = bool(gate_value is not None and gate_value.requires_grad and needs_grad(r_node))  # ds needed
             call = graph.call_function(
                 torch.ops.bcpt.sbl_masked_linear.default,
                 (x, weight, bias, value, mask, gate.threshold,
